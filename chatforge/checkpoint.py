@@ -1,0 +1,162 @@
+"""The one checkpoint format of every stage: a folder that is also a Hugging Face Llama model folder.
+
+    step_000500/
+      model.safetensors       weights under Hugging Face Llama names (model.layers.0.self_attn.q_proj.weight ...)
+      config.json             a LlamaConfig, plus chatforge's own GPTConfig under "chatforge"
+      tokenizer.json          the BPE tokenizer, and tokenizer_config.json for AutoTokenizer
+      trainer_state.pt        optimizer, LR schedule, RNG states, data position, step (training only)
+
+So `LlamaForCausalLM.from_pretrained(step_000500)` loads it with no conversion. A checkpoint is written
+under a temporary name and renamed when complete: a crash leaves either the old set or the new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chatforge import __version__
+from chatforge.config import from_dict
+from chatforge.errors import UserError
+from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
+from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+CHECKPOINT_DIR = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def model_config_json(config: GPTConfig, extra: dict | None = None) -> dict:
+    architecture = "LlamaForCausalLM" if config.head == "lm" else "LlamaForSequenceClassification"
+    hf = {"architectures": [architecture], "model_type": "llama", "torch_dtype": "float32", **hf_llama_config(config)}
+    if config.head == "scalar":
+        hf["num_labels"] = 1
+    return {**hf, "chatforge": {"version": __version__, "model": dataclasses.asdict(config), **(extra or {})}}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    *,
+    trainer_state: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint folder atomically (temporary folder, fsync, rename)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = hf_state_dict(model)
+    if model.config.tie_embeddings and model.config.head == "lm":
+        weights.pop("lm_head.weight")  # stored once, as Hugging Face does for tied embeddings
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
+              metadata={"format": "pt", "producer": f"chatforge {__version__}"})
+    (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, extra), indent=2) + "\n")
+    tokenizer.save(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+    _fsync_tree(tmp)
+    if directory.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:06d}"
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (then its latest checkpoint); checked for completeness."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint or run folder does not exist")
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).exists():
+        found = step_checkpoints(path)
+        if found:
+            path = found[-1][1]
+        elif not any((path / f).exists() for f in REQUIRED_FILES):
+            raise UserError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return path
+
+
+def read_model_config(path: Path) -> GPTConfig:
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        return from_dict(GPTConfig, meta["chatforge"]["model"], str(path / CONFIG_FILE))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path / CONFIG_FILE}: not a chatforge model config ({e.__class__.__name__}: {e})") from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, Path]:
+    """The model and tokenizer of a checkpoint (or of a run folder's latest checkpoint)."""
+    path = resolve_checkpoint(path)
+    config = read_model_config(path)
+    try:
+        weights = load_file(path / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / WEIGHTS_FILE}: truncated or corrupt weights ({e})") from None
+    model = GPT(config)
+    try:
+        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights), strict=False)
+    except RuntimeError as e:  # shape mismatch
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{path / WEIGHTS_FILE}: weights do not match config.json ({first})") from None
+    if config.tie_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"{path / WEIGHTS_FILE}: weights do not match config.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device), Tokenizer.load(path), path
+
+
+def load_trainer_state(path: Path) -> dict:
+    file = path / TRAINER_STATE_FILE
+    if not file.is_file():
+        raise UserError(f"{path}: checkpoint has no {TRAINER_STATE_FILE}, so training cannot resume from it")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{file}: truncated or corrupt training state ({e.__class__.__name__})") from None

@@ -1,0 +1,155 @@
+"""`chatforge <command>`: the command line of every stage.
+
+Errors caused by input (UserError) print one line and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chatforge import __version__
+from chatforge.errors import UserError
+
+
+def _tokenizer_train(args) -> None:
+    from chatforge.data import nonempty_documents
+    from chatforge.tokenizer import train_bpe
+
+    tokenizer = train_bpe(nonempty_documents(args.inputs, args.field), args.vocab_size, args.min_frequency)
+    tokenizer.save(args.out)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {args.out}/tokenizer.json")
+
+
+def _data_prepare(args) -> None:
+    from chatforge.data import prepare
+
+    result = prepare(args.inputs, args.tokenizer, args.out, field=args.field, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, workers=args.workers, seed=args.seed, progress=args.progress)
+    for split, info in result.meta["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s)")
+    print(f"data -> {result.out}")
+
+
+def _data_sample_corpus(args) -> None:
+    from chatforge.data import write_sample_corpus
+
+    path, count = write_sample_corpus(args.out)
+    print(f"sample corpus: {count} documents (pydoc_data.topics) -> {path}")
+
+
+def _pretrain(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.pretrain import pretrain, resolve_config
+
+    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
+    pretrain(config, resume_from=checkpoint)
+
+
+def _generate(args) -> None:
+    import torch
+
+    from chatforge.checkpoint import load_model
+    from chatforge.engine import SamplingParams, stream
+    from chatforge.runtime import pick_device
+
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
+    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
+    print(args.prompt, end="", flush=True)
+    ids: list[int] = []
+    shown = ""
+    for token in stream(model, prompt, params, stop_ids=(tokenizer.bos_id, tokenizer.eos_id)):
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chatforge import config as cfg
+    from chatforge.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(prog="chatforge", description="Build a ChatGPT-style assistant end to end: "
+                                     "pretrain -> SFT -> reward model -> PPO-ptx -> chat.")
+    parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_commands = tok.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    p = tok_commands.add_parser("train", help="train on text sources, save tokenizer.json",
+                                description="Train a byte-level BPE (HF tokenizers) with chatforge's special tokens.")
+    p.add_argument("inputs", nargs="+", metavar="SOURCE", help=".txt/.md/.rst files, folders, .jsonl or .parquet files")
+    p.add_argument("--out", required=True, help="folder to write tokenizer.json and tokenizer_config.json to")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included (default: 8192)")
+    p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it (default: 2)")
+    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
+    p.set_defaults(func=_tokenizer_train)
+
+    data = commands.add_parser("data", help="prepare token shards from text")
+    data_commands = data.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    p = data_commands.add_parser("prepare", help="tokenize a corpus into train/val shards",
+                                 description="Tokenize text sources into .npy token shards with a train/val split.")
+    p.add_argument("inputs", nargs="+", metavar="SOURCE", help=".txt/.md/.rst files, folders, .jsonl or .parquet files")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or tokenizer.json")
+    p.add_argument("--out", required=True, help="data folder to write (replaced atomically when complete)")
+    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation (default: 0.01)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100M)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core, at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.set_defaults(func=_data_prepare)
+    p = data_commands.add_parser("sample-corpus", help="write the zero-install sample corpus (pydoc topics) as JSONL")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(func=_data_sample_corpus)
+
+    p = commands.add_parser(
+        "pretrain", help="pretrain a GPT on prepared data",
+        description="Pretrain a GPT (next-token prediction). Options override the preset; with --resume, "
+                    "they override the run's saved config. Works under `torchrun --nproc_per_node N`.",
+    )
+    p.add_argument("--preset", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    cfg.add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser("generate", help="continue a prompt with a trained model",
+                            description="Sample a continuation of --prompt, streaming it, with the KV cache.")
+    p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 is off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 is off (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"chatforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chatforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

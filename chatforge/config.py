@@ -1,0 +1,154 @@
+"""Stage configuration: dataclasses, preset files (TOML) and command-line overrides.
+
+A stage's config is a dataclass whose fields carry their help text in `metadata["help"]`; a nested
+dataclass field (the model) is a TOML table in presets and is flattened on the command line, so
+`--n-layer 4` overrides `[model] n_layer`. Precedence: dataclass defaults < preset < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+from chatforge.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (`tiny`, `cpu`, `gpu-124m`) or a path to a TOML file of one's own."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"preset {name_or_path!r} not found: give a TOML file or one of {', '.join(preset_names())}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls, values: dict, where: str = "config"):
+    """Build dataclass `cls` from a (nested) dict, naming any unknown or mistyped field."""
+    types = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = types[name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: field {name!r} must be a table of {tp.__name__} fields")
+            kwargs[name] = from_dict(tp, value, f"{where} [{name}]")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}: field {name!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _coerce(value, tp, where: str):
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(tp) or tp
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return list(value)
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise UserError(f"{where} must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _flat_fields(cls, prefix: tuple[str, ...] = ()):
+    """(path, field, type) for every leaf field, nested dataclasses flattened."""
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if _is_dataclass_type(types[f.name]):
+            yield from _flat_fields(types[f.name], (*prefix, f.name))
+        else:
+            yield (*prefix, f.name), f, types[f.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One `--option` per leaf field of `cls`; unset options stay absent so presets are not overwritten."""
+    seen: dict[str, tuple] = {}
+    for path, f, tp in _flat_fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in seen:
+            raise AssertionError(f"config fields {seen[flag]} and {path} share the flag {flag}")
+        seen[flag] = path
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        section = f" [{path[0]}]" if len(path) > 1 else ""
+        help_text = f"{f.metadata.get('help', '')}{section} (default: {default!r})"
+        kwargs = dict(dest="cfg:" + ".".join(path), default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], metavar="X", **kwargs)
+        else:
+            parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The config options given on the command line, as a nested dict."""
+    nested: dict = {}
+    for key, value in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        *parents, leaf = key[4:].split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def save_json(config, path: Path) -> None:
+    """Write the config as JSON atomically (a temporary file renamed over the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    os.replace(tmp, path)

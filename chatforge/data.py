@@ -1,0 +1,334 @@
+"""Text sources -> token shards on disk -> batches of training windows.
+
+`prepare` reads documents from .txt files and folders, .jsonl and .parquet files, tokenizes them in
+worker processes, separates documents with the BOS token, splits them into train/validation by document
+and writes `.npy` shards (uint16 when the vocabulary fits) with a `meta.json`. `TokenWindows` serves
+fixed-length windows from those shards as a pure function of (seed, batch index), so a checkpoint only
+has to remember an integer to resume the exact data stream, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from chatforge.errors import UserError
+from chatforge.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+META_FILE = "meta.json"
+DATA_FORMAT_VERSION = 1
+
+
+# --- reading documents -----------------------------------------------------------------------------
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise UserError(f"{path}:{lineno}: expected a JSON object with a {field!r} field")
+        if not isinstance(record[field], str):
+            raise UserError(f"{path}:{lineno}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        yield record[field]
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow (pip install 'chatforge[parquet]')") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+    if field not in table.schema_arrow.names:
+        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=[field]):
+        for row, text in enumerate(batch.column(0).to_pylist()):
+            if not isinstance(text, str):
+                raise UserError(f"{path}: row {row}: column {field!r} must hold strings, got {type(text).__name__}")
+            yield text
+
+
+def source_files(sources: list[str | Path]) -> list[Path]:
+    """The files that `sources` (files and folders) name, in a stable order."""
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise UserError(f"{path}: corpus path does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
+            if not found:
+                raise UserError(f"{path}: folder holds no .txt/.md/.rst/.jsonl/.parquet files")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def read_documents(sources: list[str | Path], field: str = "text") -> Iterator[str]:
+    """Every document of the sources: a whole text file, or one record's `field` of a JSONL/Parquet file."""
+    for path in source_files(sources):
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, field)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, field)
+        else:
+            yield _read_utf8(path)
+
+
+def nonempty_documents(sources: list[str | Path], field: str = "text") -> Iterator[str]:
+    """Documents with text in them; a corpus with none at all is an error."""
+    found = False
+    for doc in read_documents(sources, field):
+        if doc.strip():
+            found = True
+            yield doc
+    if not found:
+        raise UserError(f"corpus {', '.join(map(str, sources))} is empty: no document has any text")
+
+
+def write_sample_corpus(out: str | Path) -> tuple[Path, int]:
+    """Python's own documentation topics (shipped with CPython in `pydoc_data.topics`) as JSONL.
+
+    A zero-install corpus for tests and the first demo: ~80 documents, ~0.5 MB of English and code.
+    """
+    from pydoc_data.topics import topics
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w") as f:
+        for name in sorted(topics):
+            f.write(json.dumps({"text": topics[name].strip(), "topic": name}) + "\n")
+    os.replace(tmp, out)
+    return out, len(topics)
+
+
+# --- writing shards --------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def is_validation(doc_index: int, val_fraction: float, seed: int) -> bool:
+    """Assign a document to the validation split by a hash of its index: stable for any worker count."""
+    digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_tokenizer = Tokenizer.load(tokenizer_path)
+
+
+def _encode_chunk(docs: list[str]) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    tok = _worker_tokenizer
+    dtype = token_dtype(tok.vocab_size)
+    return [np.array([tok.bos_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
+
+
+def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _ShardWriter:
+    """Appends token arrays to `{split}_{n:05d}.npy` shards of at most `shard_tokens` tokens."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.directory, self.split, self.shard_tokens, self.dtype = directory, split, shard_tokens, dtype
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+        self.tokens = 0
+        self.documents = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.tokens += len(tokens)
+        self.documents += 1
+        while self.pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._flush(self.pending_tokens)
+
+    def _flush(self, count: int) -> None:
+        joined = np.concatenate(self.pending)
+        name = f"{self.split}_{len(self.shards):05d}.npy"
+        np.save(self.directory / name, joined[:count])
+        self.shards.append({"file": name, "tokens": count})
+        rest = joined[count:]
+        self.pending, self.pending_tokens = ([rest] if len(rest) else []), len(rest)
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    meta: dict
+
+
+def prepare(
+    sources: list[str | Path],
+    tokenizer_path: str | Path,
+    out: str | Path,
+    *,
+    field: str = "text",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> PrepareResult:
+    """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then renamed)."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    out = Path(out)
+    files = source_files(sources)  # fail on a missing path before any work
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _ShardWriter(tmp, s, shard_tokens, dtype) for s in ("train", "val")}
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    docs = nonempty_documents(files, field)
+    bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, dynamic_ncols=True)
+    try:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
+            doc_index = 0
+            for encoded in pool.imap(_encode_chunk, _chunks(docs, 256)):
+                for tokens in encoded:
+                    split = "val" if is_validation(doc_index, val_fraction, seed) else "train"
+                    writers[split].add(tokens)
+                    doc_index += 1
+                bar.update(len(encoded))
+        bar.close()
+        if writers["val"].documents == 0 or writers["train"].documents == 0:
+            raise UserError(
+                f"corpus has {doc_index} document(s): too few for a train and a validation split "
+                f"with val_fraction={val_fraction}; add documents or raise val_fraction"
+            )
+        for w in writers.values():
+            w.close()
+        tokenizer.save(tmp / "tokenizer")
+        meta = {
+            "format_version": DATA_FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "sources": [str(f) for f in files],
+            "field": field,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "splits": {
+                s: {"documents": w.documents, "tokens": w.tokens, "shards": w.shards} for s, w in writers.items()
+            },
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrepareResult(out, meta)
+
+
+# --- serving windows -------------------------------------------------------------------------------
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{data_dir}: not a prepared data folder (no {META_FILE}; run `chatforge data prepare`)")
+    return json.loads(path.read_text())
+
+
+class TokenWindows:
+    """Windows of `seq_len + 1` tokens from one split, as (inputs, targets) batches.
+
+    Batch `index` is a pure function of (seed, index): `mode="random"` draws window starts uniformly
+    from the whole split, `mode="sequential"` walks through it in order (wrapping around). A data
+    position is therefore just the next batch index. Each batch is a *global* batch; `rows` picks one
+    process's slice of it, so N processes together see exactly the batch one process would.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, *, mode: str = "random", seed: int = 0):
+        meta = load_meta(data_dir)
+        if split not in meta["splits"]:
+            raise UserError(f"{data_dir}: no {split!r} split in {META_FILE}")
+        self.shards = [np.load(Path(data_dir) / s["file"], mmap_mode="r") for s in meta["splits"][split]["shards"]]
+        self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.num_tokens = int(self.shard_starts[-1])
+        self.seq_len, self.mode, self.seed = seq_len, mode, seed
+        self.num_windows = self.num_tokens - seq_len
+        if self.num_windows < 1:
+            raise UserError(
+                f"{data_dir}: the {split} split has {self.num_tokens} tokens, fewer than one window of "
+                f"seq_len+1 = {seq_len + 1}; use more text or a shorter seq_len"
+            )
+
+    def starts(self, index: int, batch_size: int) -> np.ndarray:
+        if self.mode == "random":
+            g = np.random.default_rng([self.seed, index])
+            return g.integers(0, self.num_windows, size=batch_size)
+        first = index * batch_size * self.seq_len
+        return (first + np.arange(batch_size) * self.seq_len) % self.num_windows
+
+    def window(self, start: int) -> np.ndarray:
+        """Tokens [start, start + seq_len + 1) of the split, read across shard boundaries (memory-mapped)."""
+        end = start + self.seq_len + 1
+        first = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        parts, shard = [], first
+        while start < end:
+            offset = start - self.shard_starts[shard]
+            take = min(end - start, len(self.shards[shard]) - offset)
+            parts.append(self.shards[shard][offset : offset + take])
+            start += take
+            shard += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def batch(self, index: int, batch_size: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts(index, batch_size)[rows]
+        windows = np.stack([self.window(s) for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,265 @@
+"""The GPT: a decoder-only transformer in the Llama style.
+
+Token embedding -> N x [RMSNorm -> attention (rotary positions, grouped-query) -> residual,
+RMSNorm -> SwiGLU feed-forward -> residual] -> RMSNorm -> head.
+
+The head is either the language-model head (logits over the vocabulary, next-token prediction) or a
+scalar head (one number per position) that the reward and value models read.
+
+Module names follow Hugging Face's `LlamaForCausalLM` (`layers.0.self_attn.q_proj` ...), so that
+converting a checkpoint either way is a plain name mapping: see `hf_state_dict` / `from_hf_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = field(default=8192, metadata={"help": "vocabulary size (taken from the tokenizer when training)"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    d_model: int = field(default=256, metadata={"help": "width of the residual stream"})
+    n_head: int = field(default=8, metadata={"help": "number of attention (query) heads"})
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads for grouped-query attention (0: same as n_head)"})
+    ffn_hidden: int = field(default=0, metadata={"help": "SwiGLU hidden width (0: 8/3 * d_model rounded up to a multiple of 64)"})
+    max_seq_len: int = field(default=256, metadata={"help": "longest sequence the model is trained and sampled on"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position frequencies"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of RMSNorm"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "share the token embedding with the output head"})
+    dropout: float = field(default=0.0, metadata={"help": "residual dropout probability during training"})
+    head: str = field(default="lm", metadata={"help": "output head: 'lm' (next-token logits) or 'scalar' (one value per position)"})
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head size d_model/n_head ({self.d_model // self.n_head}) must be even for rotary encoding")
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, shape (T, head_dim), in the 'rotate half' layout of HF Llama."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D); cos/sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for `max_len` positions.
+
+    Usage: create one per generation, pass it to every `GPT.forward` call; the first call (the prompt)
+    fills positions [0, T), each later call appends its tokens after those.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (the same for every layer once a forward pass completes)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of `layer` after the cached ones; return all of them so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        kv_dim = config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None):
+        B, T, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)
+        if past == 0:
+            mask, is_causal = None, True
+        elif T == 1:
+            mask, is_causal = None, False  # one new token attends to everything before it
+        else:  # several new tokens after a cached prefix: causal among themselves, all of the prefix
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=c.n_kv_head != c.n_head
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.d_model))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if config.head == "lm":
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.score = nn.Linear(config.d_model, 1, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 initialisation: N(0, 0.02), output projections of the residual branches scaled by 1/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, or values (B, T) for the scalar head.
+
+        With a cache, `idx` holds only the new tokens; their positions continue after the cached ones.
+        """
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        cos, sin = rotary_tables(self.config, positions)
+        x = self.embed_tokens(idx)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        x = self.norm(x)
+        if self.config.head == "lm":
+            return self.lm_head(x)
+        return self.score(x).squeeze(-1)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.device, weight.dtype)
+
+    def num_params(self, embedding: bool = True) -> int:
+        """Parameter count (shared tensors counted once); without the token embedding if embedding=False."""
+        total = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            total -= self.embed_tokens.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores.
+
+        6·N for the weights (2 forward, 4 backward) where N excludes the embedding lookup but includes
+        the output head, plus 12·L·d·T for QK^T and attention·V (PaLM appendix B, as in nanoGPT).
+        """
+        c = self.config
+        seq_len = seq_len or c.max_seq_len
+        n = self.num_params(embedding=False)
+        if c.tie_embeddings and c.head == "lm":
+            n += self.lm_head.weight.numel()  # the tied head is still a matmul
+        return 6 * n + 12 * c.n_layer * c.d_model * seq_len
+
+
+# --- Hugging Face Llama name mapping -------------------------------------------------------------
+
+def hf_name(name: str) -> str:
+    """chatforge parameter name -> `LlamaForCausalLM` name."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights under Hugging Face Llama names (load with `LlamaForCausalLM.load_state_dict`)."""
+    return {hf_name(k): v for k, v in model.state_dict().items()}
+
+
+def hf_llama_config(config: GPTConfig) -> dict:
+    """The fields of a `transformers.LlamaConfig` describing the same network."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_hidden,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head, max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+        attention_bias=False, mlp_bias=False, hidden_act="silu",
+    )
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama names -> chatforge names."""
+    return {k.removeprefix("model."): v for k, v in state.items()}

@@ -1,0 +1,130 @@
+"""Where training runs: device and precision choice, torch.distributed setup, peak FLOP/s for MFU."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chatforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) job started by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, NCCL on GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
+    return value
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a valid torch device (try auto, cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but this torch has no CUDA GPU")
+        torch.cuda.set_device(device)
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast precision: 'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise UserError(f"dtype {name!r} is not one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s, from the vendors' data sheets.
+GPU_PEAK_FLOPS = {
+    ("H100", torch.bfloat16): 989e12, ("H200", torch.bfloat16): 989e12, ("A100", torch.bfloat16): 312e12,
+    ("L4", torch.bfloat16): 121e12, ("A10", torch.bfloat16): 125e12, ("4090", torch.bfloat16): 165e12,
+}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                         repeats: int = 10, seconds: float = 1.0) -> float:
+    """Median FLOP/s of a square matmul: the practical peak that MFU is measured against on a CPU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    rates, deadline = [], time.perf_counter() + seconds
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # the first calls warm up caches and thread pools
+            rates.append(2 * size**3 / (time.perf_counter() - t0))
+        if i >= 4 and time.perf_counter() > deadline:
+            break
+    return statistics.median(rates)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of one device: the data-sheet figure for known GPUs, measured matmul speed otherwise."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (model, table_dtype), flops in GPU_PEAK_FLOPS.items():
+            if model in name and table_dtype == dtype:
+                return flops
+    return measure_matmul_flops(device, dtype)

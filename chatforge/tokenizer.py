@@ -1,0 +1,100 @@
+"""Byte-level BPE tokenizer, trained with Hugging Face `tokenizers` (Rust) and saved as `tokenizer.json`.
+
+Byte-level means every UTF-8 string encodes (no unknown token) and decodes back exactly. The special
+tokens take the first ids; SFT's chat template is built from the role tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from chatforge.errors import UserError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN]
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with chatforge's special tokens."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"tokenizer lacks chatforge's special tokens {missing}")
+        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id, self.pad_id = self.special[BOS], self.special[EOS], self.special[PAD]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer.from_pretrained` understands."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(directory / TOKENIZER_FILE))
+        hf_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_OF_TURN],
+            "add_bos_token": False, "add_eos_token": False,
+            "model_max_length": 1_000_000_000,
+            "clean_up_tokenization_spaces": False,
+        }
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load from a tokenizer.json file or a folder that contains one."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"{file}: tokenizer file not found")
+        try:
+            return cls(HFTokenizer.from_file(str(file)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise UserError(f"{file}: not a valid tokenizer.json ({e})") from None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(
+            f"vocab size {vocab_size} is too small: it must hold the {BYTE_ALPHABET_SIZE} bytes and "
+            f"{len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
+        )
+    hf = HFTokenizer(models.BPE())
+    # GPT-style splitting (words, numbers, punctuation, whitespace) before merging; no prefix space so
+    # that decode(encode(text)) == text exactly.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

@@ -1,0 +1,298 @@
+"""The training loop every stage shares.
+
+A stage (pretraining now; SFT, reward model and PPO later) supplies a `Task`: its batches, its loss and
+its evaluation. The `Trainer` owns everything else: AdamW, warmup + cosine schedule, gradient
+accumulation, clipping, mixed precision, torch.compile, DistributedDataParallel, metrics (JSON lines),
+the progress bar, checkpoints and exact resume.
+
+Batch sizes are global: `batch_size` sequences per optimizer step, whatever the number of processes,
+so a run on N processes takes the same steps as a run on one (accumulation = batch_size / (micro x N)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from chatforge.checkpoint import (
+    load_trainer_state, prune_checkpoints, save_checkpoint, step_dir,
+)
+from chatforge.errors import UserError
+from chatforge.model import GPT
+from chatforge.runtime import Dist, all_reduce_mean, autocast, peak_flops
+from chatforge.tokenizer import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(default="runs/run", metadata={"help": "run folder: config, metrics.jsonl and checkpoints/"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps in the whole run"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step, over all processes"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass on one process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of lr (cosine decay)"})
+    warmup_steps: int = field(default=50, metadata={"help": "steps of linear warmup from 0 to lr"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices (not on norms)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every this many steps (and at the end)"})
+    eval_batches: int = field(default=8, metadata={"help": "global batches in one evaluation"})
+    checkpoint_every: int = field(default=250, metadata={"help": "write a checkpoint every this many steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep only the newest this many checkpoints"})
+    seed: int = field(default=1337, metadata={"help": "random seed (data order, initialisation, dropout)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+class Task(Protocol):
+    """What a stage gives the trainer."""
+
+    tokens_per_step: int  # tokens per optimizer step over all processes, for tokens/s and MFU
+    seq_len: int
+
+    def micro_batches(self, step: int, accumulation: int) -> Iterable[Any]:
+        """This process's `accumulation` micro-batches for optimizer step `step`."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss of one micro-batch."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics, averaged over processes (called on every process)."""
+
+    def samples(self, model: GPT) -> list[str]:
+        """A few generations to eyeball (called on the main process only)."""
+
+    def state_dict(self) -> dict:
+        """Data position and other stage state that a resume needs beyond the step."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; the fused kernel on GPU, foreach on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **impl)
+
+
+def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
+    per_step = config.micro_batch_size * world_size
+    if config.batch_size % per_step:
+        raise UserError(
+            f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size x processes "
+            f"({config.micro_batch_size} x {world_size} = {per_step})"
+        )
+    return config.batch_size // per_step
+
+
+class MetricsLog:
+    """metrics.jsonl of a run: one JSON object per line, written by the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop what a killed run logged past the checkpoint it resumes from (rewritten atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: GPT,
+        tokenizer: Tokenizer,
+        task: Task,
+        *,
+        d: Dist,
+        device: torch.device,
+        dtype: torch.dtype,
+        stage: str,
+        run_config: dict,
+        resume_from: Path | None = None,
+    ):
+        self.config, self.raw_model, self.tokenizer, self.task = config, model, tokenizer, task
+        self.d, self.device, self.dtype, self.stage, self.run_config = d, device, dtype, stage, run_config
+        self.run_dir = Path(config.out)
+        self.accumulation = gradient_accumulation(config, d.world_size)
+        self.model: torch.nn.Module = torch.compile(model) if config.compile else model
+        if d.enabled:
+            self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, config, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        )
+        self.metrics = MetricsLog(self.run_dir, d.is_main)
+        self.step = 0
+        if resume_from is not None:
+            self._load_state(resume_from)
+
+    # --- checkpoint state ---------------------------------------------------------------------------
+
+    def _gather_rng(self) -> list[torch.Tensor]:
+        state = _rng_state(self.device).cpu()
+        if not self.d.enabled:
+            return [state]
+        states: list = [None] * self.d.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self._gather_rng(),
+            "task": self.task.state_dict(),
+            "world_size": self.d.world_size,
+        }
+
+    def _load_state(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.task.load_state_dict(state["task"])
+        if len(state["rng"]) == self.d.world_size:
+            _set_rng_state(state["rng"][self.d.rank], self.device)
+        self.metrics.truncate_after(self.step)
+
+    def save(self) -> None:
+        state = self._state()  # a collective: every process takes part
+        if self.d.is_main:
+            save_checkpoint(step_dir(self.run_dir, self.step), self.raw_model, self.tokenizer,
+                            trainer_state=state, extra={"stage": self.stage, "step": self.step, "run_config": self.run_config})
+            prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        if self.d.enabled:
+            dist.barrier()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def evaluate(self, bar: tqdm | None) -> None:
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            record = {"step": self.step, **self.task.evaluate(self.model)}
+        self.model.train()
+        if self.d.is_main:
+            samples = self.task.samples(self.raw_model)
+            if samples:
+                record["samples"] = samples
+            self.metrics.write(record)
+            text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+            (bar.write if bar else print)(f"step {self.step}: {text}")
+            for s in samples:
+                (bar.write if bar else print)(f"  sample: {s!r}")
+
+    def train_step(self) -> dict:
+        """One optimizer step over `batch_size` sequences; returns its metrics."""
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        batches = list(self.task.micro_batches(self.step, self.accumulation))
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = self.model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    loss = self.task.loss(self.model, batch) / len(batches)
+                loss.backward()
+            total += loss.detach()
+        total = all_reduce_mean(total, self.d)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        )
+        record = {"step": self.step + 1, "loss": total.item(), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm.item()}
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            self.optimizer.step()
+        else:  # never let one bad batch poison the weights
+            record["skipped"] = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        record["step_time"] = time.perf_counter() - t0
+        return record
+
+    def fit(self) -> None:
+        c = self.config
+        if self.d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        peak = peak_flops(self.device, self.dtype) * self.d.world_size
+        flops_per_token = self.raw_model.flops_per_token(self.task.seq_len)
+        bar = None
+        if self.d.is_main and c.progress:
+            bar = tqdm(total=c.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
+        if self.step == 0:
+            self.evaluate(bar)
+        self.model.train()
+        while self.step < c.max_steps:
+            record = self.train_step()
+            tokens_per_s = self.task.tokens_per_step / record["step_time"]
+            record.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
+            self.metrics.write(record)
+            if record.get("skipped") and self.d.is_main:
+                (bar.write if bar else print)(f"step {self.step}: non-finite loss or gradient, update skipped")
+            if bar:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}")
+                bar.update(1)
+            if self.step % c.eval_every == 0 or self.step == c.max_steps:
+                self.evaluate(bar)
+            if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                self.save()
+        if bar:
+            bar.close()
