@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from chatforge.errors import UserError
@@ -327,7 +326,9 @@ class TokenWindows:
             shard += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def batch(self, index: int, batch_size: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: int, batch_size: int, rows: slice = slice(None)) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch  # here, so that tokenizer worker processes need not import torch
+
         starts = self.starts(index, batch_size)[rows]
         windows = np.stack([self.window(s) for s in starts]).astype(np.int64)
         windows = torch.from_numpy(windows)

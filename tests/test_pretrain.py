@@ -1,0 +1,157 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from chatforge import config as cfg
+from chatforge.checkpoint import load_model, step_checkpoints
+from chatforge.engine import SamplingParams, generate
+from chatforge.pretrain import PretrainConfig, pretrain
+from chatforge.train import lr_factor, read_metrics
+
+from conftest import assert_one_line_error, run_cli
+
+# Tiny but not trivial: GQA, 2 micro-batches per step, checkpoints every 10 steps.
+TINY = ["--preset", "tiny", "--max-steps", 30, "--checkpoint-every", 10, "--eval-every", 10, "--keep-checkpoints", 5,
+        "--no-progress"]
+
+
+def train_losses(run_dir):
+    return [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
+
+
+def val_losses(run_dir):
+    return [(m["step"], m["val_loss"]) for m in read_metrics(run_dir) if "val_loss" in m]
+
+
+def test_tiny_pretraining_lowers_validation_loss(data_dir, tmp_path):
+    preset = cfg.load_preset("tiny")
+    config = cfg.from_dict(PretrainConfig, cfg.merge(preset, {"data": str(data_dir), "out": str(tmp_path / "run"),
+                                                              "max_steps": 60, "eval_every": 30, "progress": False}))
+    run_dir = pretrain(config)
+    vals = val_losses(run_dir)
+    assert [s for s, _ in vals] == [0, 30, 60]
+    assert vals[-1][1] < vals[0][1] - 1.0, vals  # from ~ln(512) = 6.2 by more than a nat
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if "loss" in m]
+    assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 for m in train)
+    assert "samples" in metrics[0] and len(metrics[0]["samples"]) == 2
+
+
+def test_the_model_sees_one_checkpoint_format_everywhere(data_dir, tmp_path):
+    """A checkpoint is a Hugging Face Llama folder: transformers loads it unconverted, same logits."""
+    transformers = pytest.importorskip("transformers")
+    run_cli("pretrain", *TINY, "--max-steps", 10, "--data", data_dir, "--out", tmp_path / "run")
+    model, tokenizer, path = load_model(tmp_path / "run")
+    assert path.name == "step_000010"
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode("The for statement")]])
+    assert hf_tok.encode("The for statement", add_special_tokens=False) == ids[0, 1:].tolist()
+    with torch.no_grad():
+        assert (model.eval()(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    # generate: the KV-cache greedy output equals argmax decoding with full forward passes
+    out = generate(model, ids[0].tolist(), SamplingParams(max_new_tokens=12, temperature=0))
+    seq = ids[0].tolist()
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[ids.shape[1]:]
+    result = run_cli("generate", tmp_path / "run", "--prompt", "The for statement", "--max-new-tokens", 12,
+                     "--temperature", 0)
+    assert result.stdout.startswith("The for statement" + tokenizer.decode(out, skip_special=True))
+
+
+def test_kill_and_resume_gives_exactly_the_uninterrupted_losses(data_dir, tmp_path):
+    reference = tmp_path / "reference"
+    run_cli("pretrain", *TINY, "--data", data_dir, "--out", reference)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "pretrain", *map(str, TINY), "--data", str(data_dir),
+                             "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not step_checkpoints(killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [step for step, _ in step_checkpoints(killed)]
+    assert done and done[-1] < 30, f"killed after {done}: the run should have been cut mid-way"
+    # a crash during a checkpoint write leaves only a temporary folder, which resume ignores
+    shutil.copytree(step_checkpoints(killed)[-1][1], killed / "checkpoints" / ".step_000090.tmp-1")
+    (killed / "checkpoints" / ".step_000090.tmp-1" / "model.safetensors").write_bytes(b"half")
+
+    result = run_cli("pretrain", "--resume", killed, "--no-progress")
+    assert f"resuming at step {done[-1]}" in result.stdout
+    assert train_losses(killed) == train_losses(reference)  # exact, step for step
+    assert val_losses(killed) == val_losses(reference)
+    assert len(train_losses(killed)) == 30
+
+
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+    """Same global batch (8 sequences): 1 process x 2 micro-batches vs 2 processes x 1; losses within 1e-4."""
+    common = ["--preset", "tiny", "--max-steps", 8, "--eval-every", 4, "--checkpoint-every", 8, "--no-progress",
+              "--data", data_dir, "--batch-size", 8, "--micro-batch-size", 4]
+    run_cli("pretrain", *common, "--out", tmp_path / "one")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "chatforge",
+         "pretrain", *map(str, common), "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("pretrain:") == 1  # rank 0 alone logs
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (_, a), (_, b) in zip(one + val_losses(tmp_path / "one"), two + val_losses(tmp_path / "two")):
+        assert a == pytest.approx(b, abs=1e-4)
+    a, _, _ = load_model(tmp_path / "one")
+    b, _, _ = load_model(tmp_path / "two")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def test_bad_checkpoints_and_runs_give_one_line_errors(data_dir, tmp_path):
+    assert_one_line_error(run_cli("generate", tmp_path / "nope", check=False), "nope", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("generate", tmp_path / "empty", check=False), "neither a checkpoint")
+    run_cli("pretrain", *TINY, "--max-steps", 2, "--data", data_dir, "--out", tmp_path / "run")
+    ckpt = step_checkpoints(tmp_path / "run")[-1][1]
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(run_cli("generate", ckpt, check=False), "model.safetensors", "truncated")
+    (ckpt / "tokenizer.json").unlink()
+    assert_one_line_error(run_cli("generate", ckpt, check=False), "incomplete checkpoint", "tokenizer.json")
+    assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", tmp_path / "none", "--out", tmp_path / "x",
+                                  check=False), "not a prepared data folder")
+    assert_one_line_error(run_cli("pretrain", "--preset", "nosuch", check=False), "preset 'nosuch' not found")
+    assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", data_dir, "--batch-size", 6, check=False),
+                          "multiple of micro_batch_size")
+
+
+def test_presets_and_command_line_overrides(tmp_path):
+    for name in ("tiny", "cpu", "gpu-124m"):
+        config = cfg.from_dict(PretrainConfig, cfg.load_preset(name))
+        assert config.model.n_layer >= 2
+    merged = cfg.merge(cfg.load_preset("cpu"), {"lr": 0.5, "model": {"n_layer": 1}})
+    config = cfg.from_dict(PretrainConfig, merged)
+    assert (config.lr, config.model.n_layer, config.model.d_model) == (0.5, 1, 256)
+    help_text = run_cli("pretrain", "--help").stdout
+    for flag in ("--n-layer", "--d-model", "--n-kv-head", "--tie-embeddings", "--lr", "--warmup-steps", "--compile",
+                 "--micro-batch-size", "--resume", "--preset", "--data", "--out"):
+        assert flag in help_text
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 'fast'\n")
+    with pytest.raises(Exception, match="field 'lr' must be of type float"):
+        cfg.from_dict(PretrainConfig, cfg.load_preset(str(bad)))
+
+
+def test_learning_rate_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
