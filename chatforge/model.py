@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatforge.losses import linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -194,10 +196,12 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, or values (B, T) for the scalar head.
 
         With a cache, `idx` holds only the new tokens; their positions continue after the cached ones.
+        With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
+        chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         """
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
@@ -208,6 +212,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += idx.shape[1]
         x = self.norm(x)
+        if self.config.head == "lm" and targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if self.config.head == "lm":
             return self.lm_head(x)
         return self.score(x).squeeze(-1)

@@ -1,6 +1,6 @@
 """Stage 1, pretraining: next-token prediction on the token shards of `chatforge data prepare`.
 
-    loss = -1/T · Σ_t log p_θ(x_{t+1} | x_≤t)        (`next_token_loss`)
+    loss = -1/T · Σ_t log p_θ(x_{t+1} | x_≤t)        (`GPT.forward(x, targets=y)`, see losses.py)
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from chatforge import config as cfg
 from chatforge.checkpoint import load_model, resolve_checkpoint, step_checkpoints
@@ -34,11 +33,6 @@ class PretrainConfig(TrainConfig):
     model: GPTConfig = field(default_factory=GPTConfig)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting each target token from the logits before it (computed in fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 class PretrainTask:
     """Random windows of the train split; validation on the first windows of the val split."""
 
@@ -59,14 +53,14 @@ class PretrainTask:
 
     def loss(self, model, batch) -> torch.Tensor:
         x, y = batch
-        return next_token_loss(model(x), y)
+        return model(x, targets=y)
 
     def evaluate(self, model) -> dict[str, float]:
         total = torch.zeros((), device=self.device)
         for i in range(self.config.eval_batches):
             x, y = self.val.batch(i, self.config.batch_size, self._rows())
             for xm, ym in zip(x.split(self.config.micro_batch_size), y.split(self.config.micro_batch_size)):
-                total += next_token_loss(model(xm.to(self.device)), ym.to(self.device)) * len(xm)
+                total += model(xm.to(self.device), targets=ym.to(self.device)) * len(xm)
         mean = total / (self.config.eval_batches * self.config.batch_size // self.d.world_size)
         return {"val_loss": all_reduce_mean(mean, self.d).item()}
 
