@@ -23,12 +23,15 @@ test: venv
 	$(PY) -m pytest -q
 
 # The demo so far: zero-install corpus -> BPE tokenizer -> token shards -> pretrain the cpu preset -> generate.
+# Steps already done are skipped; an interrupted pretraining run is resumed.
+CF := $(VENV)/bin/chatforge
 demo: venv
-	$(VENV)/bin/chatforge data sample-corpus --out $(DATA)/corpus.jsonl
-	$(VENV)/bin/chatforge tokenizer train $(DATA)/corpus.jsonl --vocab-size 4096 --out $(DATA)/tokenizer
-	$(VENV)/bin/chatforge data prepare $(DATA)/corpus.jsonl --tokenizer $(DATA)/tokenizer --out $(DATA)/shards --val-fraction 0.05
-	$(VENV)/bin/chatforge pretrain --preset cpu --data $(DATA)/shards --out $(RUN)/pretrain
-	$(VENV)/bin/chatforge generate $(RUN)/pretrain --prompt "The for statement" --max-new-tokens 80 --temperature 0.7 --top-k 40 --seed 0
+	test -f $(DATA)/corpus.jsonl || $(CF) data sample-corpus --out $(DATA)/corpus.jsonl
+	test -f $(DATA)/tokenizer/tokenizer.json || $(CF) tokenizer train $(DATA)/corpus.jsonl --vocab-size 4096 --out $(DATA)/tokenizer
+	test -f $(DATA)/shards/meta.json || $(CF) data prepare $(DATA)/corpus.jsonl --tokenizer $(DATA)/tokenizer --out $(DATA)/shards --val-fraction 0.05
+	if [ -d $(RUN)/pretrain/checkpoints ]; then $(CF) pretrain --resume $(RUN)/pretrain; \
+	else $(CF) pretrain --preset cpu --data $(DATA)/shards --out $(RUN)/pretrain; fi
+	$(CF) generate $(RUN)/pretrain --prompt "The for statement" --max-new-tokens 80 --temperature 0.7 --top-k 40 --seed 0
 
 bench: venv
 	$(PY) bench/pretrain_throughput.py

@@ -1,10 +1,10 @@
 """Pretraining throughput and MFU, measured side by side with this machine's matmul peak.
 
     python bench/pretrain_throughput.py                        # CPU: the cpu preset and a wider model, fp32
-    python bench/pretrain_throughput.py --presets gpu-124m     # on a GPU: bf16 (and --compile)
+    python bench/pretrain_throughput.py --presets gpu-124m     # on a GPU: bf16
 
 For each model it times real chatforge training steps (the shared Trainer: forward, backward, clipping,
-AdamW) on synthetic tokens, and between models it re-measures the peak (a square matmul in the same
+AdamW) on synthetic tokens, eagerly and under torch.compile, and between models it re-measures the peak (a square matmul in the same
 precision), so drift of a shared machine shows up instead of skewing the ratio. MFU = tokens/s x
 FLOPs/token / peak. Prints a table and writes bench/results/pretrain_throughput.json.
 
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
                         help="presets to time; 'cpu-wide' is the cpu preset at d_model 512 (default: cpu cpu-wide)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="time each model eagerly and/or under torch.compile (default: both)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--micro-batch-size", type=int, default=0, help="override the preset's micro batch")
@@ -98,12 +99,12 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     rows = []
-    for name in args.presets:
+    for name, mode in [(n, m) for n in args.presets for m in args.modes]:
         preset = cfg.load_preset("cpu" if name == "cpu-wide" else name)
         if name == "cpu-wide":
             preset = cfg.merge(preset, {"model": {"d_model": 512, "n_head": 8, "n_kv_head": 4}})
         config = cfg.from_dict(PretrainConfig, preset)
-        config.compile = config.compile or args.compile
+        config.compile = mode == "compiled"
         if args.micro_batch_size:
             config.micro_batch_size = args.micro_batch_size
         config.batch_size = config.micro_batch_size  # one micro-batch per timed step
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
                       compile=config.compile, matmul_flops=matmul, peak_flops=peak,
                       mfu=result["achieved_flops"] / peak)
         rows.append(result)
-        print(f"{name:>10}: d={result['d_model']:4d} L={result['n_layer']:2d} {result['params_M']:6.1f}M params  "
+        print(f"{name:>10} {mode:>8}: d={result['d_model']:4d} L={result['n_layer']:2d} {result['params_M']:6.1f}M params  "
               f"{result['tokens_per_s']:10,.0f} tok/s  {result['achieved_flops'] / 1e9:8.1f} GFLOP/s  "
               f"matmul {matmul / 1e9:8.1f} GFLOP/s  MFU {result['mfu']:.1%}", flush=True)
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -35,8 +35,8 @@ def _data_prepare(args) -> None:
 def _data_sample_corpus(args) -> None:
     from chatforge.data import write_sample_corpus
 
-    path, count = write_sample_corpus(args.out)
-    print(f"sample corpus: {count} documents (pydoc_data.topics) -> {path}")
+    path, count = write_sample_corpus(args.out, docstrings=args.docstrings)
+    print(f"sample corpus: {count:,} documents of Python's documentation -> {path}")
 
 
 def _pretrain(args) -> None:
@@ -109,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_data_prepare)
-    p = data_commands.add_parser("sample-corpus", help="write the zero-install sample corpus (pydoc topics) as JSONL")
+    p = data_commands.add_parser(
+        "sample-corpus", help="write a zero-install corpus: Python's documentation, as JSONL",
+        description="Write the documentation topics that ship with CPython (pydoc_data.topics) and the "
+                    "standard library's docstrings as JSONL records with a 'text' field.")
     p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--docstrings", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the standard library's docstrings (default: yes; --no-docstrings: topics only)")
     p.set_defaults(func=_data_sample_corpus)
 
     p = commands.add_parser(

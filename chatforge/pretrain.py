@@ -94,6 +94,9 @@ def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> t
     else:
         base = cfg.load_preset(preset) if preset else {}
     config = cfg.from_dict(PretrainConfig, cfg.merge(base, overrides), "pretrain config")
+    if not resume and step_checkpoints(config.out):
+        raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
+                        f"`--resume {config.out}`, or choose another --out")
     if not config.data:
         raise UserError("no data: give --data DATA_DIR (a folder made by `chatforge data prepare`)")
     return config, checkpoint

@@ -17,7 +17,7 @@ TEST_VOCAB = 512
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    path, _ = write_sample_corpus(tmp_path_factory.mktemp("corpus") / "topics.jsonl")
+    path, _ = write_sample_corpus(tmp_path_factory.mktemp("corpus") / "topics.jsonl", docstrings=False)
     return path
 
 

@@ -120,6 +120,8 @@ def test_bad_checkpoints_and_runs_give_one_line_errors(data_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli("generate", tmp_path / "empty", check=False), "neither a checkpoint")
     run_cli("pretrain", *TINY, "--max-steps", 2, "--data", data_dir, "--out", tmp_path / "run")
+    assert_one_line_error(run_cli("pretrain", *TINY, "--data", data_dir, "--out", tmp_path / "run", check=False),
+                          "already holds a run", "--resume")
     ckpt = step_checkpoints(tmp_path / "run")[-1][1]
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -1,0 +1,31 @@
+import json
+
+from chatforge.data import stdlib_docstrings, write_sample_corpus
+
+from conftest import run_cli
+
+
+def test_every_command_explains_itself():
+    top = run_cli("--help").stdout
+    for command in ("tokenizer", "data", "pretrain", "generate"):
+        assert command in top
+    for args, options in [
+        (["tokenizer", "train"], ["--vocab-size", "--out", "--field", "--min-frequency"]),
+        (["data", "prepare"], ["--tokenizer", "--out", "--field", "--val-fraction", "--shard-tokens", "--workers"]),
+        (["data", "sample-corpus"], ["--out", "--docstrings"]),
+        (["generate"], ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"]),
+    ]:
+        text = run_cli(*args, "--help").stdout
+        for option in options:
+            assert option in text, (args, option)
+
+
+def test_sample_corpus_is_python_documentation(tmp_path):
+    names = dict(stdlib_docstrings())
+    assert "json" in names and "JSON" in names["json"]  # a module docstring
+    assert not any(name.startswith("test.") for name in names)
+    path, count = write_sample_corpus(tmp_path / "c.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert count == len(records) > 1000
+    assert records[0]["source"].startswith("topic:") and records[-1]["source"].startswith("docstring:")
+    assert all(r["text"].strip() for r in records)
