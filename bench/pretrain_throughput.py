@@ -20,7 +20,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,11 +108,9 @@ def main(argv=None) -> None:
             config.micro_batch_size = args.micro_batch_size
         config.batch_size = config.micro_batch_size  # one micro-batch per timed step
         config.model = dataclasses.replace(config.model, vocab_size=8192 if device.type == "cpu" else 32768)
-        with tempfile.TemporaryDirectory() as tmp:
-            config.out = tmp
-            matmul = measure_matmul_flops(device, dtype, size=2048 if device.type == "cuda" else 1024, seconds=2)
-            peak = peak_flops(device, dtype) if device.type == "cuda" else matmul
-            result = time_training(config, device, dtype, args.steps, args.warmup)
+        matmul = measure_matmul_flops(device, dtype, size=2048 if device.type == "cuda" else 1024, seconds=2)
+        peak = peak_flops(device, dtype) if device.type == "cuda" else matmul
+        result = time_training(config, device, dtype, args.steps, args.warmup)  # writes nothing: no fit()
         result.update(preset=name, d_model=config.model.d_model, n_layer=config.model.n_layer,
                       seq_len=config.model.max_seq_len, micro_batch=config.micro_batch_size,
                       compile=config.compile, matmul_flops=matmul, peak_flops=peak,

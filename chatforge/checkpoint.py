@@ -37,8 +37,8 @@ CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in [*directory.iterdir(), directory]:
+def _fsync_tree(directory: Path, files: bool = True) -> None:
+    for path in [*(directory.iterdir() if files else ()), directory]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -46,9 +46,10 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
-def model_config_json(config: GPTConfig, extra: dict | None = None) -> dict:
+def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | None = None) -> dict:
     architecture = "LlamaForCausalLM" if config.head == "lm" else "LlamaForSequenceClassification"
-    hf = {"architectures": [architecture], "model_type": "llama", "torch_dtype": "float32", **hf_llama_config(config)}
+    hf = {"architectures": [architecture], "model_type": "llama", "torch_dtype": "float32", **hf_llama_config(config),
+          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     if config.head == "scalar":
         hf["num_labels"] = 1
     return {**hf, "chatforge": {"version": __version__, "model": dataclasses.asdict(config), **(extra or {})}}
@@ -72,7 +73,7 @@ def save_checkpoint(
         weights.pop("lm_head.weight")  # stored once, as Hugging Face does for tied embeddings
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
               metadata={"format": "pt", "producer": f"chatforge {__version__}"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, extra), indent=2) + "\n")
+    (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, tokenizer, extra), indent=2) + "\n")
     tokenizer.save(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
@@ -84,6 +85,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    _fsync_tree(directory.parent, files=False)  # make the rename itself durable
     return directory
 
 
@@ -101,7 +103,11 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    """Keep the newest `keep` checkpoints (0: all), and clear what crashed writers left behind."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    stale = [p for p in root.glob(".step_*") if ".tmp-" in p.name or ".old-" in p.name]
+    old = [path for _, path in step_checkpoints(run_dir)[:-keep]] if keep > 0 else []
+    for path in stale + old:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -110,12 +116,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint or run folder does not exist")
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).exists():
-        found = step_checkpoints(path)
-        if found:
-            path = found[-1][1]
-        elif not any((path / f).exists() for f in REQUIRED_FILES):
-            raise UserError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+    found = step_checkpoints(path)
+    if found:
+        path = found[-1][1]
+    elif not any((path / f).exists() for f in REQUIRED_FILES):
+        raise UserError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")

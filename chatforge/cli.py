@@ -48,8 +48,6 @@ def _pretrain(args) -> None:
 
 
 def _generate(args) -> None:
-    import torch
-
     from chatforge.checkpoint import load_model
     from chatforge.engine import SamplingParams, stream
     from chatforge.runtime import pick_device
@@ -59,8 +57,6 @@ def _generate(args) -> None:
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
     prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     print(args.prompt, end="", flush=True)
@@ -73,6 +69,12 @@ def _generate(args) -> None:
             print(text[len(shown):], end="", flush=True)
             shown = text
     print()
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="SOURCE",
+                        help=".txt/.md/.rst files, folders of them, .jsonl or .parquet files")
+    parser.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,21 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     tok_commands = tok.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     p = tok_commands.add_parser("train", help="train on text sources, save tokenizer.json",
                                 description="Train a byte-level BPE (HF tokenizers) with chatforge's special tokens.")
-    p.add_argument("inputs", nargs="+", metavar="SOURCE", help=".txt/.md/.rst files, folders, .jsonl or .parquet files")
+    _add_source_arguments(p)
     p.add_argument("--out", required=True, help="folder to write tokenizer.json and tokenizer_config.json to")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included (default: 8192)")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it (default: 2)")
-    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
     p.set_defaults(func=_tokenizer_train)
 
     data = commands.add_parser("data", help="prepare token shards from text")
     data_commands = data.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     p = data_commands.add_parser("prepare", help="tokenize a corpus into train/val shards",
                                  description="Tokenize text sources into .npy token shards with a train/val split.")
-    p.add_argument("inputs", nargs="+", metavar="SOURCE", help=".txt/.md/.rst files, folders, .jsonl or .parquet files")
+    _add_source_arguments(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or tokenizer.json")
     p.add_argument("--out", required=True, help="data folder to write (replaced atomically when complete)")
-    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation (default: 0.01)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100M)")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core, at most 8)")

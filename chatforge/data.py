@@ -40,18 +40,26 @@ def _read_utf8(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise UserError(f"{path}:{lineno}: expected a JSON object with a {field!r} field")
-        if not isinstance(record[field], str):
-            raise UserError(f"{path}:{lineno}: field {field!r} must be a string, got {type(record[field]).__name__}")
-        yield record[field]
+    with path.open("rb") as f:  # line by line: a corpus file may be larger than memory
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if line.strip():
+                yield _jsonl_text(line, path, lineno, field)
+
+
+def _jsonl_text(line: str, path: Path, lineno: int, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise UserError(f"{path}:{lineno}: expected a JSON object with a {field!r} field")
+    if not isinstance(record[field], str):
+        raise UserError(f"{path}:{lineno}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    return record[field]
 
 
 def _parquet_documents(path: Path, field: str) -> Iterator[str]:
@@ -65,10 +73,12 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
     if field not in table.schema_arrow.names:
         raise UserError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    row = 0
     for batch in table.iter_batches(columns=[field]):
-        for row, text in enumerate(batch.column(0).to_pylist()):
+        for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
                 raise UserError(f"{path}: row {row}: column {field!r} must hold strings, got {type(text).__name__}")
+            row += 1
             yield text
 
 
@@ -253,8 +263,12 @@ def prepare(
     """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then renamed)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if shard_tokens < 1 or workers < 0:
+        raise UserError(f"shard_tokens must be >= 1 and workers >= 0, got {shard_tokens} and {workers}")
     tokenizer = Tokenizer.load(tokenizer_path)
-    out = Path(out)
+    out = Path(out).resolve()
+    if out.exists() and not (out / META_FILE).is_file():
+        raise UserError(f"{out}: exists and is not a prepared data folder; refusing to replace it")
     files = source_files(sources)  # fail on a missing path before any work
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,8 @@ class SamplingParams:
     seed: int | None = field(default=None, metadata={"help": "random seed for reproducible sampling"})
 
     def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

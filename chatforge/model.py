@@ -38,6 +38,13 @@ class GPTConfig:
     head: str = field(default="lm", metadata={"help": "output head: 'lm' (next-token logits) or 'scalar' (one value per position)"})
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_kv_head < 0 or self.ffn_hidden < 0:
+            raise ValueError("n_kv_head and ffn_hidden must be >= 0 (0 picks the default)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.ffn_hidden == 0:
@@ -72,7 +79,8 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, shape (T, head_dim), in the 'rotate half' layout of HF Llama."""
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=positions.device) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -246,8 +254,8 @@ class GPT(nn.Module):
 # --- Hugging Face Llama name mapping -------------------------------------------------------------
 
 def hf_name(name: str) -> str:
-    """chatforge parameter name -> `LlamaForCausalLM` name."""
-    return name if name.startswith("lm_head.") else "model." + name
+    """chatforge parameter name -> `LlamaForCausalLM` / `LlamaForSequenceClassification` name."""
+    return name if name.startswith(("lm_head.", "score.")) else "model." + name
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -114,6 +114,9 @@ def pretrain(config: PretrainConfig, resume_from: Path | None = None) -> Path:
         if resume_from is not None:
             model, _, _ = load_model(resume_from, device)
             config.model = model.config
+            if model.config.vocab_size != meta["vocab_size"]:
+                raise UserError(f"{config.data}: data has vocabulary size {meta['vocab_size']}, the model in "
+                                f"{resume_from} has {model.config.vocab_size}: resume with the run's own data")
         else:
             config.model = dataclasses.replace(config.model, vocab_size=meta["vocab_size"])
             torch.manual_seed(config.seed)  # the same initial weights on every process

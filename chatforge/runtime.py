@@ -68,6 +68,8 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device {name!r} is not a valid torch device (try auto, cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda" and device.index is None:  # under torchrun each process takes its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {name!r} asked for, but this torch has no CUDA GPU")
@@ -79,8 +81,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """Autocast precision: 'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    # float16 would need a gradient scaler against underflow; bf16 has fp32's range and needs none
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
         raise UserError(f"dtype {name!r} is not one of auto, {', '.join(table)}")
     return table[name]
@@ -103,8 +105,9 @@ GPU_PEAK_FLOPS = {
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
                          repeats: int = 10, seconds: float = 1.0) -> float:
     """Median FLOP/s of a square matmul: the practical peak that MFU is measured against on a CPU."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: a resumed run must not see this
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     rates, deadline = [], time.perf_counter() + seconds
     for i in range(repeats + 2):
         if device.type == "cuda":

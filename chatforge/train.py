@@ -56,9 +56,16 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "keep only the newest this many checkpoints"})
     seed: int = field(default=1337, metadata={"help": "random seed (data order, initialisation, dropout)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.keep_checkpoints < 0 or self.lr <= 0:
+            raise ValueError("warmup_steps and keep_checkpoints must be >= 0, lr > 0")
 
 
 class Task(Protocol):
@@ -125,15 +132,27 @@ class MetricsLog:
         """Drop what a killed run logged past the checkpoint it resumes from (rewritten atomically)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _parsed_step(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _parsed_step(line: str) -> float:
+    """The step of a metrics line; a line a killed process left half-written counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -277,7 +296,8 @@ class Trainer:
         bar = None
         if self.d.is_main and c.progress:
             bar = tqdm(total=c.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
-        if self.step == 0:
+        if self.step == 0:  # a fresh start (or a resume before any checkpoint): no metrics of an older attempt
+            self.metrics.reset()
             self.evaluate(bar)
         self.model.train()
         while self.step < c.max_steps:

@@ -108,7 +108,7 @@ def test_bad_corpus_gives_a_one_line_error(tmp_path, tokenizer_dir, make, fragme
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))  # no half-written data left behind
-    if "JSON" in fragments[-1] or "UTF-8" in fragments[1:2]:  # the tokenizer reads sources the same way
+    if any("JSON" in f or "UTF-8" in f for f in fragments):  # the tokenizer reads sources the same way
         result = run_cli("tokenizer", "train", source, "--out", tmp_path / "tok", check=False)
         assert_one_line_error(result, *fragments)
 
@@ -117,3 +117,18 @@ def test_too_few_documents_for_a_validation_split(tmp_path, tokenizer_dir):
     (tmp_path / "one.txt").write_text("just one document")
     with pytest.raises(UserError, match="too few for a train and a validation split"):
         prepare([tmp_path / "one.txt"], tokenizer_dir, tmp_path / "out", progress=False)
+
+
+def test_prepare_never_replaces_a_folder_that_is_not_prepared_data(corpus, tokenizer_dir, tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    result = run_cli("data", "prepare", corpus, "--tokenizer", tokenizer_dir, "--out", precious, "--no-progress", check=False)
+    assert_one_line_error(result, "not a prepared data folder", "refusing")
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\n")
+    assert list(nonempty_documents([path])) == ["a\u2028b\u0085c"]

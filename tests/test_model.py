@@ -99,3 +99,16 @@ def test_config_validation():
         GPTConfig(n_head=8, n_kv_head=3)
     with pytest.raises(ValueError, match="head must be"):
         GPTConfig(head="value")
+
+
+def test_scalar_head_is_hugging_face_sequence_classification():
+    """The reward/value model's weights load into LlamaForSequenceClassification, which reads the last token."""
+    transformers = pytest.importorskip("transformers")
+    config = GPTConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=16, head="scalar")
+    model = make_model(config)
+    hf = transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(**hf_llama_config(config), num_labels=1, pad_token_id=0)).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=True)
+    idx = torch.randint(1, 97, (1, 12))
+    with torch.no_grad():
+        assert (model(idx)[:, -1] - hf(idx).logits[:, 0]).abs().max().item() < 1e-4

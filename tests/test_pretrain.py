@@ -12,6 +12,7 @@ import torch
 from chatforge import config as cfg
 from chatforge.checkpoint import load_model, step_checkpoints
 from chatforge.engine import SamplingParams, generate
+from chatforge.errors import UserError
 from chatforge.pretrain import PretrainConfig, pretrain
 from chatforge.train import lr_factor, read_metrics
 
@@ -20,6 +21,8 @@ from conftest import assert_one_line_error, run_cli
 # Tiny but not trivial: GQA, 2 micro-batches per step, checkpoints every 10 steps.
 TINY = ["--preset", "tiny", "--max-steps", 30, "--checkpoint-every", 10, "--eval-every", 10, "--keep-checkpoints", 5,
         "--no-progress"]
+# dropout draws from the RNG every step: exact resume then needs the RNG state restored too
+TINY_DROPOUT = [*TINY, "--dropout", 0.1]
 
 
 def train_losses(run_dir):
@@ -70,10 +73,10 @@ def test_the_model_sees_one_checkpoint_format_everywhere(data_dir, tmp_path):
 
 def test_kill_and_resume_gives_exactly_the_uninterrupted_losses(data_dir, tmp_path):
     reference = tmp_path / "reference"
-    run_cli("pretrain", *TINY, "--data", data_dir, "--out", reference)
+    run_cli("pretrain", *TINY_DROPOUT, "--data", data_dir, "--out", reference)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "pretrain", *map(str, TINY), "--data", str(data_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "pretrain", *map(str, TINY_DROPOUT), "--data", str(data_dir),
                              "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not step_checkpoints(killed) and time.monotonic() < deadline:
@@ -131,8 +134,13 @@ def test_bad_checkpoints_and_runs_give_one_line_errors(data_dir, tmp_path):
     assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", tmp_path / "none", "--out", tmp_path / "x",
                                   check=False), "not a prepared data folder")
     assert_one_line_error(run_cli("pretrain", "--preset", "nosuch", check=False), "preset 'nosuch' not found")
-    assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", data_dir, "--batch-size", 6, check=False),
-                          "multiple of micro_batch_size")
+    assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", data_dir, "--batch-size", 6,
+                                  "--out", tmp_path / "b", check=False), "multiple of micro_batch_size")
+    for option, value, message in [("--n-head", 0, "n_head must be at least 1"), ("--eval-every", 0, "eval_every"),
+                                   ("--dropout", 1.5, "dropout must be in [0, 1)"), ("--dtype", "float16", "dtype")]:
+        assert_one_line_error(run_cli("pretrain", "--preset", "tiny", "--data", data_dir, option, value,
+                                      "--out", tmp_path / "c", check=False), message)
+    assert_one_line_error(run_cli("generate", tmp_path / "run", "--max-new-tokens", 0, check=False), "max_new_tokens")
 
 
 def test_presets_and_command_line_overrides(tmp_path):
@@ -148,7 +156,7 @@ def test_presets_and_command_line_overrides(tmp_path):
         assert flag in help_text
     bad = tmp_path / "bad.toml"
     bad.write_text("lr = 'fast'\n")
-    with pytest.raises(Exception, match="field 'lr' must be of type float"):
+    with pytest.raises(UserError, match="field 'lr' must be of type float"):
         cfg.from_dict(PretrainConfig, cfg.load_preset(str(bad)))
 
 
