@@ -17,7 +17,8 @@ def _tokenizer_train(args) -> None:
     from chatforge.data import nonempty_documents
     from chatforge.tokenizer import train_bpe
 
-    tokenizer = train_bpe(nonempty_documents(args.inputs, args.field), args.vocab_size, args.min_frequency)
+    tokenizer = train_bpe(nonempty_documents(args.inputs, args.field), args.vocab_size, args.min_frequency,
+                          progress=args.progress and sys.stderr.isatty())
     tokenizer.save(args.out)
     print(f"tokenizer: {tokenizer.vocab_size} tokens -> {args.out}/tokenizer.json")
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write tokenizer.json and tokenizer_config.json to")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included (default: 8192)")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it (default: 2)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the trainer's progress bars on a terminal")
     p.set_defaults(func=_tokenizer_train)
 
     data = commands.add_parser("data", help="prepare token shards from text")

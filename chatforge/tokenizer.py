@@ -77,7 +77,7 @@ class Tokenizer:
             raise UserError(f"{file}: not a valid tokenizer.json ({e})") from None
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(
@@ -94,7 +94,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)

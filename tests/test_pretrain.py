@@ -1,4 +1,4 @@
-import json
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,8 +13,11 @@ from chatforge import config as cfg
 from chatforge.checkpoint import load_model, step_checkpoints
 from chatforge.engine import SamplingParams, generate
 from chatforge.errors import UserError
-from chatforge.pretrain import PretrainConfig, pretrain
-from chatforge.train import lr_factor, read_metrics
+from chatforge.model import GPT
+from chatforge.pretrain import PretrainConfig, PretrainTask, pretrain
+from chatforge.runtime import Dist
+from chatforge.tokenizer import Tokenizer
+from chatforge.train import Trainer, lr_factor, read_metrics
 
 from conftest import assert_one_line_error, run_cli
 
@@ -45,6 +48,28 @@ def test_tiny_pretraining_lowers_validation_loss(data_dir, tmp_path):
     train = [m for m in metrics if "loss" in m]
     assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 for m in train)
     assert "samples" in metrics[0] and len(metrics[0]["samples"]) == 2
+    assert [step for step, _ in step_checkpoints(run_dir)] == [40, 60]  # every 20 steps, the newest 2 kept
+
+
+def test_a_non_finite_loss_skips_the_update(data_dir, tmp_path):
+    """One poisoned batch must not reach the weights: the step is logged as skipped and nothing changes."""
+    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny"), {
+        "data": str(data_dir), "out": str(tmp_path / "run"), "max_steps": 3, "progress": False}))
+    config.model = dataclasses.replace(config.model, vocab_size=512)
+    model = GPT(config.model)
+    tokenizer = Tokenizer.load(data_dir / "tokenizer")
+    task = PretrainTask(config, tokenizer, Dist(), torch.device("cpu"))
+    clean_loss = task.loss
+    task.loss = lambda m, batch: clean_loss(m, batch) * (float("nan") if trainer.step == 1 else 1.0)
+    trainer = Trainer(config, model, tokenizer, task, d=Dist(), device=torch.device("cpu"), dtype=torch.float32,
+                      stage="test", run_config={})
+    assert "skipped" not in trainer.train_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    record = trainer.train_step()
+    assert record["skipped"] and record["step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert "skipped" not in trainer.train_step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_the_model_sees_one_checkpoint_format_everywhere(data_dir, tmp_path):
