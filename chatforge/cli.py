@@ -78,6 +78,19 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", default="text", help="text field of .jsonl/.parquet records (default: text)")
 
 
+def _plot(args) -> None:
+    from pathlib import Path
+
+    from chatforge.plots import CURVES_FILE, plot_training_curves
+    from chatforge.train import METRICS_FILE, read_metrics
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise UserError(f"{run_dir}: no {METRICS_FILE}: not a run folder")
+    out = plot_training_curves(read_metrics(run_dir), args.out or run_dir / CURVES_FILE, str(run_dir))
+    print(f"curves -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chatforge import config as cfg
     from chatforge.pretrain import PretrainConfig
@@ -142,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_generate)
+
+    p = commands.add_parser("plot", help="draw a run's training curves",
+                            description="Plot loss, validation metrics, tokens/s and learning rate from a run's "
+                                        "metrics.jsonl (training also redraws them at every evaluation).")
+    p.add_argument("run_dir", help="run folder")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=_plot)
     return parser
 
 

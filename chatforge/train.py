@@ -31,6 +31,7 @@ from chatforge.checkpoint import (
 )
 from chatforge.errors import UserError
 from chatforge.model import GPT
+from chatforge.plots import CURVES_FILE, plot_training_curves
 from chatforge.runtime import Dist, all_reduce_mean, autocast, peak_flops
 from chatforge.tokenizer import Tokenizer
 
@@ -132,7 +133,7 @@ class MetricsLog:
         """Drop what a killed run logged past the checkpoint it resumes from (rewritten atomically)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _parsed_step(line) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if (r := _parse(line)) and r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -147,17 +148,18 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _parsed_step(line: str) -> float:
-    """The step of a metrics line; a line a killed process left half-written counts as past every step."""
+def _parse(line: str) -> dict | None:
+    """One metrics line; None for a line a killed (or still writing) process left half-written."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -169,6 +171,11 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+def _say(bar: tqdm | None, text: str) -> None:
+    """Print a line above the progress bar (or plainly when there is none)."""
+    (bar.write if bar else print)(text)
 
 
 class Trainer:
@@ -254,9 +261,10 @@ class Trainer:
                 record["samples"] = samples
             self.metrics.write(record)
             text = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
-            (bar.write if bar else print)(f"step {self.step}: {text}")
+            _say(bar, f"step {self.step}: {text}")
             for s in samples:
-                (bar.write if bar else print)(f"  sample: {s!r}")
+                _say(bar, f"  sample: {s!r}")
+            plot_training_curves(read_metrics(self.run_dir), self.run_dir / CURVES_FILE, f"{self.stage}: {self.run_dir}")
 
     def train_step(self) -> dict:
         """One optimizer step over `batch_size` sequences; returns its metrics."""
@@ -306,7 +314,7 @@ class Trainer:
             record.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
             self.metrics.write(record)
             if record.get("skipped") and self.d.is_main:
-                (bar.write if bar else print)(f"step {self.step}: non-finite loss or gradient, update skipped")
+                _say(bar, f"step {self.step}: non-finite loss or gradient, update skipped")
             if bar:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}")
                 bar.update(1)

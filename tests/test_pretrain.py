@@ -49,6 +49,9 @@ def test_tiny_pretraining_lowers_validation_loss(data_dir, tmp_path):
     assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 for m in train)
     assert "samples" in metrics[0] and len(metrics[0]["samples"]) == 2
     assert [step for step, _ in step_checkpoints(run_dir)] == [40, 60]  # every 20 steps, the newest 2 kept
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (run_dir / "curves.png").unlink()
+    assert "curves ->" in run_cli("plot", run_dir).stdout and (run_dir / "curves.png").stat().st_size > 10_000
 
 
 def test_a_non_finite_loss_skips_the_update(data_dir, tmp_path):
