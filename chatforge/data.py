@@ -192,11 +192,13 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_chunk(docs: list[str]) -> list[np.ndarray]:
+def _encode_chunk(docs: list[str]) -> tuple[list[np.ndarray], int]:
+    """BOS + tokens of each document, and the documents' size in UTF-8 bytes (for the progress bar)."""
     assert _worker_tokenizer is not None
     tok = _worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
-    return [np.array([tok.bos_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
+    arrays = [np.array([tok.bos_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
+    return arrays, sum(len(d.encode("utf-8")) for d in docs)
 
 
 def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -277,16 +279,21 @@ def prepare(
     writers = {s: _ShardWriter(tmp, s, shard_tokens, dtype) for s in ("train", "val")}
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     docs = nonempty_documents(files, field)
-    bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, dynamic_ncols=True)
+    # progress in bytes of the source files: known up front, so the bar has an ETA (JSON syntax is not counted)
+    total_bytes = sum(f.stat().st_size for f in files)
+    bar = tqdm(desc="tokenizing", total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress, dynamic_ncols=True)
     try:
         with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
             doc_index = 0
-            for encoded in pool.imap(_encode_chunk, _chunks(docs, 256)):
+            for encoded, nbytes in pool.imap(_encode_chunk, _chunks(docs, 256)):
                 for tokens in encoded:
                     split = "val" if is_validation(doc_index, val_fraction, seed) else "train"
                     writers[split].add(tokens)
                     doc_index += 1
-                bar.update(len(encoded))
+                bar.update(min(nbytes, total_bytes - bar.n))
+                bar.set_postfix(docs=f"{doc_index:,}", tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
+        bar.update(total_bytes - bar.n)
         bar.close()
         if writers["val"].documents == 0 or writers["train"].documents == 0:
             raise UserError(
