@@ -50,11 +50,15 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer.from_pretrained` understands."""
+        """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer.from_pretrained` understands,
+        with the chat template, so `apply_chat_template` renders conversations as chatforge does."""
+        from chatforge.chat_format import JINJA_TEMPLATE  # the chat format is built on this tokenizer
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / TOKENIZER_FILE))
         hf_config = {
+            "chat_template": JINJA_TEMPLATE,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
             "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_OF_TURN],

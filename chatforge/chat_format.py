@@ -1,0 +1,100 @@
+"""The one chat template of the project, built on the tokenizer's role tokens.
+
+    <|bos|><|system|>You are terse.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
+
+Each message is its role token, its content as ordinary text tokens, then <|end|>. A prompt for the model to
+answer ends with a bare <|assistant|> (the generation prompt). `render` and `parse` are exact inverses, and
+`JINJA_TEMPLATE` (written into tokenizer_config.json) makes Hugging Face's `apply_chat_template` produce the
+same token ids. SFT trains only on what the assistant says: `render_for_training` marks those tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatforge.tokenizer import ASSISTANT, BOS, END_OF_TURN, SYSTEM, USER, Tokenizer
+
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+
+def check_conversation(messages: list[Message], *, final_assistant: bool = True) -> None:
+    """Raise ValueError naming the problem unless `messages` is: an optional system message, then user and
+    assistant turns alternating, starting with the user (and ending with the assistant if `final_assistant`)."""
+    if not messages:
+        raise ValueError("conversation has no messages")
+    for i, m in enumerate(messages):
+        if m.role not in ROLE_TOKENS:
+            raise ValueError(f"message {i}: unknown role {m.role!r} (expected system, user or assistant)")
+        if not isinstance(m.content, str) or not m.content.strip():
+            raise ValueError(f"message {i} ({m.role}): empty content")
+        if any(token in m.content for token in (*ROLE_TOKENS.values(), END_OF_TURN, BOS)):
+            raise ValueError(f"message {i} ({m.role}): content contains a special token")
+    turns = messages[1:] if messages[0].role == "system" else messages
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            where = i + (len(messages) - len(turns))
+            raise ValueError(f"message {where}: expected {'a user' if i % 2 == 0 else 'an assistant'} turn, got "
+                             f"{m.role} (turns must alternate, "
+                             f"user first, with at most one system message at the start)")
+    if not turns:
+        raise ValueError("conversation has a system message but no turns")
+    if final_assistant and turns[-1].role != "assistant":
+        raise ValueError("conversation must end with an assistant turn")
+
+
+def render_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation, and for each id whether it is trained on: the assistant's content and
+    its <|end|> (so the model learns to stop), never the role tokens, the user or the system."""
+    ids, trained = [tokenizer.bos_id], [False]
+    end = tokenizer.special[END_OF_TURN]
+    for m in messages:
+        content = tokenizer.encode(m.content)
+        is_assistant = m.role == "assistant"
+        ids += [tokenizer.special[ROLE_TOKENS[m.role]], *content, end]
+        trained += [False] + [is_assistant] * (len(content) + 1)
+    return ids, trained
+
+
+def render(messages: list[Message], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of the conversation; with `add_generation_prompt`, followed by <|assistant|> for the reply."""
+    ids, _ = render_for_training(messages, tokenizer)
+    return ids + [tokenizer.special[ASSISTANT]] if add_generation_prompt else ids
+
+
+def parse(ids: list[int], tokenizer: Tokenizer) -> list[Message]:
+    """Messages from token ids (the inverse of `render`); an unfinished last message is kept as it stands."""
+    roles = {tokenizer.special[token]: role for role, token in ROLE_TOKENS.items()}
+    end = tokenizer.special[END_OF_TURN]
+    messages: list[Message] = []
+    role, content = None, []
+    for token in ids:
+        if token in roles:
+            if role is not None:  # a role token inside a message ends it, unfinished
+                messages.append(Message(role, tokenizer.decode(content)))
+            role, content = roles[token], []
+        elif token == end and role is not None:
+            messages.append(Message(role, tokenizer.decode(content)))
+            role, content = None, []
+        elif role is not None and token != tokenizer.bos_id:
+            content.append(token)
+    if role is not None and content:
+        messages.append(Message(role, tokenizer.decode(content)))
+    return messages
