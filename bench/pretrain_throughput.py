@@ -48,7 +48,7 @@ class SyntheticTask:
 
     def loss(self, model, batch):
         x, y = batch
-        return model(x, targets=y)
+        return model(x, targets=y)  # one micro-batch per step: its share is the whole loss
 
     def state_dict(self):
         return {}
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     dtype = pick_dtype(args.dtype, device)
     rows = []
     for name, mode in [(n, m) for n in args.presets for m in args.modes]:
-        preset = cfg.load_preset("cpu" if name == "cpu-wide" else name)
+        preset = cfg.load_preset("cpu" if name == "cpu-wide" else name, "pretrain")
         if name == "cpu-wide":
             preset = cfg.merge(preset, {"model": {"d_model": 512, "n_head": 8, "n_kv_head": 4}})
         config = cfg.from_dict(PretrainConfig, preset)

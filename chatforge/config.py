@@ -29,17 +29,23 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_preset(name_or_path: str) -> dict:
-    """A preset by name (`tiny`, `cpu`, `gpu-124m`) or a path to a TOML file of one's own."""
+def load_preset(name_or_path: str, stage: str) -> dict:
+    """The `[stage]` table of a preset: by name (`tiny`, `cpu`, `gpu-124m`) or a TOML file of one's own.
+
+    A preset file describes one scale for every stage: `[pretrain]`, `[pretrain.model]`, `[sft]`, ...
+    """
     path = Path(name_or_path)
     if not path.is_file():
         path = PRESET_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         raise UserError(f"preset {name_or_path!r} not found: give a TOML file or one of {', '.join(preset_names())}")
     try:
-        return tomllib.loads(path.read_text())
+        tables = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    if stage not in tables:
+        raise UserError(f"{path}: preset has no [{stage}] table (tables: {', '.join(tables) or 'none'})")
+    return tables[stage]
 
 
 def _field_types(cls) -> dict[str, typing.Any]:

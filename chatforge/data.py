@@ -17,12 +17,16 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from chatforge.errors import UserError
 from chatforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 META_FILE = "meta.json"

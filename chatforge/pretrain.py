@@ -11,18 +11,14 @@ from pathlib import Path
 
 import torch
 
-from chatforge import config as cfg
-from chatforge.checkpoint import load_model, resolve_checkpoint, step_checkpoints
+from chatforge.checkpoint import load_model
 from chatforge.data import TokenWindows, load_meta
 from chatforge.engine import SamplingParams, generate
 from chatforge.errors import UserError
 from chatforge.model import GPT, GPTConfig
-from chatforge.runtime import Dist, all_reduce_mean, init_distributed, pick_device, pick_dtype, shutdown_distributed
+from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import Trainer, TrainConfig
-
-RUN_CONFIG_FILE = "run_config.json"
-
+from chatforge.train import TrainConfig, resolve_run_config, run_stage
 
 @dataclass
 class PretrainConfig(TrainConfig):
@@ -49,11 +45,12 @@ class PretrainTask:
 
     def micro_batches(self, step: int, accumulation: int):
         x, y = self.train.batch(step, self.config.batch_size, self._rows())
-        return zip(x.to(self.device).chunk(accumulation), y.to(self.device).chunk(accumulation))
+        share = 1.0 / accumulation  # equal-sized micro-batches: the step's loss is their mean
+        return [(xm, ym, share) for xm, ym in zip(x.to(self.device).chunk(accumulation), y.to(self.device).chunk(accumulation))]
 
     def loss(self, model, batch) -> torch.Tensor:
-        x, y = batch
-        return model(x, targets=y)
+        x, y, share = batch
+        return model(x, targets=y) * share
 
     def evaluate(self, model) -> dict[str, float]:
         total = torch.zeros((), device=self.device)
@@ -81,22 +78,7 @@ class PretrainTask:
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[PretrainConfig, Path | None]:
-    """The run's config: preset < command line; on resume the run's saved config < command line."""
-    checkpoint = None
-    if resume:
-        run_dir = Path(resume)
-        saved = run_dir / RUN_CONFIG_FILE
-        if not saved.is_file():
-            raise UserError(f"{run_dir}: not a pretraining run folder (no {RUN_CONFIG_FILE})")
-        checkpoint = resolve_checkpoint(run_dir) if step_checkpoints(run_dir) else None
-        base = cfg.load_json(saved)
-        base["out"] = str(run_dir)
-    else:
-        base = cfg.load_preset(preset) if preset else {}
-    config = cfg.from_dict(PretrainConfig, cfg.merge(base, overrides), "pretrain config")
-    if not resume and step_checkpoints(config.out):
-        raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
-                        f"`--resume {config.out}`, or choose another --out")
+    config, checkpoint = resolve_run_config(PretrainConfig, "pretrain", preset, overrides, resume)
     if not config.data:
         raise UserError("no data: give --data DATA_DIR (a folder made by `chatforge data prepare`)")
     return config, checkpoint
@@ -104,37 +86,19 @@ def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> t
 
 def pretrain(config: PretrainConfig, resume_from: Path | None = None) -> Path:
     """Train (or continue training) a GPT; returns the run folder."""
-    device = pick_device(config.device)
-    d = init_distributed(device)
-    try:
-        dtype = pick_dtype(config.dtype, device)
+
+    def setup(device: torch.device, d: Dist):
         meta = load_meta(config.data)
         tokenizer = Tokenizer.load(Path(config.data) / "tokenizer")
-        torch.manual_seed(config.seed + d.rank)
         if resume_from is not None:
             model, _, _ = load_model(resume_from, device)
-            config.model = model.config
             if model.config.vocab_size != meta["vocab_size"]:
                 raise UserError(f"{config.data}: data has vocabulary size {meta['vocab_size']}, the model in "
                                 f"{resume_from} has {model.config.vocab_size}: resume with the run's own data")
+            config.model = model.config
         else:
             config.model = dataclasses.replace(config.model, vocab_size=meta["vocab_size"])
-            torch.manual_seed(config.seed)  # the same initial weights on every process
             model = GPT(config.model).to(device)
-            torch.manual_seed(config.seed + d.rank)
-        run_dir = Path(config.out)
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save_json(config, run_dir / RUN_CONFIG_FILE)
-        task = PretrainTask(config, tokenizer, d, device)
-        trainer = Trainer(config, model, tokenizer, task, d=d, device=device, dtype=dtype, stage="pretrain",
-                          run_config=cfg.to_dict(config), resume_from=resume_from)
-        if d.is_main:
-            n = model.num_params()
-            print(f"pretrain: {n / 1e6:.2f}M parameters, {model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, "
-                  f"{d.world_size} process(es) on {device}, {dtype}, {trainer.accumulation} micro-batch(es) per step"
-                  + (f", resuming at step {trainer.step}" if resume_from else ""))
-        trainer.fit()
-        return run_dir
-    finally:
-        shutdown_distributed()
+        return model, tokenizer, PretrainTask(config, tokenizer, d, device)
+
+    return run_stage(config, "pretrain", setup, resume_from)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,16 +26,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from chatforge import config as cfg
 from chatforge.checkpoint import (
-    load_trainer_state, prune_checkpoints, save_checkpoint, step_dir,
+    load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
 )
 from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.plots import CURVES_FILE, plot_training_curves
-from chatforge.runtime import Dist, all_reduce_mean, autocast, peak_flops
+from chatforge.runtime import (
+    Dist, all_reduce_mean, autocast, init_distributed, peak_flops, pick_device, pick_dtype, shutdown_distributed,
+)
 from chatforge.tokenizer import Tokenizer
 
 METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
 
 
 @dataclass
@@ -79,7 +83,8 @@ class Task(Protocol):
         """This process's `accumulation` micro-batches for optimizer step `step`."""
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """Mean loss of one micro-batch."""
+        """This micro-batch's share of the step's loss: the step's loss is the sum of the shares of a
+        process's micro-batches, averaged over processes (as DDP averages gradients)."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Held-out metrics, averaged over processes (called on every process)."""
@@ -276,7 +281,7 @@ class Trainer:
             sync = self.model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
             with sync:
                 with autocast(self.device, self.dtype):
-                    loss = self.task.loss(self.model, batch) / len(batches)
+                    loss = self.task.loss(self.model, batch)
                 loss.backward()
             total += loss.detach()
         total = all_reduce_mean(total, self.d)
@@ -324,3 +329,58 @@ class Trainer:
                 self.save()
         if bar:
             bar.close()
+
+
+# --- running a stage ---------------------------------------------------------------------------------
+
+def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, resume: str | None):
+    """A stage's config and the checkpoint to resume from (or None).
+
+    Fresh run: dataclass defaults < the preset's [stage] table < command line. Resume: the run's saved
+    run_config.json < command line (so `--max-steps` can extend a run).
+    """
+    checkpoint = None
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / RUN_CONFIG_FILE
+        if not saved.is_file():
+            raise UserError(f"{run_dir}: not a {stage} run folder (no {RUN_CONFIG_FILE})")
+        checkpoint = resolve_checkpoint(run_dir) if step_checkpoints(run_dir) else None
+        base = {**cfg.load_json(saved), "out": str(run_dir)}
+    else:
+        base = cfg.load_preset(preset, stage) if preset else {}
+    config = cfg.from_dict(cls, cfg.merge(base, overrides), f"{stage} config")
+    if not resume and step_checkpoints(config.out):
+        raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
+                        f"`--resume {config.out}`, or choose another --out")
+    return config, checkpoint
+
+
+Setup = Callable[[torch.device, Dist], tuple[GPT, Tokenizer, Task]]
+
+
+def run_stage(config: TrainConfig, stage: str, setup: Setup, resume_from: Path | None = None) -> Path:
+    """Run a stage on this process (one of several under torchrun): `setup` builds its model, tokenizer and
+    task (and may complete `config`, e.g. the vocabulary size); returns the run folder."""
+    device = pick_device(config.device)
+    d = init_distributed(device)
+    try:
+        dtype = pick_dtype(config.dtype, device)
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        model, tokenizer, task = setup(device, d)
+        torch.manual_seed(config.seed + d.rank)  # different dropout masks on each process
+        run_dir = Path(config.out)
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_json(config, run_dir / RUN_CONFIG_FILE)
+        trainer = Trainer(config, model, tokenizer, task, d=d, device=device, dtype=dtype, stage=stage,
+                          run_config=cfg.to_dict(config), resume_from=resume_from)
+        if d.is_main:
+            print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters, "
+                  f"{model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, {d.world_size} process(es) on "
+                  f"{device}, {dtype}, {trainer.accumulation} micro-batch(es) per step"
+                  + (f", resuming at step {trainer.step}" if resume_from else ""))
+        trainer.fit()
+        return run_dir
+    finally:
+        shutdown_distributed()

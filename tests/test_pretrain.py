@@ -37,7 +37,7 @@ def val_losses(run_dir):
 
 
 def test_tiny_pretraining_lowers_validation_loss(data_dir, tmp_path):
-    preset = cfg.load_preset("tiny")
+    preset = cfg.load_preset("tiny", "pretrain")
     config = cfg.from_dict(PretrainConfig, cfg.merge(preset, {"data": str(data_dir), "out": str(tmp_path / "run"),
                                                               "max_steps": 60, "eval_every": 30, "progress": False}))
     run_dir = pretrain(config)
@@ -56,7 +56,7 @@ def test_tiny_pretraining_lowers_validation_loss(data_dir, tmp_path):
 
 def test_a_non_finite_loss_skips_the_update(data_dir, tmp_path):
     """One poisoned batch must not reach the weights: the step is logged as skipped and nothing changes."""
-    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny"), {
+    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny", "pretrain"), {
         "data": str(data_dir), "out": str(tmp_path / "run"), "max_steps": 3, "progress": False}))
     config.model = dataclasses.replace(config.model, vocab_size=512)
     model = GPT(config.model)
@@ -173,9 +173,9 @@ def test_bad_checkpoints_and_runs_give_one_line_errors(data_dir, tmp_path):
 
 def test_presets_and_command_line_overrides(tmp_path):
     for name in ("tiny", "cpu", "gpu-124m"):
-        config = cfg.from_dict(PretrainConfig, cfg.load_preset(name))
+        config = cfg.from_dict(PretrainConfig, cfg.load_preset(name, "pretrain"))
         assert config.model.n_layer >= 2
-    merged = cfg.merge(cfg.load_preset("cpu"), {"lr": 0.5, "model": {"n_layer": 1}})
+    merged = cfg.merge(cfg.load_preset("cpu", "pretrain"), {"lr": 0.5, "model": {"n_layer": 1}})
     config = cfg.from_dict(PretrainConfig, merged)
     assert (config.lr, config.model.n_layer, config.model.d_model) == (0.5, 1, 256)
     help_text = run_cli("pretrain", "--help").stdout
@@ -183,9 +183,9 @@ def test_presets_and_command_line_overrides(tmp_path):
                  "--micro-batch-size", "--resume", "--preset", "--data", "--out"):
         assert flag in help_text
     bad = tmp_path / "bad.toml"
-    bad.write_text("lr = 'fast'\n")
+    bad.write_text("[pretrain]\nlr = 'fast'\n")
     with pytest.raises(UserError, match="field 'lr' must be of type float"):
-        cfg.from_dict(PretrainConfig, cfg.load_preset(str(bad)))
+        cfg.from_dict(PretrainConfig, cfg.load_preset(str(bad), "pretrain"))
 
 
 def test_learning_rate_schedule():
