@@ -48,6 +48,14 @@ def _pretrain(args) -> None:
     pretrain(config, resume_from=checkpoint)
 
 
+def _sft(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.sft import resolve_config, sft
+
+    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
+    sft(config, resume_from=checkpoint)
+
+
 def _generate(args) -> None:
     from chatforge.checkpoint import load_model
     from chatforge.engine import SamplingParams, stream
@@ -91,9 +99,18 @@ def _plot(args) -> None:
     print(f"curves -> {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_stage_arguments(parser: argparse.ArgumentParser, config_class) -> None:
     from chatforge import config as cfg
+
+    parser.add_argument("--preset", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file; "
+                                         f"its [{parser.prog.split()[-1]}] table is used")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    cfg.add_config_arguments(parser, config_class)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from chatforge.pretrain import PretrainConfig
+    from chatforge.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="chatforge", description="Build a ChatGPT-style assistant end to end: "
                                      "pretrain -> SFT -> reward model -> PPO-ptx -> chat.")
@@ -139,10 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT (next-token prediction). Options override the preset; with --resume, "
                     "they override the run's saved config. Works under `torchrun --nproc_per_node N`.",
     )
-    p.add_argument("--preset", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    cfg.add_config_arguments(p, PretrainConfig)
+    _add_stage_arguments(p, PretrainConfig)
     p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser(
+        "sft", help="fine-tune a pretrained model on conversations",
+        description="Supervised fine-tuning: the loss is on the assistant's tokens only. Reads JSONL/Parquet "
+                    "records as {messages: [{role, content}]}, {prompt, completion} or ShareGPT "
+                    "{conversations: [{from, value}]}. Works under `torchrun --nproc_per_node N`.",
+    )
+    _add_stage_arguments(p, SFTConfig)
+    p.set_defaults(func=_sft)
 
     p = commands.add_parser("generate", help="continue a prompt with a trained model",
                             description="Sample a continuation of --prompt, streaming it, with the KV cache.")

@@ -43,30 +43,31 @@ def _read_utf8(path: Path) -> str:
         raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of a .jsonl or .parquet file; `where` is "file:line" or "file: row N",
+    for error messages that point at the record."""
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path, columns)
+        return
     with path.open("rb") as f:  # line by line: a corpus file may be larger than memory
         for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            if line.strip():
-                yield _jsonl_text(line, path, lineno, field)
+                raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
 
 
-def _jsonl_text(line: str, path: Path, lineno: int, field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict) or field not in record:
-        raise UserError(f"{path}:{lineno}: expected a JSON object with a {field!r} field")
-    if not isinstance(record[field], str):
-        raise UserError(f"{path}:{lineno}: field {field!r} must be a string, got {type(record[field]).__name__}")
-    return record[field]
-
-
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -75,15 +76,23 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         table = pq.ParquetFile(path)
     except Exception as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
-    if field not in table.schema_arrow.names:
-        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    missing = [c for c in columns or [] if c not in table.schema_arrow.names]
+    if missing:
+        raise UserError(f"{path}: no column {missing[0]!r} (columns: {', '.join(table.schema_arrow.names)})")
     row = 0
-    for batch in table.iter_batches(columns=[field]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                raise UserError(f"{path}: row {row}: column {field!r} must hold strings, got {type(text).__name__}")
+    for batch in table.iter_batches(columns=columns):
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
             row += 1
-            yield text
+
+
+def _record_texts(path: Path, field: str) -> Iterator[str]:
+    for where, record in read_records(path, columns=[field]):
+        if field not in record:
+            raise UserError(f"{where}: expected a JSON object with a {field!r} field")
+        if not isinstance(record[field], str):
+            raise UserError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        yield record[field]
 
 
 def source_files(sources: list[str | Path]) -> list[Path]:
@@ -106,10 +115,8 @@ def source_files(sources: list[str | Path]) -> list[Path]:
 def read_documents(sources: list[str | Path], field: str = "text") -> Iterator[str]:
     """Every document of the sources: a whole text file, or one record's `field` of a JSONL/Parquet file."""
     for path in source_files(sources):
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, field)
-        elif path.suffix == ".parquet":
-            yield from _parquet_documents(path, field)
+        if path.suffix in (".jsonl", ".parquet"):
+            yield from _record_texts(path, field)
         else:
             yield _read_utf8(path)
 

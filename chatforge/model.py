@@ -12,6 +12,7 @@ converting a checkpoint either way is a plain name mapping: see `hf_state_dict` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -225,6 +226,13 @@ class GPT(nn.Module):
         if self.config.head == "lm":
             return self.lm_head(x)
         return self.score(x).squeeze(-1)
+
+    def set_dropout(self, p: float) -> None:
+        """Change the residual dropout (e.g. for fine-tuning a model pretrained without it)."""
+        self.config = dataclasses.replace(self.config, dropout=p)  # validates p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.embed_tokens.weight

@@ -206,9 +206,6 @@ class Trainer:
         if d.enabled:
             self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
         self.optimizer = make_optimizer(model, config, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        )
         self.metrics = MetricsLog(self.run_dir, d.is_main)
         self.step = 0
         if resume_from is not None:
@@ -228,7 +225,6 @@ class Trainer:
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "rng": self._gather_rng(),
             "task": self.task.state_dict(),
             "world_size": self.d.world_size,
@@ -238,7 +234,6 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.task.load_state_dict(state["task"])
         if len(state["rng"]) == self.d.world_size:
             _set_rng_state(state["rng"][self.d.rank], self.device)
@@ -271,6 +266,12 @@ class Trainer:
                 _say(bar, f"  sample: {s!r}")
             plot_training_curves(read_metrics(self.run_dir), self.run_dir / CURVES_FILE, f"{self.stage}: {self.run_dir}")
 
+    def learning_rate(self) -> float:
+        """The schedule is a function of the step alone, so a resumed run (even with a new max_steps or lr)
+        needs no scheduler state."""
+        c = self.config
+        return c.lr * lr_factor(self.step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+
     def train_step(self) -> dict:
         """One optimizer step over `batch_size` sequences; returns its metrics."""
         t0 = time.perf_counter()
@@ -288,14 +289,15 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         )
-        record = {"step": self.step + 1, "loss": total.item(), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm.item()}
+        lr = self.learning_rate()
+        record = {"step": self.step + 1, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()}
         if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
         else:  # never let one bad batch poison the weights
             record["skipped"] = True
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.step += 1
         record["step_time"] = time.perf_counter() - t0
         return record

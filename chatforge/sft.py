@@ -1,0 +1,241 @@
+"""Stage 2, supervised fine-tuning (SFT): the pretrained model learns to answer like the demonstrations.
+
+    loss = -1/|A| · Σ_{t ∈ A} log p_θ(x_t | x_<t)        A = the assistant's tokens of the whole batch
+
+Only what the assistant says is learned (`chat_format.render_for_training` marks it); every assistant token
+of a step weighs the same, however the batch is cut into micro-batches and processes (`token_share`).
+Conversations of similar length are batched together so that little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
+from chatforge.checkpoint import load_model
+from chatforge.data import is_validation, read_records
+from chatforge.engine import SamplingParams, generate
+from chatforge.errors import UserError
+from chatforge.losses import IGNORE_INDEX
+from chatforge.model import GPT
+from chatforge.runtime import Dist, all_reduce_mean
+from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.train import TrainConfig, resolve_run_config, run_stage
+
+BUCKET_BATCHES = 32  # length-sort within windows of this many batches: little padding, still shuffled
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    init: str = field(default="", metadata={"help": "pretrained checkpoint (or run folder) to start from"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "conversation files (.jsonl/.parquet): {messages}, {prompt, completion} or ShareGPT {conversations}"})
+    val_data: list[str] = field(default_factory=list, metadata={
+        "help": "held-out conversation files (default: val_fraction of --data)"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --val-data"})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training conversations; sets max_steps when > 0"})
+    dropout: float = field(default=0.0, metadata={"help": "residual dropout while fine-tuning (InstructGPT used 0.2)"})
+    sample_prompts: list[str] = field(default_factory=lambda: ["What can you do?"],
+                                      metadata={"help": "user messages answered at each evaluation"})
+    sample_tokens: int = field(default=48, metadata={"help": "most tokens per sample answer"})
+
+
+# --- conversations ---------------------------------------------------------------------------------
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _messages(items, role_key: str, content_key: str, roles: dict[str, str] | None = None) -> list[Message]:
+    if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+        raise ValueError("expected a list of message objects")
+    out = []
+    for i, m in enumerate(items):
+        if role_key not in m or content_key not in m:
+            raise ValueError(f"message {i}: expected {role_key!r} and {content_key!r} fields")
+        role = m[role_key]
+        if roles is not None:
+            if role not in roles:
+                raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
+            role = roles[role]
+        out.append(Message(role, m[content_key]))
+    return out
+
+
+def conversation_from_record(record: dict) -> list[Message]:
+    """A checked conversation from any of the common formats; ValueError names what is wrong."""
+    if "messages" in record:
+        messages = _messages(record["messages"], "role", "content")
+    elif "conversations" in record:
+        messages = _messages(record["conversations"], "from", "value", SHAREGPT_ROLES)
+    elif "prompt" in record and "completion" in record:
+        system = [Message("system", record["system"])] if record.get("system") else []
+        messages = [*system, Message("user", record["prompt"]), Message("assistant", record["completion"])]
+    else:
+        raise ValueError("expected a 'messages', 'conversations' or 'prompt'+'completion' record")
+    check_conversation(messages)
+    return messages
+
+
+@dataclass
+class Example:
+    """A tokenized conversation: inputs ids[:-1] predict ids[1:] where `trained` (shifted) is set."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    where: str
+
+    @property
+    def targets(self) -> int:
+        return int(self.trained[1:].sum())
+
+
+def load_examples(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Example], int]:
+    """Tokenized conversations of `paths`, and how many invalid records were skipped."""
+    examples, skipped = [], 0
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{path}: conversation file does not exist")
+        if path.suffix not in (".jsonl", ".parquet"):
+            raise UserError(f"{path}: conversations must be .jsonl or .parquet files")
+        for where, record in read_records(path):
+            try:
+                ids, trained = render_for_training(conversation_from_record(record), tokenizer)
+                if len(ids) > max_seq_len + 1:
+                    raise ValueError(f"{len(ids)} tokens, longer than the model's context ({max_seq_len}) allows")
+            except (ValueError, TypeError) as e:
+                if skip_invalid:
+                    skipped += 1
+                    continue
+                raise UserError(f"{where}: {e} (or pass --skip-invalid)") from None
+            examples.append(Example(np.array(ids, dtype=np.int64), np.array(trained), where))
+    if not examples:
+        raise UserError(f"no valid conversations in {', '.join(paths)}")
+    return examples, skipped
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets (IGNORE_INDEX wherever nothing is learned): causal attention means
+    padding after a sequence never changes it."""
+    width = max(len(e.ids) for e in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        inputs[row, :n] = torch.from_numpy(e.ids[:-1])
+        targets[row, :n] = torch.from_numpy(np.where(e.trained[1:], e.ids[1:], IGNORE_INDEX))
+    return inputs, targets
+
+
+def token_share(targets: torch.Tensor, step_targets: int, world_size: int) -> float:
+    """Weight that turns a micro-batch's mean token loss into its share of the step's token mean:
+    count_mb / count_step, times the number of processes (DDP averages the processes' gradients)."""
+    return int((targets != IGNORE_INDEX).sum()) * world_size / step_targets
+
+
+class SFTTask:
+    def __init__(self, config: SFTConfig, tokenizer: Tokenizer, train: list[Example], val: list[Example],
+                 d: Dist, device: torch.device):
+        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
+        self.steps_per_epoch = len(train) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(train)} training conversations, fewer than one batch (batch_size {config.batch_size})")
+        lengths = [len(e.ids) - 1 for e in train]
+        self.seq_len = round(float(np.mean(lengths)))  # for FLOPs/token: attention cost at the typical length
+        self.tokens_per_step = round(float(np.mean(lengths)) * config.batch_size)
+        self._epoch_batches: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches (indices into train): shuffled, length-sorted within windows."""
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            g = np.random.default_rng([self.config.seed, epoch])
+            order = g.permutation(len(self.train))[: self.steps_per_epoch * self.config.batch_size]
+            window = BUCKET_BATCHES * self.config.batch_size
+            batches = []
+            for start in range(0, len(order), window):
+                chunk = sorted(order[start : start + window], key=lambda i: len(self.train[i].ids))
+                batches += [np.array(chunk[b : b + self.config.batch_size]) for b in range(0, len(chunk), self.config.batch_size)]
+            self._epoch_batches = (epoch, [batches[i] for i in g.permutation(len(batches))])
+        return self._epoch_batches[1]
+
+    def micro_batches(self, step: int, accumulation: int):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        batch = [self.train[i] for i in self.epoch_batches(epoch)[index]]
+        step_targets = sum(e.targets for e in batch)
+        mine = batch[self.d.rank :: self.d.world_size]  # interleaved: every process gets short and long ones
+        size = len(mine) // accumulation
+        for start in range(0, len(mine), size):
+            inputs, targets = pad_batch(mine[start : start + size], self.tokenizer.pad_id)
+            yield inputs.to(self.device), targets.to(self.device), token_share(targets, step_targets, self.d.world_size)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        inputs, targets, share = batch
+        return model(inputs, targets=targets) * share
+
+    def evaluate(self, model) -> dict[str, float]:
+        held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for start in range(0, len(held_out), self.config.micro_batch_size):
+            inputs, targets = pad_batch(held_out[start : start + self.config.micro_batch_size], self.tokenizer.pad_id)
+            n = (targets != IGNORE_INDEX).sum()
+            total += model(inputs.to(self.device), targets=targets.to(self.device)) * n
+            count += n
+        return {"val_loss": (all_reduce_mean(total, self.d) / all_reduce_mean(count, self.d).clamp(min=1)).item()}
+
+    def samples(self, model: GPT) -> list[str]:
+        params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0, seed=self.config.seed)
+        end = self.tokenizer.special[END_OF_TURN]
+        out = []
+        for prompt in self.config.sample_prompts:
+            ids = render([Message("user", prompt)], self.tokenizer, add_generation_prompt=True)
+            reply = parse(ids + generate(model, ids, params, stop_ids=(end,)), self.tokenizer)[-1]
+            out.append(f"{prompt} -> {reply.content if reply.role == 'assistant' else ''}")
+        return out
+
+    def state_dict(self) -> dict:
+        return {}  # batches are a pure function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[SFTConfig, Path | None]:
+    config, checkpoint = resolve_run_config(SFTConfig, "sft", preset, overrides, resume)
+    if not config.init or not config.data:
+        raise UserError("SFT needs --init CHECKPOINT (a pretrained model) and --data FILE [FILE ...] (conversations)")
+    return config, checkpoint
+
+
+def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
+    """Fine-tune a pretrained model on conversations; returns the run folder."""
+
+    def setup(device: torch.device, d: Dist):
+        model, tokenizer, _ = load_model(resume_from or config.init, device)
+        if model.config.head != "lm":
+            raise UserError(f"{config.init}: SFT starts from a language model, this checkpoint has a {model.config.head} head")
+        model.set_dropout(config.dropout)
+        max_len = model.config.max_seq_len
+        examples, skipped = load_examples(config.data, tokenizer, max_len, config.skip_invalid)
+        if config.val_data:
+            train = examples
+            val, skipped_val = load_examples(config.val_data, tokenizer, max_len, config.skip_invalid)
+            skipped += skipped_val
+        else:
+            train = [e for i, e in enumerate(examples) if not is_validation(i, config.val_fraction, config.seed)]
+            val = [e for i, e in enumerate(examples) if is_validation(i, config.val_fraction, config.seed)] or train[-1:]
+        if d.is_main:
+            print(f"sft: {len(train):,} training and {len(val):,} held-out conversations"
+                  + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
+        task = SFTTask(config, tokenizer, train, val, d, device)
+        if config.epochs > 0:
+            config.max_steps = max(1, math.ceil(config.epochs * task.steps_per_epoch))
+        return model, tokenizer, task
+
+    return run_stage(config, "sft", setup, resume_from)

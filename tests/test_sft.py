@@ -1,0 +1,124 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from chatforge import config as cfg
+from chatforge.chat_format import Message, parse, render
+from chatforge.checkpoint import load_model
+from chatforge.engine import SamplingParams, generate
+from chatforge.pretrain import PretrainConfig, pretrain
+from chatforge.runtime import Dist
+from chatforge.sft import SFTConfig, SFTTask, conversation_from_record, load_examples, resolve_config, sft
+from chatforge.train import read_metrics
+
+from conftest import assert_one_line_error, run_cli
+
+QA = [
+    ("What is a tuple?", "An immutable sequence."),
+    ("Name a loop.", "The for loop."),
+    ("Say hello.", "Hello there!"),
+    ("What does len do?", "It counts items."),
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny", "pretrain"), {
+        "data": str(data_dir), "out": str(out), "max_steps": 20, "progress": False}))
+    return pretrain(config)
+
+
+@pytest.fixture
+def conversations(tmp_path):
+    # the three formats, mixed in one file
+    return write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]}]},
+        {"prompt": QA[1][0], "completion": QA[1][1]},
+        {"conversations": [{"from": "human", "value": QA[2][0]}, {"from": "gpt", "value": QA[2][1]}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QA[3][0]},
+                      {"role": "assistant", "content": QA[3][1]}]},
+    ])
+
+
+def sft_config(pretrained, conversations, out, **overrides):
+    base = cfg.merge(cfg.load_preset("tiny", "sft"), {
+        "init": str(pretrained), "data": [str(conversations)], "val_data": [str(conversations)], "out": str(out),
+        "batch_size": 4, "micro_batch_size": 2, "progress": False, "sample_prompts": [QA[0][0]]})
+    return cfg.from_dict(SFTConfig, cfg.merge(base, overrides))
+
+
+def test_the_formats_give_the_same_conversations():
+    expected = [Message("system", "S"), Message("user", "Q"), Message("assistant", "A")]
+    assert conversation_from_record({"messages": [m.to_dict() for m in expected]}) == expected
+    assert conversation_from_record({"system": "S", "prompt": "Q", "completion": "A"}) == expected
+    assert conversation_from_record({"conversations": [
+        {"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}) == expected
+
+
+def test_tiny_sft_makes_the_model_reproduce_the_answers(pretrained, conversations, tmp_path):
+    run = sft(sft_config(pretrained, conversations, tmp_path / "sft", max_steps=150, lr=3e-3, warmup_steps=10,
+                         eval_every=75, checkpoint_every=150))
+    vals = [m["val_loss"] for m in read_metrics(run) if "val_loss" in m]
+    assert vals[-1] < 0.05 < vals[0]
+    model, tokenizer, _ = load_model(run)
+    end = tokenizer.special["<|end|>"]
+    for question, answer in QA[:3]:
+        prompt = render([Message("user", question)], tokenizer, add_generation_prompt=True)
+        reply = generate(model, prompt, SamplingParams(max_new_tokens=20, temperature=0), stop_ids=(end,))
+        assert reply[-1] == end  # it learned to stop
+        assert parse(prompt + reply, tokenizer)[-1] == Message("assistant", answer)
+
+
+def test_step_loss_is_the_token_mean_however_the_batch_is_cut(pretrained, conversations, tmp_path):
+    model, tokenizer, _ = load_model(pretrained)
+    examples, _ = load_examples([str(conversations)], tokenizer, model.config.max_seq_len, False)
+    losses = []
+    for micro in (1, 2, 4):
+        config = sft_config(pretrained, conversations, tmp_path / "x", micro_batch_size=micro)
+        task = SFTTask(config, tokenizer, examples, examples, Dist(), torch.device("cpu"))
+        with torch.no_grad():
+            losses.append(sum(task.loss(model, b).item() for b in task.micro_batches(0, 4 // micro)))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+
+
+def test_sft_resumes_exactly(pretrained, conversations, tmp_path):
+    """A run cut after its step-6 checkpoint and resumed logs the uninterrupted run's losses (with dropout)."""
+    whole = sft(sft_config(pretrained, conversations, tmp_path / "whole", max_steps=12, eval_every=6,
+                           checkpoint_every=6, dropout=0.1))
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000012")
+    config, checkpoint = resolve_config(None, {}, str(cut))
+    assert checkpoint.name == "step_000006"
+    sft(config, resume_from=checkpoint)
+    losses = lambda run: [(m["step"], m["loss"]) for m in read_metrics(run) if "loss" in m]
+    assert losses(cut) == losses(whole) and len(losses(whole)) == 12
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}, "empty content"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "expected a user turn"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]}, "unknown role 'bot'"),
+    ({"prompt": "hi"}, "expected a 'messages'"),
+    ({"prompt": "hi", "completion": "word " * 200}, "longer than the model's context"),
+])
+def test_bad_records_are_named_by_file_and_line(pretrained, tmp_path, record, message):
+    good = {"prompt": "fine", "completion": "ok"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record, good])
+    args = ["sft", "--preset", "tiny", "--init", pretrained, "--data", path, "--out", tmp_path / "run", "--no-progress"]
+    assert_one_line_error(run_cli(*args, check=False), "bad.jsonl:3", message, "--skip-invalid")
+    result = run_cli(*args, "--skip-invalid", "--max-steps", 1, "--batch-size", 2, "--micro-batch-size", 2)
+    assert "1 invalid record(s) skipped" in result.stdout
+
+
+def test_missing_init_or_data_is_a_one_line_error(tmp_path):
+    assert_one_line_error(run_cli("sft", "--preset", "tiny", "--out", tmp_path / "r", check=False), "--init", "--data")
