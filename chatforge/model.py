@@ -79,16 +79,19 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, shape (T, head_dim), in the 'rotate half' layout of HF Llama."""
+    """cos and sin of position * frequency in the 'rotate half' layout of HF Llama: (T, head_dim) for
+    positions (T,), or (B, 1, T, head_dim) for per-sequence positions (B, T)."""
     exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=positions.device) / config.head_dim
     inv_freq = 1.0 / (config.rope_theta**exponents)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # broadcast over heads
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D); cos/sin: (T, D)."""
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -98,15 +101,47 @@ class KVCache:
     """Keys and values of the tokens seen so far, preallocated for `max_len` positions.
 
     Usage: create one per generation, pass it to every `GPT.forward` call; the first call (the prompt)
-    fills positions [0, T), each later call appends its tokens after those.
+    fills slots [0, T), each later call appends its tokens after those.
+
+    Prompts of different lengths share one cache by left padding: row i's first `pad[i]` slots are
+    padding, never attended to, and its positions (for the rotary encoding) count from its first real
+    token, so every row computes exactly what it would alone. `keep(rows)` drops finished rows (they stop
+    costing compute) or repeats rows (n samples or beams share one prefill).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
-        self.length = 0  # tokens already stored (the same for every layer once a forward pass completes)
+        self.length = 0  # slots already filled (the same for every layer once a forward pass completes)
+        self.pad = pad.to(device) if pad is not None and bool(pad.any()) else None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder or repeat) the given batch rows."""
+        rows = rows.to(self.keys[0].device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
+
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """Rotary positions of the next `new_tokens` slots: (T,), or (B, T) when rows are padded."""
+        slots = torch.arange(self.length, self.length + new_tokens, device=self.keys[0].device)
+        return slots if self.pad is None else (slots - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, new_tokens: int) -> torch.Tensor | None:
+        """Which cached slots each new token may attend to, or None where plain causal attention is right."""
+        if self.pad is None and (self.length == 0 or new_tokens == 1):
+            return None
+        end = self.length + new_tokens
+        query = torch.arange(self.length, end, device=self.keys[0].device)[:, None]
+        key = torch.arange(end, device=query.device)[None, :]
+        allowed = key <= query
+        if self.pad is not None:  # padding slots attend to themselves only, so no row is empty (no NaN)
+            allowed = allowed[None] & ((key >= self.pad[:, None, None]) | (key == query))
+            return allowed[:, None]  # (B, 1, T, end): broadcast over heads
+        return allowed
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of `layer` after the cached ones; return all of them so far."""
@@ -135,17 +170,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        past = 0
+        mask, is_causal = None, True
         if cache is not None:
-            past = cache.length
+            mask = cache.mask(T)
+            is_causal = mask is None and cache.length == 0  # else one new token: it sees every cached slot
             k, v = cache.update(self.layer, k, v)
-        if past == 0:
-            mask, is_causal = None, True
-        elif T == 1:
-            mask, is_causal = None, False  # one new token attends to everything before it
-        else:  # several new tokens after a cached prefix: causal among themselves, all of the prefix
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=c.n_kv_head != c.n_head
         )
@@ -212,8 +241,7 @@ class GPT(nn.Module):
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         """
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        positions = cache.positions(idx.shape[1]) if cache is not None else torch.arange(idx.shape[1], device=idx.device)
         cos, sin = rotary_tables(self.config, positions)
         x = self.embed_tokens(idx)
         for block in self.layers:
@@ -234,9 +262,10 @@ class GPT(nn.Module):
             if isinstance(module, nn.Dropout):
                 module.p = p
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache; `pad[i]` left-padding slots for row i when prompts differ in length."""
         weight = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.device, weight.dtype)
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.device, weight.dtype, pad)
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token embedding if embedding=False."""

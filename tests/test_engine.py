@@ -38,3 +38,95 @@ def test_generation_is_seeded_stops_and_respects_the_context():
     assert len(out) == 1  # the context is full after one token
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+
+
+# --- the batched engine ------------------------------------------------------------------------------
+
+from chatforge.engine import apply_repetition_penalty, beam_search, generate_batch, generate_stream  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m = GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=48, n_head=4, n_kv_head=2, max_seq_len=40)).eval()
+        for p in m.parameters():  # a peaked, far-from-uniform model, so that greedy paths are well separated
+            p.mul_(3.0)
+    return m
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 19)), [42], list(range(20, 34))]
+
+
+def forward_calls(model, monkeypatch):
+    calls = []
+    original = GPT.forward
+
+    def spy(self, idx, cache=None, targets=None):
+        calls.append(tuple(idx.shape))
+        return original(self, idx, cache, targets)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    return calls
+
+
+def test_ragged_batch_gives_each_prompt_what_it_gets_alone(model, monkeypatch):
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    alone = [generate(model, p, greedy) for p in PROMPTS]
+    calls = forward_calls(model, monkeypatch)
+    batched = generate_batch(model, PROMPTS, greedy)
+    assert [c[0].tokens for c in batched] == alone
+    assert calls[0] == (4, 14)  # one prefill for all prompts, left-padded to the longest
+    assert all(shape[1] == 1 for shape in calls[1:])  # then one token per step
+
+
+def test_finished_sequences_leave_the_batch(model, monkeypatch):
+    # budgets differ near the 40-token context: 30 new tokens fit after a 9-token prompt, 26 after 14
+    prompts = [list(range(10, 19)), list(range(20, 34))]
+    calls = forward_calls(model, monkeypatch)
+    out = generate_batch(model, prompts, SamplingParams(max_new_tokens=50, temperature=0))
+    assert [len(c[0].tokens) for c in out] == [31, 26] and [c[0].finish_reason for c in out] == ["length"] * 2
+    assert [shape[0] for shape in calls[1:]] == [2] * 25 + [1] * 5
+
+
+def test_n_samples_share_one_prefill_and_differ(model, monkeypatch):
+    calls = forward_calls(model, monkeypatch)
+    out = generate_batch(model, PROMPTS[:2], SamplingParams(max_new_tokens=6, temperature=1.5, seed=1), n=3)
+    assert calls[0] == (2, 9) and calls[1] == (6, 1)  # prefill per prompt, decoding per sample
+    assert [len(samples) for samples in out] == [3, 3]
+    assert len({tuple(c.tokens) for c in out[1]}) > 1
+
+
+def test_log_probs_equal_a_full_forward_pass(model):
+    out = generate_batch(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=0), logprobs=True)
+    for prompt, (completion,) in zip(PROMPTS, out):
+        seq = torch.tensor([prompt + completion.tokens])
+        with torch.no_grad():
+            full = model(seq)[0].log_softmax(-1)
+        expected = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(completion.tokens)]
+        assert completion.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_stop_tokens_end_a_sequence_and_streaming_marks_the_end(model):
+    full = generate(model, PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=0))
+    events = list(generate_stream(model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0), stop_ids=[full[3]]))
+    first = [e for e in events if e.prompt == 0]
+    assert [e.token for e in first] == full[: full.index(full[3]) + 1]
+    assert first[-1].finish_reason == "stop" and all(e.finish_reason is None for e in first[:-1])
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 3.0]]
+
+
+def test_beam_search(model):
+    greedy = generate(model, PROMPTS[1], SamplingParams(max_new_tokens=8, temperature=0))
+    (one,) = beam_search(model, PROMPTS[1], num_beams=1, max_new_tokens=8)
+    assert one.tokens == greedy
+    beams = beam_search(model, PROMPTS[1], num_beams=4, max_new_tokens=8, length_penalty=0)
+    assert len(beams) == 4 and len({tuple(b.tokens) for b in beams}) == 4
+    totals = [sum(b.logprobs) for b in beams]
+    assert totals == sorted(totals, reverse=True)
+    assert totals[0] >= sum(one.logprobs) - 1e-6  # a wider search never finds a less likely answer
