@@ -56,28 +56,48 @@ def _sft(args) -> None:
     sft(config, resume_from=checkpoint)
 
 
-def _generate(args) -> None:
-    from chatforge.checkpoint import load_model
-    from chatforge.engine import SamplingParams, stream
-    from chatforge.runtime import pick_device
+def _sampling_params(args):
+    from chatforge.engine import SamplingParams
 
     try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
-    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
-    print(args.prompt, end="", flush=True)
-    ids: list[int] = []
-    shown = ""
+
+
+def _generate(args) -> None:
+    from chatforge.chat import completion_prompt, load_few_shot
+    from chatforge.checkpoint import load_model
+    from chatforge.engine import stream
+    from chatforge.runtime import pick_device
+    from chatforge.tokenizer import IncrementalDecoder
+
+    params = _sampling_params(args)
+    examples = load_few_shot(args.few_shot) if args.few_shot else []
+    text = completion_prompt(args.prompt, examples, args.cot) if examples or args.cot else args.prompt
+    model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
+    print(text, end="", flush=True)
+    decoder = IncrementalDecoder(tokenizer)
+    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
     for token in stream(model, prompt, params, stop_ids=(tokenizer.bos_id, tokenizer.eos_id)):
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        print(decoder.push(token), end="", flush=True)
     print()
+
+
+def _chat(args) -> None:
+    from chatforge.chat import ChatSession, load_few_shot, run_terminal_chat
+    from chatforge.checkpoint import load_model
+    from chatforge.runtime import pick_device
+
+    params = _sampling_params(args)
+    examples = load_few_shot(args.few_shot) if args.few_shot else []
+    model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
+    session = ChatSession(model, tokenizer, params, system=args.system, examples=examples, cot=args.cot)
+    if args.prompt is not None:
+        session.reply(args.prompt)
+    else:
+        run_terminal_chat(session)
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +117,21 @@ def _plot(args) -> None:
         raise UserError(f"{run_dir}: no {METRICS_FILE}: not a run folder")
     out = plot_training_curves(read_metrics(run_dir), args.out or run_dir / CURVES_FILE, str(run_dir))
     print(f"curves -> {out}")
+
+
+def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--few-shot", metavar="FILE",
+                   help="solved examples (JSONL in an SFT format) placed before the question: in-context learning")
+    p.add_argument("--cot", action="store_true", help="chain of thought: add \"Let's think step by step.\"")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens to generate (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 is off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 is off (default: 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already present by this; 1 is off (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def _add_stage_arguments(parser: argparse.ArgumentParser, config_class) -> None:
@@ -169,16 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sft)
 
     p = commands.add_parser("generate", help="continue a prompt with a trained model",
-                            description="Sample a continuation of --prompt, streaming it, with the KV cache.")
+                            description="Sample a continuation of --prompt, streaming it, with the KV cache. "
+                                        "With --few-shot or --cot the prompt becomes Q:/A: blocks.")
     p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 is off (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 is off (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_prompting_arguments(p, max_new_tokens=128)
     p.set_defaults(func=_generate)
+
+    p = commands.add_parser("chat", help="talk to a model in the terminal",
+                            description="A multi-turn conversation with streamed answers. In the chat: /reset, "
+                                        "/save FILE, /params k=v ..., /help, /quit.")
+    p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
+    p.add_argument("--system", default="", help="system prompt at the start of the conversation")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (for scripts)")
+    _add_prompting_arguments(p, max_new_tokens=256)
+    p.set_defaults(func=_chat)
 
     p = commands.add_parser("plot", help="draw a run's training curves",
                             description="Plot loss, validation metrics, tokens/s and learning rate from a run's "

@@ -81,6 +81,24 @@ class Tokenizer:
             raise UserError(f"{file}: not a valid tokenizer.json ({e})") from None
 
 
+class IncrementalDecoder:
+    """Text of a growing token sequence, piece by piece, for streaming: a piece is released only once its
+    bytes form whole UTF-8 characters (a character may span several byte-level tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special=self.skip_special)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""
     if vocab_size < MIN_VOCAB_SIZE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,63 @@ def data_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shards"
     prepare([corpus], tokenizer_dir, out, val_fraction=0.1, workers=2, progress=False)
     return out
+
+
+# Four questions a tiny model can learn to answer word for word, in the three conversation formats.
+QA = [
+    ("What is a tuple?", "An immutable sequence."),
+    ("Name a loop.", "The for loop."),
+    ("Say hello.", "Hello there!"),
+    ("What does len do?", "It counts items."),
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(data_dir, tmp_path_factory) -> Path:
+    """A tiny pretraining run (20 steps)."""
+    from chatforge import config as cfg
+    from chatforge.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny", "pretrain"), {
+        "data": str(data_dir), "out": str(out), "max_steps": 20, "progress": False}))
+    return pretrain(config)
+
+
+@pytest.fixture(scope="session")
+def qa_conversations(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]}]},
+        {"prompt": QA[1][0], "completion": QA[1][1]},
+        {"conversations": [{"from": "human", "value": QA[2][0]}, {"from": "gpt", "value": QA[2][1]}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QA[3][0]},
+                      {"role": "assistant", "content": QA[3][1]}]},
+    ])
+
+
+def sft_config(pretrained: Path, conversations: Path, out: Path, **overrides):
+    from chatforge import config as cfg
+    from chatforge.sft import SFTConfig
+
+    base = cfg.merge(cfg.load_preset("tiny", "sft"), {
+        "init": str(pretrained), "data": [str(conversations)], "val_data": [str(conversations)], "out": str(out),
+        "batch_size": 4, "micro_batch_size": 2, "progress": False, "sample_prompts": [QA[0][0]]})
+    return cfg.from_dict(SFTConfig, cfg.merge(base, overrides))
+
+
+@pytest.fixture(scope="session")
+def chat_model(pretrained, qa_conversations, tmp_path_factory) -> Path:
+    """The tiny model fine-tuned until it answers the four questions word for word."""
+    from chatforge.sft import sft
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    return sft(sft_config(pretrained, qa_conversations, out, max_steps=150, lr=3e-3, warmup_steps=10,
+                          eval_every=75, checkpoint_every=150))
 
 
 def run_cli(*args, check: bool = True, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,58 +1,16 @@
-import json
 import shutil
 
 import pytest
 import torch
 
-from chatforge import config as cfg
 from chatforge.chat_format import Message, parse, render
 from chatforge.checkpoint import load_model
 from chatforge.engine import SamplingParams, generate
-from chatforge.pretrain import PretrainConfig, pretrain
 from chatforge.runtime import Dist
-from chatforge.sft import SFTConfig, SFTTask, conversation_from_record, load_examples, resolve_config, sft
+from chatforge.sft import SFTTask, conversation_from_record, load_examples, resolve_config, sft
 from chatforge.train import read_metrics
 
-from conftest import assert_one_line_error, run_cli
-
-QA = [
-    ("What is a tuple?", "An immutable sequence."),
-    ("Name a loop.", "The for loop."),
-    ("Say hello.", "Hello there!"),
-    ("What does len do?", "It counts items."),
-]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def pretrained(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "run"
-    config = cfg.from_dict(PretrainConfig, cfg.merge(cfg.load_preset("tiny", "pretrain"), {
-        "data": str(data_dir), "out": str(out), "max_steps": 20, "progress": False}))
-    return pretrain(config)
-
-
-@pytest.fixture
-def conversations(tmp_path):
-    # the three formats, mixed in one file
-    return write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]}]},
-        {"prompt": QA[1][0], "completion": QA[1][1]},
-        {"conversations": [{"from": "human", "value": QA[2][0]}, {"from": "gpt", "value": QA[2][1]}]},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QA[3][0]},
-                      {"role": "assistant", "content": QA[3][1]}]},
-    ])
-
-
-def sft_config(pretrained, conversations, out, **overrides):
-    base = cfg.merge(cfg.load_preset("tiny", "sft"), {
-        "init": str(pretrained), "data": [str(conversations)], "val_data": [str(conversations)], "out": str(out),
-        "batch_size": 4, "micro_batch_size": 2, "progress": False, "sample_prompts": [QA[0][0]]})
-    return cfg.from_dict(SFTConfig, cfg.merge(base, overrides))
+from conftest import QA, assert_one_line_error, run_cli, sft_config, write_jsonl
 
 
 def test_the_formats_give_the_same_conversations():
@@ -63,9 +21,8 @@ def test_the_formats_give_the_same_conversations():
         {"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}) == expected
 
 
-def test_tiny_sft_makes_the_model_reproduce_the_answers(pretrained, conversations, tmp_path):
-    run = sft(sft_config(pretrained, conversations, tmp_path / "sft", max_steps=150, lr=3e-3, warmup_steps=10,
-                         eval_every=75, checkpoint_every=150))
+def test_tiny_sft_makes_the_model_reproduce_the_answers(chat_model):
+    run = chat_model
     vals = [m["val_loss"] for m in read_metrics(run) if "val_loss" in m]
     assert vals[-1] < 0.05 < vals[0]
     model, tokenizer, _ = load_model(run)
@@ -77,21 +34,21 @@ def test_tiny_sft_makes_the_model_reproduce_the_answers(pretrained, conversation
         assert parse(prompt + reply, tokenizer)[-1] == Message("assistant", answer)
 
 
-def test_step_loss_is_the_token_mean_however_the_batch_is_cut(pretrained, conversations, tmp_path):
+def test_step_loss_is_the_token_mean_however_the_batch_is_cut(pretrained, qa_conversations, tmp_path):
     model, tokenizer, _ = load_model(pretrained)
-    examples, _ = load_examples([str(conversations)], tokenizer, model.config.max_seq_len, False)
+    examples, _ = load_examples([str(qa_conversations)], tokenizer, model.config.max_seq_len, False)
     losses = []
     for micro in (1, 2, 4):
-        config = sft_config(pretrained, conversations, tmp_path / "x", micro_batch_size=micro)
+        config = sft_config(pretrained, qa_conversations, tmp_path / "x", micro_batch_size=micro)
         task = SFTTask(config, tokenizer, examples, examples, Dist(), torch.device("cpu"))
         with torch.no_grad():
             losses.append(sum(task.loss(model, b).item() for b in task.micro_batches(0, 4 // micro)))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
 
 
-def test_sft_resumes_exactly(pretrained, conversations, tmp_path):
+def test_sft_resumes_exactly(pretrained, qa_conversations, tmp_path):
     """A run cut after its step-6 checkpoint and resumed logs the uninterrupted run's losses (with dropout)."""
-    whole = sft(sft_config(pretrained, conversations, tmp_path / "whole", max_steps=12, eval_every=6,
+    whole = sft(sft_config(pretrained, qa_conversations, tmp_path / "whole", max_steps=12, eval_every=6,
                            checkpoint_every=6, dropout=0.1))
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)

@@ -1,0 +1,161 @@
+"""Talk to a model: `chatforge chat CHECKPOINT` in a terminal, and the prompt helpers it shares with
+`chatforge generate` (few-shot examples and chain-of-thought).
+
+In-context learning, as in GPT-3 and the chain-of-thought papers:
+- few-shot: solved examples come before the question, as earlier turns of the conversation (chat) or as
+  Q:/A: blocks (a plain language model);
+- chain of thought: the question is followed by an instruction to reason step by step (Kojima et al.).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from chatforge.chat_format import Message, render
+from chatforge.data import read_records
+from chatforge.engine import SamplingParams, generate_stream
+from chatforge.errors import UserError
+from chatforge.model import GPT
+from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder, Tokenizer
+
+COT_INSTRUCTION = "Let's think step by step."
+HELP = """commands:
+  /reset              start a new conversation (keeps the system prompt and few-shot examples)
+  /save FILE          write the conversation as a JSONL {"messages": [...]} record
+  /params [k=v ...]   show or change sampling: temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed
+  /help               this text
+  /quit               leave (Ctrl-D too)"""
+
+
+def load_few_shot(path: str | Path) -> list[Message]:
+    """Solved examples: JSONL/Parquet records in any SFT format, their turns concatenated (system messages
+    are dropped: the conversation has its own)."""
+    from chatforge.sft import conversation_from_record  # the SFT formats, one parser
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: few-shot file does not exist")
+    turns: list[Message] = []
+    for where, record in read_records(path):
+        try:
+            turns += [m for m in conversation_from_record(record) if m.role != "system"]
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+    if not turns:
+        raise UserError(f"{path}: no examples")
+    return turns
+
+
+def with_cot(question: str, cot: bool) -> str:
+    return f"{question}\n{COT_INSTRUCTION}" if cot else question
+
+
+def completion_prompt(question: str, examples: list[Message], cot: bool) -> str:
+    """A plain language model's few-shot prompt: Q:/A: blocks, then the question and an open answer."""
+    blocks = [f"Q: {q.content}\nA: {a.content}\n\n" for q, a in zip(examples[::2], examples[1::2])]
+    return "".join(blocks) + f"Q: {question}\nA:" + (f" {COT_INSTRUCTION}" if cot else "")
+
+
+class ChatSession:
+    """A conversation with a model: history, sampling settings, and the commands of the terminal chat."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, params: SamplingParams, *, system: str = "",
+                 examples: list[Message] | None = None, cot: bool = False):
+        self.model, self.tokenizer, self.params, self.cot = model, tokenizer, params, cot
+        self.preamble = ([Message("system", system)] if system else []) + (examples or [])
+        self.turns: list[Message] = []
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation rendered for the model's answer; the oldest turns go first when it is too long."""
+        room = self.model.config.max_seq_len - min(self.params.max_new_tokens, self.model.config.max_seq_len // 2)
+        turns = list(self.turns)
+        while True:
+            ids = render(self.preamble + turns, self.tokenizer, add_generation_prompt=True)
+            if len(ids) <= room or len(turns) <= 1:
+                return ids
+            turns = turns[2:]  # drop the oldest question and its answer
+
+    def reply(self, text: str, out=sys.stdout) -> str:
+        """Answer `text`, streaming the answer to `out`; the exchange joins the history."""
+        self.turns.append(Message("user", with_cot(text, self.cot)))
+        decoder = IncrementalDecoder(self.tokenizer)
+        end = self.tokenizer.special[END_OF_TURN]
+        answer = []
+        for event in generate_stream(self.model, [self.prompt_ids()], self.params, stop_ids=[end]):
+            if event.token != end:
+                piece = decoder.push(event.token)
+                answer.append(piece)
+                out.write(piece)
+                out.flush()
+        out.write("\n")
+        content = "".join(answer).strip() or "…"
+        self.turns.append(Message("assistant", content))
+        return content
+
+    def command(self, line: str, out=sys.stdout) -> bool:
+        """Run a /command; False when the user asked to leave."""
+        name, _, rest = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            self.turns = []
+            out.write("(new conversation)\n")
+        elif name == "/save":
+            if not rest.strip():
+                out.write("usage: /save FILE\n")
+            else:
+                self.save(Path(rest.strip()))
+                out.write(f"(saved {len(self.preamble) + len(self.turns)} messages to {rest.strip()})\n")
+        elif name == "/params":
+            try:
+                self.set_params(rest.split())
+            except ValueError as e:
+                out.write(f"error: {e}\n")
+            out.write(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.params).items()) + "\n")
+        else:
+            out.write(HELP + "\n")
+        return True
+
+    def set_params(self, assignments: list[str]) -> None:
+        fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+        changes = {}
+        for assignment in assignments:
+            key, sep, value = assignment.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"expected key=value with key one of {', '.join(fields)}, got {assignment!r}")
+            kind = int if key in ("top_k", "max_new_tokens", "seed") else float
+            changes[key] = None if key == "seed" and value == "none" else kind(value)
+        self.params = dataclasses.replace(self.params, **changes)
+
+    def save(self, path: Path) -> None:
+        messages = [m.to_dict() for m in self.preamble + self.turns]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+
+def run_terminal_chat(session: ChatSession, stdin=sys.stdin, out=sys.stdout) -> None:
+    interactive = stdin.isatty()
+    if interactive:
+        out.write("chatforge chat: type a message, /help for commands, Ctrl-D to leave\n")
+    while True:
+        if interactive:
+            out.write("\n> ")
+            out.flush()
+        line = stdin.readline()
+        if not line:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line, out):
+                return
+            continue
+        if not interactive:
+            out.write(f"> {line}\n")
+        session.reply(line, out)
