@@ -47,6 +47,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     finish_reason: str = "length"
+    text: str | None = None  # decoded, cut before any stop string (when a tokenizer was given)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -102,13 +109,18 @@ def generate_stream(
     *,
     n: int = 1,
     stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
     logprobs: bool = False,
 ) -> Iterator[TokenEvent]:
-    """Yield tokens as they are made, for `n` samples of each prompt, until a stop token (kept, finish
-    "stop"), `max_new_tokens` or the model's context (finish "length").
+    """Yield tokens as they are made, for `n` samples of each prompt, until a stop token (kept), a stop
+    string in the decoded text (needs `tokenizer`; finish "stop" on the token completing it),
+    `max_new_tokens` or the model's context (finish "length").
 
     A prompt longer than the context is truncated from the left to leave room for one new token.
     """
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to decode the text")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
     device = model.embed_tokens.weight.device
@@ -135,6 +147,7 @@ def generate_stream(
             for r, (p, _) in enumerate(rows):
                 seen[r, torch.tensor(prompts[p], device=device)] = True
         made = [0] * len(rows)
+        generated: list[list[int]] = [[] for _ in rows]  # only kept for stop strings
         while rows:
             logits = last_logits if seen is None else apply_repetition_penalty(last_logits, seen, params.repetition_penalty)
             tokens = sample_next_token(logits, params, generator)
@@ -145,6 +158,9 @@ def generate_stream(
             keep = []
             for r, ((p, s), token) in enumerate(zip(rows, tokens.tolist())):
                 made[r] += 1
+                if stop_strings:
+                    generated[r].append(token)
+                    is_stop[r] = is_stop[r] or cut_at_stop(tokenizer.decode(generated[r]), stop_strings)[1]
                 finish = "stop" if is_stop[r] else "length" if made[r] >= budgets[p] else None
                 yield TokenEvent(p, s, token, token_logprobs[r] if logprobs else None, finish)
                 if finish is None:
@@ -154,7 +170,7 @@ def generate_stream(
                 cache.keep(index)
                 tokens = tokens.index_select(0, index)
                 seen = seen.index_select(0, index) if seen is not None else None
-                rows, made = [rows[r] for r in keep], [made[r] for r in keep]
+                rows, made, generated = [rows[r] for r in keep], [made[r] for r in keep], [generated[r] for r in keep]
             if not rows:
                 break
             if seen is not None:
@@ -171,17 +187,24 @@ def generate_batch(
     *,
     n: int = 1,
     stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
     logprobs: bool = False,
 ) -> list[list[Completion]]:
-    """`n` completions for each prompt (see `generate_stream`)."""
+    """`n` completions for each prompt (see `generate_stream`); with a tokenizer, their text too."""
     out = [[Completion(logprobs=[] if logprobs else None) for _ in range(n)] for _ in prompts]
-    for event in generate_stream(model, prompts, params, n=n, stop_ids=stop_ids, logprobs=logprobs):
+    events = generate_stream(model, prompts, params, n=n, stop_ids=stop_ids, stop_strings=stop_strings,
+                             tokenizer=tokenizer, logprobs=logprobs)
+    for event in events:
         completion = out[event.prompt][event.sample]
         completion.tokens.append(event.token)
         if logprobs:
             completion.logprobs.append(event.logprob)
         if event.finish_reason:
             completion.finish_reason = event.finish_reason
+    if tokenizer is not None:
+        for completion in (c for samples in out for c in samples):
+            completion.text = cut_at_stop(tokenizer.decode(completion.tokens, skip_special=True), stop_strings)[0]
     return out
 
 

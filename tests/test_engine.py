@@ -130,3 +130,20 @@ def test_beam_search(model):
     totals = [sum(b.logprobs) for b in beams]
     assert totals == sorted(totals, reverse=True)
     assert totals[0] >= sum(one.logprobs) - 1e-6  # a wider search never finds a less likely answer
+
+
+def test_stop_strings_end_the_text(tokenizer_dir):
+    from chatforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=2, max_seq_len=64)).eval()
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    prompt = tokenizer.encode("The list")
+    (free,) = generate_batch(m, [prompt], params, tokenizer=tokenizer)[0]
+    stop = free.text[5:8]  # a piece of text the model is going to write
+    (stopped,) = generate_batch(m, [prompt], params, stop_strings=[stop], tokenizer=tokenizer)[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.find(stop)]
+    assert stop in tokenizer.decode(stopped.tokens) and stop not in tokenizer.decode(stopped.tokens[:-1])
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        list(generate_stream(m, [prompt], params, stop_strings=["x"]))
