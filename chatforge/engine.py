@@ -101,7 +101,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), pad
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_stream(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -218,7 +218,7 @@ def generate(model: GPT, prompt: list[int], params: SamplingParams, stop_ids: Se
     return list(stream(model, prompt, params, stop_ids))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: GPT,
     prompt: list[int],

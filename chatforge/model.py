@@ -73,20 +73,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
-def rotary_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency in the 'rotate half' layout of HF Llama: (T, head_dim) for
-    positions (T,), or (B, 1, T, head_dim) for per-sequence positions (B, T)."""
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=positions.device) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
-    angles = positions.float()[..., None] * inv_freq
+def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency for every position of the context, (max_seq_len, head_dim), in
+    the 'rotate half' layout of HF Llama."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    angles = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    if angles.dim() == 3:
-        angles = angles[:, None]  # broadcast over heads
     return angles.cos(), angles.sin()
 
 
@@ -153,6 +148,31 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class FusedLinears:
+    """Several bias-free projections of the same input as one matmul, when no gradient is needed.
+
+    Decoding one token at a time is dominated by the cost of each call, not by arithmetic, so q/k/v (and
+    gate/up) run as one matmul over their concatenated weights. The concatenation is made once and reused
+    until a weight changes (a new tensor or an in-place update bumps its version). Training keeps the
+    separate layers, whose names map one to one onto Hugging Face Llama's.
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.sizes = [layer.out_features for layer in linears]
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch.is_grad_enabled():
+            return tuple(layer(x) for layer in self.linears)
+        weights = [layer.weight for layer in self.linears]
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if key != self._key:
+            self._weight, self._key = torch.cat(weights), key
+        return F.linear(x, self._weight).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -162,13 +182,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, cache: KVCache | None):
         B, T, _ = x.shape
         c = self.config
-        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask, is_causal = None, True
         if cache is not None:
@@ -189,9 +211,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -204,8 +228,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, cache):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self._dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def _dropout(self, x):
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x  # no call at all when off
 
 
 class GPT(nn.Module):
@@ -221,6 +248,9 @@ class GPT(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight
         else:
             self.score = nn.Linear(config.d_model, 1, bias=False)
+        cos, sin = rotary_tables(config)  # computed once; looked up by position in every forward pass
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -241,8 +271,13 @@ class GPT(nn.Module):
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         """
-        positions = cache.positions(idx.shape[1]) if cache is not None else torch.arange(idx.shape[1], device=idx.device)
-        cos, sin = rotary_tables(self.config, positions)
+        if cache is None:
+            cos, sin = self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
+        else:
+            positions = cache.positions(idx.shape[1])  # (T,), or (B, T) for left-padded rows
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if positions.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         x = self.embed_tokens(idx)
         for block in self.layers:
             x = block(x, cos, sin, cache)
