@@ -35,6 +35,7 @@ demo: venv
 
 bench: venv
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/generate_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
