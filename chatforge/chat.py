@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from chatforge.chat_format import Message, render
+from chatforge.chat_format import Message, check_text, render
 from chatforge.data import read_records
 from chatforge.engine import SamplingParams, generate_stream
 from chatforge.errors import UserError
@@ -66,6 +66,8 @@ class ChatSession:
     def __init__(self, model: GPT, tokenizer: Tokenizer, params: SamplingParams, *, system: str = "",
                  examples: list[Message] | None = None, cot: bool = False):
         self.model, self.tokenizer, self.params, self.cot = model, tokenizer, params, cot
+        if system:
+            check_text(system, "the system prompt")
         self.preamble = ([Message("system", system)] if system else []) + (examples or [])
         self.turns: list[Message] = []
 
@@ -80,7 +82,9 @@ class ChatSession:
             turns = turns[2:]  # drop the oldest question and its answer
 
     def reply(self, text: str, out=sys.stdout) -> str:
-        """Answer `text`, streaming the answer to `out`; the exchange joins the history."""
+        """Answer `text`, streaming the answer to `out`; the exchange joins the history.
+        Raises ValueError for a message that holds special tokens."""
+        check_text(text, "your message")
         self.turns.append(Message("user", with_cot(text, self.cot)))
         decoder = IncrementalDecoder(self.tokenizer)
         end = self.tokenizer.special[END_OF_TURN]
@@ -108,8 +112,11 @@ class ChatSession:
             if not rest.strip():
                 out.write("usage: /save FILE\n")
             else:
-                self.save(Path(rest.strip()))
-                out.write(f"(saved {len(self.preamble) + len(self.turns)} messages to {rest.strip()})\n")
+                try:
+                    self.save(Path(rest.strip()))
+                    out.write(f"(saved {len(self.preamble) + len(self.turns)} messages to {rest.strip()})\n")
+                except OSError as e:
+                    out.write(f"error: cannot save to {rest.strip()}: {e.strerror or e}\n")
         elif name == "/params":
             try:
                 self.set_params(rest.split())
@@ -158,4 +165,7 @@ def run_terminal_chat(session: ChatSession, stdin=sys.stdin, out=sys.stdout) -> 
             continue
         if not interactive:
             out.write(f"> {line}\n")
-        session.reply(line, out)
+        try:
+            session.reply(line, out)
+        except ValueError as e:
+            out.write(f"error: {e}\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatforge.tokenizer import ASSISTANT, BOS, END_OF_TURN, SYSTEM, USER, Tokenizer
+from chatforge.tokenizer import ASSISTANT, END_OF_TURN, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
@@ -42,10 +42,11 @@ def check_conversation(messages: list[Message], *, final_assistant: bool = True)
     for i, m in enumerate(messages):
         if m.role not in ROLE_TOKENS:
             raise ValueError(f"message {i}: unknown role {m.role!r} (expected system, user or assistant)")
-        if not isinstance(m.content, str) or not m.content.strip():
+        if not isinstance(m.content, str):
+            raise ValueError(f"message {i} ({m.role}): content must be a string")
+        if not m.content.strip():
             raise ValueError(f"message {i} ({m.role}): empty content")
-        if any(token in m.content for token in (*ROLE_TOKENS.values(), END_OF_TURN, BOS)):
-            raise ValueError(f"message {i} ({m.role}): content contains a special token")
+        check_text(m.content, f"message {i} ({m.role})")
     turns = messages[1:] if messages[0].role == "system" else messages
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -58,6 +59,13 @@ def check_conversation(messages: list[Message], *, final_assistant: bool = True)
         raise ValueError("conversation has a system message but no turns")
     if final_assistant and turns[-1].role != "assistant":
         raise ValueError("conversation must end with an assistant turn")
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that would encode to special tokens could forge turns (or teach the model to emit them)."""
+    found = [token for token in SPECIAL_TOKENS if token in text]
+    if found:
+        raise ValueError(f"{what}: contains the special token {found[0]}")
 
 
 def render_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:

@@ -93,11 +93,14 @@ def _chat(args) -> None:
     params = _sampling_params(args)
     examples = load_few_shot(args.few_shot) if args.few_shot else []
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
-    session = ChatSession(model, tokenizer, params, system=args.system, examples=examples, cot=args.cot)
-    if args.prompt is not None:
-        session.reply(args.prompt)
-    else:
-        run_terminal_chat(session)
+    try:
+        session = ChatSession(model, tokenizer, params, system=args.system, examples=examples, cot=args.cot)
+        if args.prompt is not None:
+            session.reply(args.prompt)
+        else:
+            run_terminal_chat(session)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,13 +30,13 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
@@ -134,7 +134,7 @@ def generate_stream(
     was_training = model.training
     model.eval()
     try:
-        last_logits = model(ids, cache)[:, -1]
+        last_logits = model(ids, cache, last_only=True)[:, -1]
         # rows: one per (prompt, sample); n samples share their prompt's prefill
         rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
         if n > 1:
@@ -148,6 +148,7 @@ def generate_stream(
                 seen[r, torch.tensor(prompts[p], device=device)] = True
         made = [0] * len(rows)
         generated: list[list[int]] = [[] for _ in rows]  # only kept for stop strings
+        tail_tokens = max((len(s) for s in stop_strings), default=0) + 8  # a token holds at least one character
         while rows:
             logits = last_logits if seen is None else apply_repetition_penalty(last_logits, seen, params.repetition_penalty)
             tokens = sample_next_token(logits, params, generator)
@@ -158,9 +159,10 @@ def generate_stream(
             keep = []
             for r, ((p, s), token) in enumerate(zip(rows, tokens.tolist())):
                 made[r] += 1
-                if stop_strings:
+                if stop_strings:  # only the tail can hold a stop string that the last token completed
                     generated[r].append(token)
-                    is_stop[r] = is_stop[r] or cut_at_stop(tokenizer.decode(generated[r]), stop_strings)[1]
+                    tail = tokenizer.decode(generated[r][-tail_tokens:], skip_special=True)
+                    is_stop[r] = is_stop[r] or cut_at_stop(tail, stop_strings)[1]
                 finish = "stop" if is_stop[r] else "length" if made[r] >= budgets[p] else None
                 yield TokenEvent(p, s, token, token_logprobs[r] if logprobs else None, finish)
                 if finish is None:
@@ -233,6 +235,8 @@ def beam_search(
     All beams share the prompt's prefill and decode as one batch; a beam that emits a stop token is set
     aside as a finished hypothesis. With one beam this is greedy decoding.
     """
+    if num_beams < 1 or max_new_tokens < 1 or not prompt:
+        raise ValueError("beam search needs num_beams >= 1, max_new_tokens >= 1 and a non-empty prompt")
     device = model.embed_tokens.weight.device
     context = model.config.max_seq_len
     prompt = list(prompt)[-(context - 1):]
@@ -242,7 +246,7 @@ def beam_search(
     was_training = model.training
     model.eval()
     try:
-        logprobs = model(torch.tensor([prompt], device=device), cache)[:, -1].float().log_softmax(-1)
+        logprobs = model(torch.tensor([prompt], device=device), cache, last_only=True)[:, -1].float().log_softmax(-1)
         beams: list[tuple[list[int], list[float]]] = [([], [])]  # tokens and their log-probs
         scores = torch.zeros(1, device=device)
         finished: list[tuple[float, Completion]] = []
@@ -252,7 +256,8 @@ def beam_search(
 
         for step in range(budget):
             candidates = (scores[:, None] + logprobs).flatten()
-            top = candidates.topk(min(2 * num_beams, candidates.numel()))  # enough to refill after stops
+            # enough candidates to refill every beam even if each stop token takes some
+            top = candidates.topk(min((1 + len(stop)) * num_beams + num_beams, candidates.numel()))
             vocab = logprobs.shape[-1]
             keep_rows, next_beams, next_scores, next_tokens = [], [], [], []
             for score, flat in zip(top.values.tolist(), top.indices.tolist()):

@@ -39,9 +39,11 @@ class GPTConfig:
     head: str = field(default="lm", metadata={"help": "output head: 'lm' (next-token logits) or 'scalar' (one value per position)"})
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "d_model", "n_head", "max_seq_len"):
+        for name in ("vocab_size", "n_layer", "d_model", "n_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.n_kv_head < 0 or self.ffn_hidden < 0:
             raise ValueError("n_kv_head and ffn_hidden must be >= 0 (0 picks the default)")
         if not 0 <= self.dropout < 1:
@@ -73,6 +75,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the usual case: one call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -149,28 +153,31 @@ class KVCache:
 
 
 class FusedLinears:
-    """Several bias-free projections of the same input as one matmul, when no gradient is needed.
+    """Several bias-free projections of the same input as one matmul over their concatenated weights.
 
     Decoding one token at a time is dominated by the cost of each call, not by arithmetic, so q/k/v (and
-    gate/up) run as one matmul over their concatenated weights. The concatenation is made once and reused
-    until a weight changes (a new tensor or an in-place update bumps its version). Training keeps the
-    separate layers, whose names map one to one onto Hugging Face Llama's.
+    gate/up) run as one matmul. The parameters stay separate (their names map one to one onto Hugging Face
+    Llama's). Training and evaluation concatenate them in every forward pass (gradients flow back through
+    the cat); generation (inference mode) reuses one concatenation until a weight changes, and
+    `GPT.train()` drops it, so no copy outlives generation or goes stale in training.
     """
 
     def __init__(self, *linears: nn.Linear):
         self.linears = linears
-        self.sizes = [layer.out_features for layer in linears]
         self._key: tuple | None = None
         self._weight: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if torch.is_grad_enabled():
-            return tuple(layer(x) for layer in self.linears)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights = [layer.weight for layer in self.linears]
+        if not torch.is_inference_mode_enabled():
+            return F.linear(x, torch.cat(weights))
         key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
         if key != self._key:
             self._weight, self._key = torch.cat(weights), key
-        return F.linear(x, self._weight).split(self.sizes, dim=-1)
+        return F.linear(x, self._weight)
+
+    def clear(self) -> None:
+        self._key = self._weight = None
 
 
 class Attention(nn.Module):
@@ -184,18 +191,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, cos, sin, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
         c = self.config
-        q, k, v = self.qkv(x)
-        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, is_causal = None, True
+        qkv = self.qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim).transpose(1, 2)
+        qk = apply_rotary(qkv[:, : c.n_head + c.n_kv_head], cos, sin)  # queries and keys rotated together
+        q, k, v = qk[:, : c.n_head], qk[:, c.n_head :], qkv[:, c.n_head + c.n_kv_head :]
+        is_causal = mask is None and (cache is None or cache.length == 0)  # else one new token: sees every slot
         if cache is not None:
-            mask = cache.mask(T)
-            is_causal = mask is None and cache.length == 0  # else one new token: it sees every cached slot
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=c.n_kv_head != c.n_head
@@ -214,7 +217,7 @@ class MLP(nn.Module):
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        gate, up = self.gate_up(x)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -227,8 +230,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self._dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache, mask):
+        x = x + self._dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def _dropout(self, x):
@@ -264,12 +267,14 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                last_only: bool = False):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, or values (B, T) for the scalar head.
 
         With a cache, `idx` holds only the new tokens; their positions continue after the cached ones.
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
+        With `last_only`, only the last position goes through the head (prefilling a prompt for generation).
         """
         if cache is None:
             cos, sin = self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
@@ -278,17 +283,25 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if positions.dim() == 2:
                 cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        mask = cache.mask(idx.shape[1]) if cache is not None else None
         x = self.embed_tokens(idx)
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length += idx.shape[1]
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         if self.config.head == "lm" and targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if self.config.head == "lm":
             return self.lm_head(x)
         return self.score(x).squeeze(-1)
+
+    def train(self, mode: bool = True) -> "GPT":
+        for module in self.modules():  # fused inference weights are rebuilt when next needed
+            for fused in (getattr(module, "qkv", None), getattr(module, "gate_up", None)):
+                if isinstance(fused, FusedLinears):
+                    fused.clear()
+        return super().train(mode)
 
     def set_dropout(self, p: float) -> None:
         """Change the residual dropout (e.g. for fine-tuning a model pretrained without it)."""

@@ -58,12 +58,14 @@ def _messages(items, role_key: str, content_key: str, roles: dict[str, str] | No
     for i, m in enumerate(items):
         if role_key not in m or content_key not in m:
             raise ValueError(f"message {i}: expected {role_key!r} and {content_key!r} fields")
-        role = m[role_key]
+        role, content = m[role_key], m[content_key]
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"message {i}: {role_key!r} and {content_key!r} must be strings")
         if roles is not None:
             if role not in roles:
                 raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
             role = roles[role]
-        out.append(Message(role, m[content_key]))
+        out.append(Message(role, content))
     return out
 
 
@@ -75,6 +77,8 @@ def conversation_from_record(record: dict) -> list[Message]:
         messages = _messages(record["conversations"], "from", "value", SHAREGPT_ROLES)
     elif "prompt" in record and "completion" in record:
         system = [Message("system", record["system"])] if record.get("system") else []
+        if not all(isinstance(record.get(k, ""), str) for k in ("system", "prompt", "completion")):
+            raise ValueError("'system', 'prompt' and 'completion' must be strings")
         messages = [*system, Message("user", record["prompt"]), Message("assistant", record["completion"])]
     else:
         raise ValueError("expected a 'messages', 'conversations' or 'prompt'+'completion' record")

@@ -204,7 +204,10 @@ class Trainer:
         self.accumulation = gradient_accumulation(config, d.world_size)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
         if d.enabled:
-            self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+            # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a
+            # broadcast in evaluation would hang when processes run different numbers of forward passes
+            self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
+                                                 broadcast_buffers=False)
         self.optimizer = make_optimizer(model, config, device)
         self.metrics = MetricsLog(self.run_dir, d.is_main)
         self.step = 0
@@ -251,10 +254,11 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
 
     def evaluate(self, bar: tqdm | None) -> None:
-        self.model.eval()
+        model = self.model.module if self.d.enabled else self.model  # no DDP hooks: ranks may differ in work
+        model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):
-            record = {"step": self.step, **self.task.evaluate(self.model)}
-        self.model.train()
+            record = {"step": self.step, **self.task.evaluate(model)}
+        model.train()
         if self.d.is_main:
             samples = self.task.samples(self.raw_model)
             if samples:

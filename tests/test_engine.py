@@ -38,6 +38,9 @@ def test_generation_is_seeded_stops_and_respects_the_context():
     assert len(out) == 1  # the context is full after one token
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+    for bad in (dict(temperature=float("nan")), dict(repetition_penalty=float("nan")), dict(top_p=float("nan"))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
 
 
 # --- the batched engine ------------------------------------------------------------------------------
@@ -62,9 +65,9 @@ def forward_calls(model, monkeypatch):
     calls = []
     original = GPT.forward
 
-    def spy(self, idx, cache=None, targets=None):
+    def spy(self, idx, cache=None, **kwargs):
         calls.append(tuple(idx.shape))
-        return original(self, idx, cache, targets)
+        return original(self, idx, cache, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", spy)
     return calls
@@ -81,12 +84,28 @@ def test_ragged_batch_gives_each_prompt_what_it_gets_alone(model, monkeypatch):
 
 
 def test_finished_sequences_leave_the_batch(model, monkeypatch):
-    # budgets differ near the 40-token context: 30 new tokens fit after a 9-token prompt, 26 after 14
+    # budgets differ near the 40-token context: 31 new tokens fit after a 9-token prompt, 26 after 14
     prompts = [list(range(10, 19)), list(range(20, 34))]
+    greedy = SamplingParams(max_new_tokens=50, temperature=0)
+    alone = [generate(model, p, greedy) for p in prompts]
     calls = forward_calls(model, monkeypatch)
-    out = generate_batch(model, prompts, SamplingParams(max_new_tokens=50, temperature=0))
+    out = generate_batch(model, prompts, greedy)
     assert [len(c[0].tokens) for c in out] == [31, 26] and [c[0].finish_reason for c in out] == ["length"] * 2
     assert [shape[0] for shape in calls[1:]] == [2] * 25 + [1] * 5
+    assert [c[0].tokens for c in out] == alone  # the rows that stay keep their own cache and positions
+
+
+def test_rows_leaving_at_different_steps_keep_their_answers(model):
+    """Stop tokens end rows at different steps (so the batch is re-indexed several times), padded rows too."""
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    alone = [generate(model, p, greedy) for p in PROMPTS]
+    stops = [alone[0][2], alone[2][6]]
+    expected = []
+    for answer in alone:
+        cut = min([answer.index(s) for s in stops if s in answer], default=len(answer) - 1)
+        expected.append(answer[: cut + 1])
+    assert len({len(e) for e in expected}) > 1
+    assert [c[0].tokens for c in generate_batch(model, PROMPTS, greedy, stop_ids=stops)] == expected
 
 
 def test_n_samples_share_one_prefill_and_differ(model, monkeypatch):
@@ -130,6 +149,15 @@ def test_beam_search(model):
     totals = [sum(b.logprobs) for b in beams]
     assert totals == sorted(totals, reverse=True)
     assert totals[0] >= sum(one.logprobs) - 1e-6  # a wider search never finds a less likely answer
+    # stop tokens end hypotheses early; with a length penalty they are ranked by mean log-prob
+    stop = greedy[3]
+    (stopped,) = beam_search(model, PROMPTS[1], num_beams=1, max_new_tokens=8, stop_ids=[stop])
+    assert stopped.tokens == greedy[: greedy.index(stop) + 1] and stopped.finish_reason == "stop"
+    ranked = beam_search(model, PROMPTS[1], num_beams=3, max_new_tokens=8, stop_ids=[stop], length_penalty=1.0)
+    means = [sum(b.logprobs) / len(b.tokens) for b in ranked]
+    assert means == sorted(means, reverse=True)
+    with pytest.raises(ValueError):
+        beam_search(model, PROMPTS[1], num_beams=0, max_new_tokens=8)
 
 
 def test_stop_strings_end_the_text(tokenizer_dir):
