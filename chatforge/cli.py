@@ -66,17 +66,26 @@ def _sampling_params(args):
         raise UserError(str(e)) from None
 
 
-def _generate(args) -> None:
-    from chatforge.chat import completion_prompt, load_few_shot
+def _prompting_setup(args):
+    """What `generate` and `chat` share: sampling settings, few-shot examples (checked before the model
+    loads, so that bad input fails fast), the model and its tokenizer."""
+    from chatforge.chat import load_few_shot
     from chatforge.checkpoint import load_model
-    from chatforge.engine import stream
     from chatforge.runtime import pick_device
-    from chatforge.tokenizer import IncrementalDecoder
 
     params = _sampling_params(args)
     examples = load_few_shot(args.few_shot) if args.few_shot else []
-    text = completion_prompt(args.prompt, examples, args.cot) if examples or args.cot else args.prompt
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
+    return params, examples, model, tokenizer
+
+
+def _generate(args) -> None:
+    from chatforge.chat import completion_prompt
+    from chatforge.engine import stream
+    from chatforge.tokenizer import IncrementalDecoder
+
+    params, examples, model, tokenizer = _prompting_setup(args)
+    text = completion_prompt(args.prompt, examples, args.cot) if examples or args.cot else args.prompt
     print(text, end="", flush=True)
     decoder = IncrementalDecoder(tokenizer)
     prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
@@ -86,21 +95,17 @@ def _generate(args) -> None:
 
 
 def _chat(args) -> None:
-    from chatforge.chat import ChatSession, load_few_shot, run_terminal_chat
-    from chatforge.checkpoint import load_model
-    from chatforge.runtime import pick_device
+    from chatforge.chat import ChatSession, run_terminal_chat
 
-    params = _sampling_params(args)
-    examples = load_few_shot(args.few_shot) if args.few_shot else []
-    model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
-    try:
+    params, examples, model, tokenizer = _prompting_setup(args)
+    try:  # a system prompt or one-shot message with special tokens in it (the terminal chat reports its own)
         session = ChatSession(model, tokenizer, params, system=args.system, examples=examples, cot=args.cot)
         if args.prompt is not None:
             session.reply(args.prompt)
-        else:
-            run_terminal_chat(session)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.prompt is None:
+        run_terminal_chat(session)
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:

@@ -92,6 +92,11 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def fit_context(prompt: Sequence[int], context: int) -> list[int]:
+    """The prompt, truncated from the left if needed to leave room for at least one new token."""
+    return list(prompt)[max(0, len(prompt) - (context - 1)):]
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -125,7 +130,7 @@ def generate_stream(
         raise ValueError("every prompt must hold at least one token")
     device = model.embed_tokens.weight.device
     context = model.config.max_seq_len
-    prompts = [list(p)[-(context - 1):] for p in prompts]
+    prompts = [fit_context(p, context) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     ids, pad = _left_pad(prompts, pad_id=0, device=device)
@@ -239,7 +244,7 @@ def beam_search(
         raise ValueError("beam search needs num_beams >= 1, max_new_tokens >= 1 and a non-empty prompt")
     device = model.embed_tokens.weight.device
     context = model.config.max_seq_len
-    prompt = list(prompt)[-(context - 1):]
+    prompt = fit_context(prompt, context)
     budget = min(max_new_tokens, context - len(prompt))
     stop = set(stop_ids)
     cache = model.new_cache(1, len(prompt) + budget)

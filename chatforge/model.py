@@ -298,7 +298,7 @@ class GPT(nn.Module):
 
     def train(self, mode: bool = True) -> "GPT":
         for module in self.modules():  # fused inference weights are rebuilt when next needed
-            for fused in (getattr(module, "qkv", None), getattr(module, "gate_up", None)):
+            for fused in vars(module).values():
                 if isinstance(fused, FusedLinears):
                     fused.clear()
         return super().train(mode)

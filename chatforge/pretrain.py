@@ -13,7 +13,7 @@ import torch
 
 from chatforge.checkpoint import load_model
 from chatforge.data import TokenWindows, load_meta
-from chatforge.engine import SamplingParams, generate
+from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, GPTConfig
 from chatforge.runtime import Dist, all_reduce_mean
@@ -63,12 +63,10 @@ class PretrainTask:
 
     def samples(self, model: GPT) -> list[str]:
         params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=50, seed=self.config.seed)
-        out = []
-        for prompt in self.config.sample_prompts:
-            ids = generate(model, [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)], params,
-                           stop_ids=(self.tokenizer.bos_id,))
-            out.append(prompt + self.tokenizer.decode(ids, skip_special=True))
-        return out
+        prompts = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in self.config.sample_prompts]
+        completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.bos_id,))
+        return [p + self.tokenizer.decode(c.tokens, skip_special=True)
+                for p, (c,) in zip(self.config.sample_prompts, completions)]
 
     def state_dict(self) -> dict:
         return {}  # the data position is the step: windows are a pure function of (seed, step)

@@ -19,7 +19,7 @@ import torch
 from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
 from chatforge.checkpoint import load_model
 from chatforge.data import is_validation, read_records
-from chatforge.engine import SamplingParams, generate
+from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.losses import IGNORE_INDEX
 from chatforge.model import GPT
@@ -195,12 +195,13 @@ class SFTTask:
 
     def samples(self, model: GPT) -> list[str]:
         params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0, seed=self.config.seed)
-        end = self.tokenizer.special[END_OF_TURN]
+        prompts = [render([Message("user", p)], self.tokenizer, add_generation_prompt=True)
+                   for p in self.config.sample_prompts]
+        completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.special[END_OF_TURN],))
         out = []
-        for prompt in self.config.sample_prompts:
-            ids = render([Message("user", prompt)], self.tokenizer, add_generation_prompt=True)
-            reply = parse(ids + generate(model, ids, params, stop_ids=(end,)), self.tokenizer)[-1]
-            out.append(f"{prompt} -> {reply.content if reply.role == 'assistant' else ''}")
+        for question, ids, (completion,) in zip(self.config.sample_prompts, prompts, completions):
+            reply = parse(ids + completion.tokens, self.tokenizer)[-1]
+            out.append(f"{question} -> {reply.content if reply.role == 'assistant' else ''}")
         return out
 
     def state_dict(self) -> dict:
