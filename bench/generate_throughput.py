@@ -27,6 +27,7 @@ from chatforge import config as cfg
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, hf_llama_config, hf_state_dict
 from chatforge.pretrain import PretrainConfig
+from chatforge.runtime import pick_device
 
 
 @torch.no_grad()
@@ -37,13 +38,22 @@ def naive_generate(model: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.
     return seq[:, prompts.shape[1]:]
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so that drift in the shared
+    machine's speed hits them alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -53,18 +63,19 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the slow naive loop")
+    parser.add_argument("--device", default="cpu", help="cpu (the target's setting), cuda, or auto")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, taken in turns (median)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_throughput.json"))
     args = parser.parse_args(argv)
 
     config = cfg.from_dict(PretrainConfig, cfg.load_preset(args.preset, "pretrain")).model
     config.vocab_size = args.vocab_size
+    device = pick_device(args.device)
     torch.manual_seed(0)
-    model = GPT(config).eval()
+    model = GPT(config).to(device).eval()
     try:
         import transformers
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(config))).eval()
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(config))).to(device).eval()
         hf.load_state_dict(hf_state_dict(model), strict=False)
         hf.generation_config.pad_token_id = 0
     except ImportError:
@@ -73,21 +84,24 @@ def main(argv=None) -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     rows = []
     for batch in args.batch_sizes:
-        prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_tokens))
+        prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_tokens)).to(device)
         prompt_lists = prompts.tolist()
         tokens = batch * args.new_tokens
         ours = generate_batch(model, prompt_lists, params)
         assert all(len(c[0].tokens) == args.new_tokens for c in ours)
-        row = {"batch": batch, "new_tokens": args.new_tokens,
-               "chatforge_tok_s": tokens / timed(lambda: generate_batch(model, prompt_lists, params), args.repeats),
-               "naive_tok_s": tokens / timed(lambda: naive_generate(model, prompts, args.new_tokens), args.naive_repeats)}
+        fns = {"chatforge": lambda: generate_batch(model, prompt_lists, params)}
         if hf is not None:
             def hf_generate():
                 with torch.no_grad():
                     return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True)
+            fns["hf"] = hf_generate
+        medians = timed(fns, args.repeats)
+        row = {"batch": batch, "new_tokens": args.new_tokens, "chatforge_tok_s": tokens / medians["chatforge"],
+               "naive_tok_s": tokens / seconds(lambda: naive_generate(model, prompts, args.new_tokens))}
+        if hf is not None:
             same = hf_generate()[:, args.prompt_tokens:].tolist() == [c[0].tokens for c in ours]
-            row.update(hf_tok_s=tokens / timed(hf_generate, args.repeats), hf_same_tokens=same)
+            row.update(hf_tok_s=tokens / medians["hf"], hf_same_tokens=same)
             row["speedup_vs_hf"] = row["chatforge_tok_s"] / row["hf_tok_s"]
         row["speedup_vs_naive"] = row["chatforge_tok_s"] / row["naive_tok_s"]
         rows.append(row)
@@ -95,7 +109,7 @@ def main(argv=None) -> None:
                    f" (same tokens: {row['hf_same_tokens']})") if hf is not None else ""
         print(f"batch {batch:3d}: chatforge {row['chatforge_tok_s']:8,.0f} tok/s  naive {row['naive_tok_s']:8,.0f} tok/s"
               f"  x{row['speedup_vs_naive']:.1f} vs naive{hf_text}", flush=True)
-    report = {"preset": args.preset, "params_M": model.num_params() / 1e6, "threads": torch.get_num_threads(),
+    report = {"preset": args.preset, "device": str(device), "params_M": model.num_params() / 1e6, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

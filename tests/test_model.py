@@ -118,12 +118,19 @@ def test_fused_inference_weights_follow_the_parameters():
     model = make_model(CONFIGS["gqa"])
     idx = torch.randint(0, 97, (1, 8))
     with torch.inference_mode():
-        model(idx)  # builds the fused q/k/v and gate/up weights
+        model(idx)  # builds the fused decoding weights
     with torch.no_grad():
         model.layers[0].self_attn.k_proj.weight.mul_(2.0)  # an optimizer-like in-place update
         model.layers[1].mlp.up_proj.weight.add_(0.1)
         expected = model(idx)  # no_grad: the separate weights, concatenated afresh
     with torch.inference_mode():
         torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
+    model.eval()
+    assert all(layer.self_attn.qkv._weight_t is not None for layer in model.layers)  # kept for the next generation
+    model.double()  # swaps every weight's storage
+    with torch.no_grad():
+        expected = model(idx)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-12)
     model.train()
-    assert all(layer.self_attn.qkv._weight is None for layer in model.layers)  # no copy outlives generation
+    assert all(layer.self_attn.qkv._weight_t is None for layer in model.layers)  # no copy in training
