@@ -61,6 +61,21 @@ def check_conversation(messages: list[Message], *, final_assistant: bool = True)
         raise ValueError("conversation must end with an assistant turn")
 
 
+def prompt_messages(prompt) -> list[Message]:
+    """A prompt as the conversation to answer: a string is one user message; a list of {role, content}
+    messages must end with the user's turn. ValueError names what is wrong."""
+    if isinstance(prompt, str):
+        messages = [Message("user", prompt)]
+    elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        messages = [Message(m.get("role"), m.get("content")) for m in prompt]
+    else:
+        raise ValueError("'prompt' must be a string or a list of {role, content} messages")
+    check_conversation(messages, final_assistant=False)
+    if messages[-1].role != "user":
+        raise ValueError("a prompt must end with a user message")
+    return messages
+
+
 def check_text(text: str, what: str) -> None:
     """Text that would encode to special tokens could forge turns (or teach the model to emit them)."""
     found = [token for token in SPECIAL_TOKENS if token in text]

@@ -50,8 +50,8 @@ def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | Non
     architecture = "LlamaForCausalLM" if config.head == "lm" else "LlamaForSequenceClassification"
     hf = {"architectures": [architecture], "model_type": "llama", "torch_dtype": "float32", **hf_llama_config(config),
           "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    if config.head == "scalar":
-        hf["num_labels"] = 1
+    if config.head != "lm":
+        hf["num_labels"] = config.num_labels
     return {**hf, "chatforge": {"version": __version__, "model": dataclasses.asdict(config), **(extra or {})}}
 
 

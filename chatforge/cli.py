@@ -56,6 +56,78 @@ def _sft(args) -> None:
     sft(config, resume_from=checkpoint)
 
 
+def _reward_train(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.reward import resolve_config, train_reward_model
+
+    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
+    train_reward_model(config, resume_from=checkpoint)
+
+
+def _load_reward_model(args):
+    from chatforge.checkpoint import load_model
+    from chatforge.runtime import pick_device
+
+    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
+    if model.config.head != "scalar":
+        raise UserError(f"{path}: not a reward model (its head is {model.config.head!r}, not 'scalar')")
+    return model, tokenizer
+
+
+def _reward_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from chatforge.plots import plot_calibration
+    from chatforge.reward import evaluate_rankings, load_groups
+
+    model, tokenizer = _load_reward_model(args)
+    groups, _ = load_groups(args.data, tokenizer, model.config.max_seq_len, skip_invalid=False)
+    report = evaluate_rankings(model, groups, tokenizer.pad_id, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_calibration(report["calibration"], out / "calibration.png", f"calibration: {args.checkpoint}")
+    print(f"{report['prompts']:,} prompts, {report['pairs']:,} pairs: accuracy {report['accuracy']:.1%}, "
+          f"calibration error {report['calibration_error']:.3f}, reward {report['mean_reward']:+.3f} "
+          f"± {report['std_reward']:.3f}, correlation with length {report['length_correlation']:+.2f}")
+    if abs(report["length_correlation"]) > 0.5:
+        print("warning: the reward follows answer length closely; PPO may learn to game it with long (or short) answers")
+    print(f"-> {out}/reward_eval.json, {out}/calibration.png")
+
+
+def _reward_score(args) -> None:
+    from chatforge.chat_format import Message, render
+    from chatforge.data import parse_records
+    from chatforge.reward import answers_to_score, score_sequences
+    from chatforge.sample import write_jsonl_atomic
+
+    model, tokenizer = _load_reward_model(args)
+    items, _ = parse_records([args.input], lambda r: (r, *answers_to_score(r)), skip_invalid=False, what="answer")
+    sequences = [render([*prompt, Message("assistant", a)], tokenizer) for _, (_, prompt, answers) in items for a in answers]
+    scores = iter(score_sequences(model, sequences, tokenizer.pad_id, args.batch_size))
+    records = []
+    for _, (record, _, answers) in items:
+        rewards = [next(scores) for _ in answers]
+        records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
+    write_jsonl_atomic(records, args.out)
+    print(f"scored {len(sequences):,} answer(s) -> {args.out}")
+
+
+def _sample(args) -> None:
+    from chatforge.checkpoint import load_model
+    from chatforge.runtime import pick_device
+    from chatforge.sample import read_prompts, sample_candidates, write_jsonl_atomic
+
+    params = _sampling_params(args)
+    prompts = read_prompts(args.prompts)
+    model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
+    records = sample_candidates(model, tokenizer, [p for _, p in prompts], args.k, params, args.temperatures,
+                                args.batch_size, progress=args.progress)
+    write_jsonl_atomic(records, args.out)
+    print(f"{len(records):,} prompts x {args.k} answers -> {args.out}")
+
+
 def _sampling_params(args):
     from chatforge.engine import SamplingParams
 
@@ -127,10 +199,12 @@ def _plot(args) -> None:
     print(f"curves -> {out}")
 
 
-def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--few-shot", metavar="FILE",
-                   help="solved examples (JSONL in an SFT format) placed before the question: in-context learning")
-    p.add_argument("--cot", action="store_true", help="chain of thought: add \"Let's think step by step.\"")
+def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int, prompting: bool = True) -> None:
+    """Sampling options; with `prompting`, also few-shot examples and chain of thought."""
+    if prompting:
+        p.add_argument("--few-shot", metavar="FILE",
+                       help="solved examples (JSONL in an SFT format) placed before the question: in-context learning")
+        p.add_argument("--cot", action="store_true", help="chain of thought: add \"Let's think step by step.\"")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"most tokens to generate (default: {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
@@ -142,17 +216,18 @@ def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int) ->
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
-def _add_stage_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: str) -> None:
     from chatforge import config as cfg
 
     parser.add_argument("--preset", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file; "
-                                         f"its [{parser.prog.split()[-1]}] table is used")
+                                         f"its [{stage}] table is used")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     cfg.add_config_arguments(parser, config_class)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from chatforge.pretrain import PretrainConfig
+    from chatforge.reward import RewardConfig
     from chatforge.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="chatforge", description="Build a ChatGPT-style assistant end to end: "
@@ -199,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT (next-token prediction). Options override the preset; with --resume, "
                     "they override the run's saved config. Works under `torchrun --nproc_per_node N`.",
     )
-    _add_stage_arguments(p, PretrainConfig)
+    _add_stage_arguments(p, PretrainConfig, "pretrain")
     p.set_defaults(func=_pretrain)
 
     p = commands.add_parser(
@@ -208,8 +283,57 @@ def build_parser() -> argparse.ArgumentParser:
                     "records as {messages: [{role, content}]}, {prompt, completion} or ShareGPT "
                     "{conversations: [{from, value}]}. Works under `torchrun --nproc_per_node N`.",
     )
-    _add_stage_arguments(p, SFTConfig)
+    _add_stage_arguments(p, SFTConfig, "sft")
     p.set_defaults(func=_sft)
+
+    reward = commands.add_parser("reward", help="train, evaluate and use a reward model")
+    reward_commands = reward.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    p = reward_commands.add_parser(
+        "train", help="train a reward model on ranked answers",
+        description="InstructGPT's reward model: the SFT model with a scalar head, trained on every pair of "
+                    "each ranking (-1/C(K,2) · E[log σ(r_w − r_l)]), all K answers of a prompt in one batch. "
+                    "Reads JSONL/Parquet rankings {prompt, completions, ranking} (from `chatforge label export`), "
+                    "pairs {prompt, chosen, rejected}, or Anthropic-HH {chosen, rejected} dialogues. "
+                    "Works under `torchrun --nproc_per_node N`.")
+    _add_stage_arguments(p, RewardConfig, "reward")
+    p.set_defaults(func=_reward_train)
+    p = reward_commands.add_parser(
+        "eval", help="accuracy, calibration and length bias on held-out rankings",
+        description="Pairwise accuracy on held-out rankings, calibration (predicted P(win) = σ(r₁ − r₂) against "
+                    "observed, as a plot), and the correlation of reward with answer length (a reward that "
+                    "follows length can be gamed by PPO).")
+    p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
+    p.add_argument("--data", nargs="+", required=True, help="held-out comparison files (formats as for `reward train`)")
+    p.add_argument("--out", default="reward-eval", help="folder for reward_eval.json and calibration.png (default: reward-eval)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_reward_eval)
+    p = reward_commands.add_parser(
+        "score", help="score answers to prompts",
+        description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', "
+                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists.")
+    p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
+    p.add_argument("--input", required=True, help="JSONL file of {prompt, completion} or {prompt, completions}")
+    p.add_argument("--out", required=True, help="JSONL file to write (the records with their rewards)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_reward_score)
+
+    p = commands.add_parser(
+        "sample", help="sample K answers per prompt, to be ranked",
+        description="The SFT model answers each prompt K times (the K samples share one prefill), for people "
+                    "to rank (`chatforge label serve`) or a rule. Writes JSONL {prompt, completions, sampling}.")
+    p.add_argument("checkpoint", help="SFT checkpoint, or its run folder")
+    p.add_argument("--prompts", required=True,
+                   help=".txt (one user message per line) or .jsonl/.parquet with 'prompt' (a string or messages)")
+    p.add_argument("-k", type=int, default=4, help="answers per prompt (InstructGPT: 4 to 9; default: 4)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--temperatures", type=float, nargs="+",
+                   help="cycle the samples of each prompt through these temperatures (default: --temperature)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    _add_prompting_arguments(p, max_new_tokens=128, prompting=False)
+    p.set_defaults(func=_sample)
 
     p = commands.add_parser("generate", help="continue a prompt with a trained model",
                             description="Sample a continuation of --prompt, streaming it, with the KV cache. "

@@ -14,10 +14,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +27,8 @@ from chatforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 META_FILE = "meta.json"
@@ -65,6 +67,49 @@ def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple
             if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+
+
+def parse_records(paths: list[str], parse: Callable[[dict], T], skip_invalid: bool, what: str) -> tuple[list[tuple[str, T]], int]:
+    """(where, parse(record)) for the records of .jsonl/.parquet files, and how many invalid records were
+    skipped. `parse` raises ValueError or TypeError saying what is wrong; that stops with a one-line error
+    naming the file and line, or with `skip_invalid` the record is counted and skipped."""
+    items, skipped = [], 0
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{path}: {what} file does not exist")
+        if path.suffix not in (".jsonl", ".parquet"):
+            raise UserError(f"{path}: {what} files must be .jsonl or .parquet")
+        for where, record in read_records(path):
+            try:
+                items.append((where, parse(record)))
+            except (ValueError, TypeError) as e:
+                if not skip_invalid:
+                    raise UserError(f"{where}: {e} (or pass --skip-invalid)") from None
+                skipped += 1
+    if not items:
+        raise UserError(f"no valid {what} records in {', '.join(paths)}")
+    return items, skipped
+
+
+def train_val_split(items: list[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Items held out by `is_validation` (stable for a seed); at least one is held out."""
+    train = [x for i, x in enumerate(items) if not is_validation(i, val_fraction, seed)]
+    val = [x for i, x in enumerate(items) if is_validation(i, val_fraction, seed)]
+    return train, val or train[-1:]
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 32) -> list[np.ndarray]:
+    """One epoch's batches of indices: shuffled, then sorted by length within windows of `window` batches
+    (so a batch pads little), then the batches shuffled; a pure function of (seed, epoch). The remainder
+    that fills no batch is left out."""
+    g = np.random.default_rng([seed, epoch])
+    order = g.permutation(len(lengths))[: len(lengths) // batch_size * batch_size]
+    batches = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = sorted(order[start : start + window * batch_size], key=lambda i: lengths[i])
+        batches += [np.array(chunk[b : b + batch_size]) for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in g.permutation(len(batches))]
 
 
 def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:

@@ -36,7 +36,12 @@ class GPTConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of RMSNorm"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the token embedding with the output head"})
     dropout: float = field(default=0.0, metadata={"help": "residual dropout probability during training"})
-    head: str = field(default="lm", metadata={"help": "output head: 'lm' (next-token logits) or 'scalar' (one value per position)"})
+    head: str = field(default="lm", metadata={
+        "help": "output head: 'lm' (next-token logits), 'scalar' (one value per position: reward and value "
+                "models) or 'classifier' (num_labels logits per position)"})
+    num_labels: int = field(default=1, metadata={"help": "outputs of the classifier head"})
+    score_offset: float = field(default=0.0, metadata={
+        "help": "subtracted from the scalar head's output (a reward model's mean score on SFT answers, so they average 0)"})
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "d_model", "n_head"):
@@ -58,8 +63,10 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if (self.d_model // self.n_head) % 2:
             raise ValueError(f"head size d_model/n_head ({self.d_model // self.n_head}) must be even for rotary encoding")
-        if self.head not in ("lm", "scalar"):
-            raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
+        if self.head not in ("lm", "scalar", "classifier"):
+            raise ValueError(f"head must be 'lm', 'scalar' or 'classifier', got {self.head!r}")
+        if self.num_labels < 1 or (self.head == "scalar" and self.num_labels != 1):
+            raise ValueError(f"num_labels must be >= 1 (and 1 for the scalar head), got {self.num_labels}")
 
     @property
     def head_dim(self) -> int:
@@ -96,6 +103,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def rotary_positions(start: int, new_tokens: int, pad: torch.Tensor | None, device) -> torch.Tensor:
+    """Rotary positions of slots [start, start + new_tokens): (T,), or (B, T) counted from each row's first
+    real token when rows are left-padded (`pad[i]` padding slots), so a row computes what it would alone."""
+    slots = torch.arange(start, start + new_tokens, device=device)
+    return slots if pad is None else (slots - pad[:, None]).clamp(min=0)
+
+
+def attention_mask(start: int, new_tokens: int, pad: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Which slots [0, start + new_tokens) each new token may attend to: the causal ones, never a row's
+    left padding. None where plain causal attention is right (no padding, and a whole sequence or one
+    new token)."""
+    if pad is None and (start == 0 or new_tokens == 1):
+        return None
+    end = start + new_tokens
+    query = torch.arange(start, end, device=device)[:, None]
+    key = torch.arange(end, device=device)[None, :]
+    allowed = key <= query
+    if pad is not None:  # padding slots attend to themselves only, so no row is empty (no NaN)
+        allowed = allowed[None] & ((key >= pad[:, None, None]) | (key == query))
+        return allowed[:, None]  # (B, 1, T, end): broadcast over heads
+    return allowed
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated for `max_len` positions.
 
@@ -125,22 +155,10 @@ class KVCache:
             self.pad = self.pad.index_select(0, rows)
 
     def positions(self, new_tokens: int) -> torch.Tensor:
-        """Rotary positions of the next `new_tokens` slots: (T,), or (B, T) when rows are padded."""
-        slots = torch.arange(self.length, self.length + new_tokens, device=self.keys[0].device)
-        return slots if self.pad is None else (slots - self.pad[:, None]).clamp(min=0)
+        return rotary_positions(self.length, new_tokens, self.pad, self.keys[0].device)
 
     def mask(self, new_tokens: int) -> torch.Tensor | None:
-        """Which cached slots each new token may attend to, or None where plain causal attention is right."""
-        if self.pad is None and (self.length == 0 or new_tokens == 1):
-            return None
-        end = self.length + new_tokens
-        query = torch.arange(self.length, end, device=self.keys[0].device)[:, None]
-        key = torch.arange(end, device=query.device)[None, :]
-        allowed = key <= query
-        if self.pad is not None:  # padding slots attend to themselves only, so no row is empty (no NaN)
-            allowed = allowed[None] & ((key >= self.pad[:, None, None]) | (key == query))
-            return allowed[:, None]  # (B, 1, T, end): broadcast over heads
-        return allowed
+        return attention_mask(self.length, new_tokens, self.pad, self.keys[0].device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of `layer` after the cached ones; return all of them so far."""
@@ -266,7 +284,7 @@ class GPT(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight
             self.logits = FusedLinears(self.lm_head)
         else:
-            self.score = nn.Linear(config.d_model, 1, bias=False)
+            self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
         cos, sin = rotary_tables(config)  # computed once; looked up by position in every forward pass
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -284,33 +302,43 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                last_only: bool = False):
-        """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, or values (B, T) for the scalar head.
+                last_only: bool = False, pad: torch.Tensor | None = None):
+        """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, values (B, T) for the scalar head,
+        or (B, T, num_labels) logits for the classifier head.
 
         With a cache, `idx` holds only the new tokens; their positions continue after the cached ones.
+        Without one, `pad` (B,) marks rows left-padded by that many tokens: they are neither attended to nor
+        counted in positions, so every row computes exactly what it would alone.
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         With `last_only`, only the last position goes through the head (prefilling a prompt for generation).
         """
-        if cache is None:
-            cos, sin = self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
+        T = idx.shape[1]
+        if cache is not None:
+            start, pad = cache.length, cache.pad
         else:
-            positions = cache.positions(idx.shape[1])  # (T,), or (B, T) for left-padded rows
+            start, pad = 0, pad if pad is not None and bool(pad.any()) else None
+        if start == 0 and pad is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            positions = rotary_positions(start, T, pad, idx.device)  # (T,), or (B, T) for left-padded rows
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if positions.dim() == 2:
                 cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        mask = cache.mask(idx.shape[1]) if cache is not None else None
+        mask = attention_mask(start, T, pad, idx.device)
         x = self.embed_tokens(idx)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += idx.shape[1]
+            cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
         if self.config.head == "lm" and targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if self.config.head == "lm":
             return self.logits(x)
-        return self.score(x).squeeze(-1)
+        if self.config.head == "classifier":
+            return self.score(x)
+        return self.score(x).squeeze(-1) - self.config.score_offset
 
     def train(self, mode: bool = True) -> "GPT":
         if mode:  # training changes the weights: no decoding copy while training
@@ -358,6 +386,20 @@ class GPT(nn.Module):
         if c.tie_embeddings and c.head == "lm":
             n += self.lm_head.weight.numel()  # the tied head is still a matmul
         return 6 * n + 12 * c.n_layer * c.d_model * seq_len
+
+
+def with_head(model: GPT, head: str, num_labels: int = 1) -> GPT:
+    """A new model with `model`'s body (embedding, blocks, final norm) and a fresh `head`. A new score head
+    starts at zero: every input scores the same, so a reward model starts at exactly log 2 per pair and
+    the body's features are not disturbed by a random head's first gradients."""
+    config = dataclasses.replace(model.config, head=head, num_labels=num_labels, score_offset=0.0)
+    new = GPT(config).to(model.embed_tokens.weight.device)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm_head.", "score."))}
+    missing, _ = new.load_state_dict(body, strict=False)
+    assert set(missing) <= {"lm_head.weight", "score.weight"}, missing
+    if head != "lm":
+        nn.init.zeros_(new.score.weight)
+    return new
 
 
 # --- Hugging Face Llama name mapping -------------------------------------------------------------

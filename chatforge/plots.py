@@ -19,11 +19,7 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def plot_training_curves(metrics: list[dict], out: str | Path, title: str = "") -> Path:
     """Loss (train, smoothed, and every `val_*` metric) and speed (tokens/s, learning rate) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [m for m in metrics if "loss" in m and "skipped" not in m]
     evals = [m for m in metrics if any(k.startswith("val_") for k in m)]
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -48,10 +44,43 @@ def plot_training_curves(metrics: list[dict], out: str | Path, title: str = "") 
     ax_speed.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Write the figure atomically (a reader never sees half a PNG) and free it."""
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     os.replace(tmp, out)
     return out
+
+
+def plot_calibration(bins: list[dict], out: str | Path, title: str = "") -> Path:
+    """Reliability diagram: observed win rate against predicted P(win), one point per bin (sized by its
+    count), next to the diagonal of a perfectly calibrated model. bins: {predicted, observed, count}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+    filled = [b for b in bins if b["count"]]
+    if filled:
+        biggest = max(b["count"] for b in filled)
+        ax.plot([b["predicted"] for b in filled], [b["observed"] for b in filled], color="tab:blue")
+        ax.scatter([b["predicted"] for b in filled], [b["observed"] for b in filled],
+                   s=[20 + 200 * b["count"] / biggest for b in filled], color="tab:blue", label="reward model", zorder=3)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(first answer wins) = σ(r₁ − r₂)",
+           ylabel="observed win rate", title=title or "reward model calibration")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

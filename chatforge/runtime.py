@@ -55,6 +55,13 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
     if name == "auto":

@@ -18,7 +18,7 @@ import torch
 
 from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
 from chatforge.checkpoint import load_model
-from chatforge.data import is_validation, read_records
+from chatforge.data import length_bucketed_batches, parse_records, train_val_split
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.losses import IGNORE_INDEX
@@ -26,9 +26,6 @@ from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import TrainConfig, resolve_run_config, run_stage
-
-BUCKET_BATCHES = 32  # length-sort within windows of this many batches: little padding, still shuffled
-
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -101,27 +98,15 @@ class Example:
 
 def load_examples(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Example], int]:
     """Tokenized conversations of `paths`, and how many invalid records were skipped."""
-    examples, skipped = [], 0
-    for name in paths:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"{path}: conversation file does not exist")
-        if path.suffix not in (".jsonl", ".parquet"):
-            raise UserError(f"{path}: conversations must be .jsonl or .parquet files")
-        for where, record in read_records(path):
-            try:
-                ids, trained = render_for_training(conversation_from_record(record), tokenizer)
-                if len(ids) > max_seq_len + 1:
-                    raise ValueError(f"{len(ids)} tokens, longer than the model's context ({max_seq_len}) allows")
-            except (ValueError, TypeError) as e:
-                if skip_invalid:
-                    skipped += 1
-                    continue
-                raise UserError(f"{where}: {e} (or pass --skip-invalid)") from None
-            examples.append(Example(np.array(ids, dtype=np.int64), np.array(trained), where))
-    if not examples:
-        raise UserError(f"no valid conversations in {', '.join(paths)}")
-    return examples, skipped
+
+    def parse(record: dict) -> tuple[list[int], list[bool]]:
+        ids, trained = render_for_training(conversation_from_record(record), tokenizer)
+        if len(ids) > max_seq_len + 1:
+            raise ValueError(f"{len(ids)} tokens, longer than the model's context ({max_seq_len}) allows")
+        return ids, trained
+
+    items, skipped = parse_records(paths, parse, skip_invalid, "conversation")
+    return [Example(np.array(ids, dtype=np.int64), np.array(trained), where) for where, (ids, trained) in items], skipped
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,14 +143,8 @@ class SFTTask:
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's global batches (indices into train): shuffled, length-sorted within windows."""
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            g = np.random.default_rng([self.config.seed, epoch])
-            order = g.permutation(len(self.train))[: self.steps_per_epoch * self.config.batch_size]
-            window = BUCKET_BATCHES * self.config.batch_size
-            batches = []
-            for start in range(0, len(order), window):
-                chunk = sorted(order[start : start + window], key=lambda i: len(self.train[i].ids))
-                batches += [np.array(chunk[b : b + self.config.batch_size]) for b in range(0, len(chunk), self.config.batch_size)]
-            self._epoch_batches = (epoch, [batches[i] for i in g.permutation(len(batches))])
+            lengths = [len(e.ids) for e in self.train]
+            self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch))
         return self._epoch_batches[1]
 
     def micro_batches(self, step: int, accumulation: int):
@@ -233,8 +212,7 @@ def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
             val, skipped_val = load_examples(config.val_data, tokenizer, max_len, config.skip_invalid)
             skipped += skipped_val
         else:
-            train = [e for i, e in enumerate(examples) if not is_validation(i, config.val_fraction, config.seed)]
-            val = [e for i, e in enumerate(examples) if is_validation(i, config.val_fraction, config.seed)] or train[-1:]
+            train, val = train_val_split(examples, config.val_fraction, config.seed)
         if d.is_main:
             print(f"sft: {len(train):,} training and {len(val):,} held-out conversations"
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))

@@ -97,6 +97,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    # Optional: `finish(model)`, called on every process after the last step, before the final checkpoint
+    # (the reward model stores its score offset there).
+
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
@@ -331,6 +334,8 @@ class Trainer:
                 bar.update(1)
             if self.step % c.eval_every == 0 or self.step == c.max_steps:
                 self.evaluate(bar)
+            if self.step == c.max_steps and hasattr(self.task, "finish"):
+                self.task.finish(self.raw_model)
             if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                 self.save()
         if bar:

@@ -102,6 +102,16 @@ def run_cli(*args, check: bool = True, env: dict | None = None, timeout: float =
     return result
 
 
+def run_torchrun(*args, processes: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node PROCESSES -m chatforge ARGS` (gloo on CPU), one thread per process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+         "-m", "chatforge", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A bad-input failure: non-zero exit, one line on stderr that names the problem, no traceback."""
     assert result.returncode != 0

@@ -10,7 +10,7 @@ from chatforge.runtime import Dist
 from chatforge.sft import SFTTask, conversation_from_record, load_examples, resolve_config, sft
 from chatforge.train import read_metrics
 
-from conftest import QA, assert_one_line_error, run_cli, sft_config, write_jsonl
+from conftest import QA, assert_one_line_error, run_cli, run_torchrun, sft_config, write_jsonl
 
 
 def test_the_formats_give_the_same_conversations():
@@ -84,21 +84,12 @@ def test_missing_init_or_data_is_a_one_line_error(tmp_path):
 def test_two_process_sft_matches_one_process(pretrained, qa_conversations, tmp_path):
     """torchrun, 2 processes x 1 micro-batch vs 1 process x 2: each trained token weighs the same (1e-4).
     One held-out conversation: the second process evaluates nothing, and must not hang."""
-    import os
-    import subprocess
-    import sys
-
-
     val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": QA[0][0], "completion": QA[0][1]}])
     common = ["sft", "--preset", "tiny", "--init", pretrained, "--data", qa_conversations, "--val-data",
               val, "--max-steps", 4, "--eval-every", 2, "--checkpoint-every", 4, "--batch-size", 4,
               "--micro-batch-size", 2, "--no-progress"]
     run_cli(*common, "--out", tmp_path / "one")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "chatforge",
-         *map(str, common), "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun(*common, "--out", tmp_path / "two")
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for a, b in zip(one, two):

@@ -1,0 +1,401 @@
+"""Stage 3, the reward model: a score r(x, y) of answer y to prompt x, learned from people's rankings.
+
+People rank K answers to a prompt; each of the C(K,2) pairs says "y_w is better than y_l". The loss is
+InstructGPT's (Ouyang et al. 2022, equation 1):
+
+    loss(θ) = -1/C(K,2) · E_{(x, y_w, y_l) ~ D} [ log σ(r_θ(x, y_w) − r_θ(x, y_l)) ]
+
+done the way the paper does it: the K answers of a prompt are one batch element, each answer is forwarded
+once, and all C(K,2) differences come from those K scores. The 1/C(K,2) makes every prompt weigh the same
+however many answers it has. Options: a margin inside σ, and a centering term λ·E[r²] that keeps scores
+near 0 (Eisenstein et al. 2023).
+
+The model is the SFT model with the LM head replaced by a scalar head, read at the answer's last token
+(its <|end|>). When training ends, the mean score of the training answers (the SFT model's samples) is
+stored as the model's `score_offset`, so they average 0, as InstructGPT normalised its reward before RL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
+from chatforge.checkpoint import load_model
+from chatforge.data import length_bucketed_batches, parse_records, train_val_split
+from chatforge.errors import UserError
+from chatforge.model import GPT, with_head
+from chatforge.runtime import Dist, all_reduce_sum
+from chatforge.tokenizer import Tokenizer
+from chatforge.train import TrainConfig, resolve_run_config, run_stage
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    init: str = field(default="", metadata={"help": "SFT checkpoint (or run folder) to start from"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "comparison files (.jsonl/.parquet): rankings {prompt, completions, ranking}, pairs "
+                "{prompt, chosen, rejected}, or Anthropic-HH {chosen, rejected} dialogues"})
+    val_data: list[str] = field(default_factory=list, metadata={
+        "help": "held-out comparison files (default: val_fraction of --data)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of --data prompts held out when no --val-data"})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training prompts (InstructGPT: 1); sets max_steps when > 0"})
+    margin: float = field(default=0.0, metadata={"help": "required score gap: log σ(r_w − r_l − margin)"})
+    center_coef: float = field(default=0.0, metadata={"help": "weight λ of the centering term λ·E[r²] (0: off; 0.01 is common)"})
+
+
+# --- comparisons ---------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """K answers to one prompt, ranked: `ranking` lists answer indices, best first."""
+
+    prompt: list[Message]
+    answers: list[str]
+    ranking: list[int]
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_dialogue(text: str) -> list[Message]:
+    """An Anthropic-HH dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("expected a dialogue of '\\n\\nHuman: ' and '\\n\\nAssistant: ' turns")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+
+
+def _dialogue(value) -> list[Message]:
+    if isinstance(value, str):
+        return hh_dialogue(value)
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return [Message(m.get("role"), m.get("content")) for m in value]
+    raise ValueError("'chosen' and 'rejected' must be dialogue strings or lists of {role, content} messages")
+
+
+def _answer(value, name: str) -> str:
+    """An answer given as text, or as the conversational format's [{"role": "assistant", "content": ...}]."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r} must be a string (or one assistant message)")
+    return value
+
+
+def comparison_from_record(record: dict) -> Comparison:
+    """A checked comparison from any of the accepted formats; ValueError names what is wrong."""
+    if "completions" in record or "ranking" in record:
+        prompt = prompt_messages(record.get("prompt"))
+        answers, ranking = record.get("completions"), record.get("ranking")
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError("'completions' must be a list of strings")
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(answers))):
+            raise ValueError(f"'ranking' must list every completion index 0..{len(answers) - 1} once, best first")
+    elif "chosen" in record and "rejected" in record:
+        if "prompt" in record:
+            prompt = prompt_messages(record["prompt"])
+            answers = [_answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")]
+        else:  # whole dialogues that differ in their last answer (Anthropic HH)
+            chosen, rejected = _dialogue(record["chosen"]), _dialogue(record["rejected"])
+            for dialogue in (chosen, rejected):
+                check_conversation(dialogue)
+            if chosen[:-1] != rejected[:-1]:
+                raise ValueError("'chosen' and 'rejected' differ before their last answer")
+            prompt, answers = chosen[:-1], [chosen[-1].content, rejected[-1].content]
+        ranking = [0, 1]
+    else:
+        raise ValueError("expected {prompt, completions, ranking}, {prompt, chosen, rejected} or {chosen, rejected}")
+    if len(answers) < 2:
+        raise ValueError("a comparison needs at least 2 answers")
+    for i, answer in enumerate(answers):  # an empty answer may be ranked (last, usually): it is what models do
+        check_text(answer, f"answer {i}")
+    return Comparison(prompt, answers, list(ranking))
+
+
+def answer_ids(prompt: list[Message], answer: str, tokenizer: Tokenizer) -> list[int]:
+    """The token ids the reward model reads: the conversation with the answer as the last assistant turn,
+    ending in <|end|>, where the score is read."""
+    return render([*prompt, Message("assistant", answer)], tokenizer)
+
+
+@dataclass
+class Group:
+    """A tokenized comparison: one sequence per answer, and the ranking (indices, best first)."""
+
+    sequences: list[np.ndarray]
+    ranking: list[int]
+    where: str
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Group], int]:
+    """Tokenized comparisons of `paths`, and how many invalid records were skipped."""
+
+    def parse(record: dict) -> Comparison:
+        comparison = comparison_from_record(record)
+        longest = max(len(answer_ids(comparison.prompt, a, tokenizer)) for a in comparison.answers)
+        if longest > max_seq_len:
+            raise ValueError(f"{longest} tokens, longer than the model's context ({max_seq_len})")
+        return comparison
+
+    items, skipped = parse_records(paths, parse, skip_invalid, "comparison")
+    groups = [Group([np.array(answer_ids(c.prompt, a, tokenizer), dtype=np.int64) for a in c.answers], c.ranking, where)
+              for where, c in items]
+    return groups, skipped
+
+
+# --- scores and the loss -------------------------------------------------------------------------------
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids padded on the right, and each row's length."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
+    return ids, lengths
+
+
+def last_token_scores(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The score of each right-padded row at its last real token (causal attention: the padding after it
+    never changes it). ids (B, T), lengths (B,) -> (B,)."""
+    values = model(ids)
+    return values.gather(1, (lengths.to(values.device) - 1)[:, None]).squeeze(1)
+
+
+def ranking_loss(scores: torch.Tensor, ranking: Sequence[int], margin: float = 0.0) -> torch.Tensor:
+    """InstructGPT's loss for one prompt's K answers, from their K scores:
+
+        -1/C(K,2) · Σ_{y_w ranked above y_l} log σ(r(x, y_w) − r(x, y_l) − margin)
+    """
+    ordered = scores[torch.as_tensor(ranking, device=scores.device)]  # best first
+    diff = ordered[:, None] - ordered[None, :]  # diff[i, j] = r_i − r_j
+    above = torch.ones_like(diff, dtype=torch.bool).triu(diagonal=1)  # i ranked above j
+    return -F.logsigmoid(diff[above] - margin).mean()
+
+
+def pairs_ordered(scores: torch.Tensor, ranking: Sequence[int]) -> tuple[int, int]:
+    """(pairs the scores order as the ranking does, all C(K,2) pairs); a tie counts as wrong."""
+    ordered = scores[torch.as_tensor(ranking, device=scores.device)]
+    above = torch.ones(len(ranking), len(ranking), dtype=torch.bool, device=scores.device).triu(diagonal=1)
+    return int(((ordered[:, None] - ordered[None, :])[above] > 0).sum()), int(above.sum())
+
+
+def centering_penalty(scores: torch.Tensor) -> torch.Tensor:
+    """E[r²]: keeps the scores near 0, which the loss alone (shift-invariant) leaves free."""
+    return scores.pow(2).mean()
+
+
+class RewardTask:
+    """Batches of `batch_size` prompts, each with all its answers; each micro-batch pads its answers on
+    the right and reads every score at the answer's last token."""
+
+    def __init__(self, config: RewardConfig, tokenizer: Tokenizer, train: list[Group], val: list[Group],
+                 d: Dist, device: torch.device):
+        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
+        self.steps_per_epoch = len(train) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(train)} training prompts, fewer than one batch (batch_size {config.batch_size})")
+        mean_tokens = float(np.mean([g.tokens for g in train]))
+        self.seq_len = round(mean_tokens / np.mean([len(g.sequences) for g in train]))
+        self.tokens_per_step = round(mean_tokens * config.batch_size)
+
+    def micro_batches(self, step: int, accumulation: int):
+        epoch, index = divmod(step, self.steps_per_epoch)
+        lengths = [g.tokens for g in self.train]
+        batch = length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch)[index]
+        groups = [self.train[i] for i in batch]
+        mine = groups[self.d.rank :: self.d.world_size]
+        size = len(mine) // accumulation
+        for start in range(0, len(mine), size):
+            yield self._collate(mine[start : start + size]), self.d.world_size / len(groups)
+
+    def _collate(self, groups: list[Group]):
+        ids, lengths = right_pad([s for g in groups for s in g.sequences], self.tokenizer.pad_id)
+        return ids.to(self.device), lengths, [len(g.sequences) for g in groups], [g.ranking for g in groups]
+
+    def _group_scores(self, model, batch) -> list[torch.Tensor]:
+        ids, lengths, sizes, _ = batch
+        return list(last_token_scores(model, ids, lengths).float().split(sizes))
+
+    def loss(self, model, batch) -> torch.Tensor:
+        """Σ over this micro-batch's prompts of (ranking loss + λ·E[r²]), times this process's share
+        (world size / prompts in the step): the step's loss is the mean over its prompts."""
+        collated, share = batch
+        total = 0.0
+        for scores, ranking in zip(self._group_scores(model, collated), collated[3]):
+            total = total + ranking_loss(scores, ranking, self.config.margin)
+            if self.config.center_coef:
+                total = total + self.config.center_coef * centering_penalty(scores)
+        return total * share
+
+    def evaluate(self, model) -> dict[str, float]:
+        held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, prompts, pairs right, pairs
+        for start in range(0, len(held_out), self.config.micro_batch_size):
+            batch = self._collate(held_out[start : start + self.config.micro_batch_size])
+            for scores, ranking in zip(self._group_scores(model, batch), batch[3]):
+                right, pairs = pairs_ordered(scores, ranking)
+                sums += torch.tensor([ranking_loss(scores, ranking).item(), 1, right, pairs], device=self.device)
+        loss, prompts, right, pairs = all_reduce_sum(sums, self.d).tolist()
+        return {"val_loss": loss / max(prompts, 1), "val_accuracy": right / max(pairs, 1)}
+
+    def samples(self, model: GPT) -> list[str]:
+        return []
+
+    def finish(self, model: GPT) -> None:
+        """Shift the scores so that the training answers (the SFT model's samples) average 0."""
+        mine = self.train[self.d.rank :: self.d.world_size]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(mine), self.config.micro_batch_size):
+                scores = torch.cat(self._group_scores(model, self._collate(mine[start : start + self.config.micro_batch_size])))
+                sums += torch.stack([scores.sum().double(), torch.tensor(len(scores), device=self.device, dtype=torch.float64)])
+        model.train(was_training)
+        total, count = all_reduce_sum(sums, self.d).tolist()
+        model.config = dataclasses.replace(model.config, score_offset=model.config.score_offset + total / count)
+
+    def state_dict(self) -> dict:
+        return {}  # batches are a pure function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[RewardConfig, Path | None]:
+    config, checkpoint = resolve_run_config(RewardConfig, "reward", preset, overrides, resume)
+    if not config.init or not config.data:
+        raise UserError("reward training needs --init CHECKPOINT (the SFT model) and --data FILE [FILE ...] (rankings)")
+    return config, checkpoint
+
+
+def train_reward_model(config: RewardConfig, resume_from: Path | None = None) -> Path:
+    """Train a reward model from an SFT checkpoint on ranked answers; returns the run folder."""
+
+    def setup(device: torch.device, d: Dist):
+        if resume_from is not None:
+            model, tokenizer, _ = load_model(resume_from, device)
+        else:
+            sft_model, tokenizer, _ = load_model(config.init, device)
+            if sft_model.config.head != "lm":
+                raise UserError(f"{config.init}: the reward model starts from a language model (SFT), "
+                                f"this checkpoint has a {sft_model.config.head} head")
+            model = with_head(sft_model, "scalar")
+        max_len = model.config.max_seq_len
+        groups, skipped = load_groups(config.data, tokenizer, max_len, config.skip_invalid)
+        if config.val_data:
+            train = groups
+            val, skipped_val = load_groups(config.val_data, tokenizer, max_len, config.skip_invalid)
+            skipped += skipped_val
+        else:
+            train, val = train_val_split(groups, config.val_fraction, config.seed)
+        if d.is_main:
+            pairs = sum(math.comb(len(g.sequences), 2) for g in train)
+            print(f"reward: {len(train):,} training prompts ({pairs:,} pairs), {len(val):,} held out"
+                  + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
+        task = RewardTask(config, tokenizer, train, val, d, device)
+        if config.epochs > 0:
+            config.max_steps = max(1, math.ceil(config.epochs * task.steps_per_epoch))
+        return model, tokenizer, task
+
+    return run_stage(config, "reward", setup, resume_from)
+
+
+# --- using a reward model ------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def score_sequences(model: GPT, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """The score of each token sequence (prompt and answer, rendered), in batches of similar length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    device = model.embed_tokens.weight.device
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, lengths = right_pad([sequences[i] for i in rows], pad_id)
+        for row, score in zip(rows, last_token_scores(model, ids.to(device), lengths).float().tolist()):
+            scores[row] = score
+    model.train(was_training)
+    return scores
+
+
+def calibration_bins(predicted: list[float], won: list[bool], bins: int = 10) -> list[dict]:
+    """Pairs binned by predicted P(win): each bin's mean prediction, observed win rate and count."""
+    out = []
+    for b in range(bins):
+        inside = [(p, w) for p, w in zip(predicted, won) if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1)]
+        out.append({"predicted": float(np.mean([p for p, _ in inside])) if inside else (b + 0.5) / bins,
+                    "observed": float(np.mean([w for _, w in inside])) if inside else 0.0, "count": len(inside)})
+    return out
+
+
+def expected_calibration_error(bins: list[dict]) -> float:
+    """Σ_bins (count / total) · |observed − predicted|."""
+    total = sum(b["count"] for b in bins)
+    return sum(b["count"] * abs(b["observed"] - b["predicted"]) for b in bins) / max(total, 1)
+
+
+def evaluate_rankings(model: GPT, groups: list[Group], pad_id: int, batch_size: int = 16) -> dict:
+    """Held-out pairwise accuracy, calibration, and how much the reward follows answer length.
+
+    Calibration shows each pair in an order fixed by a hash (the winner first about half of the time), so
+    that "predicted P(first wins) = σ(r₁ − r₂)" can be compared with how often the first did win.
+    """
+    sequences = [s for g in groups for s in g.sequences]
+    flat = score_sequences(model, sequences, pad_id, batch_size)
+    right = pairs = 0
+    predicted, won = [], []
+    offset = 0
+    for g in groups:
+        scores = flat[offset : offset + len(g.sequences)]
+        offset += len(g.sequences)
+        for i, j in itertools.combinations(range(len(g.ranking)), 2):
+            winner, loser = g.ranking[i], g.ranking[j]
+            right += scores[winner] > scores[loser]
+            pairs += 1
+            winner_first = hash_bit(g.where, i, j)
+            first, second = (winner, loser) if winner_first else (loser, winner)
+            predicted.append(1 / (1 + math.exp(-(scores[first] - scores[second]))))
+            won.append(winner_first)
+    lengths = [len(s) for s in sequences]
+    bins = calibration_bins(predicted, won)
+    return {
+        "prompts": len(groups), "pairs": pairs, "accuracy": right / max(pairs, 1),
+        "mean_reward": float(np.mean(flat)), "std_reward": float(np.std(flat)),
+        "length_correlation": float(np.corrcoef(flat, lengths)[0, 1]) if np.std(lengths) and np.std(flat) else 0.0,
+        "calibration_error": expected_calibration_error(bins), "calibration": bins,
+    }
+
+
+def hash_bit(*key) -> bool:
+    """A fixed coin flip per key (no RNG state, the same in every run)."""
+    return hashlib.blake2b(repr(key).encode(), digest_size=1).digest()[0] & 1 == 1
+
+
+def answers_to_score(record: dict) -> tuple[list[Message], list[str]]:
+    """A record to score: {prompt, completion} or {prompt, completions: [...]}."""
+    prompt = prompt_messages(record.get("prompt"))
+    answers = [record["completion"]] if "completion" in record else record.get("completions")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError("expected 'completion' (a string) or 'completions' (a list of strings)")
+    for i, answer in enumerate(answers):
+        check_text(answer, f"answer {i}")
+    return prompt, answers

@@ -1,0 +1,88 @@
+"""Candidates for human feedback: the SFT model answers each prompt K times.
+
+    {"prompt": "What is a tuple?", "completions": ["...", "...", "...", "..."], "sampling": {...}}
+
+People (`chatforge label serve`) or a rule then rank the K answers, and the reward model learns from the
+C(K,2) pairs of each ranking. The K samples of a prompt share one prefill in the engine. Samples may cycle
+through several temperatures, for more varied answers to rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from chatforge.chat_format import Message, prompt_messages, render
+from chatforge.data import parse_records
+from chatforge.engine import SamplingParams, generate_batch
+from chatforge.errors import UserError
+from chatforge.model import GPT
+from chatforge.tokenizer import END_OF_TURN, Tokenizer
+
+
+def read_prompts(path: str) -> list[tuple[str, list[Message]]]:
+    """(where, conversation to answer) for each prompt: a .txt file holds one user message per line;
+    .jsonl/.parquet records hold `prompt` (a string, or messages ending with the user's turn)."""
+    if Path(path).suffix == ".txt":
+        if not Path(path).is_file():
+            raise UserError(f"{path}: prompt file does not exist")
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        prompts = [(f"{path}:{i}", prompt_messages(line.strip())) for i, line in enumerate(lines, 1) if line.strip()]
+        if not prompts:
+            raise UserError(f"{path}: no prompts")
+        return prompts
+
+    def parse(record: dict) -> list[Message]:
+        if "prompt" not in record:
+            raise ValueError("expected a 'prompt' field")
+        return prompt_messages(record["prompt"])
+
+    return parse_records([path], parse, skip_invalid=False, what="prompt")[0]
+
+
+def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[list[Message]], k: int,
+                      params: SamplingParams, temperatures: list[float] | None = None, batch_size: int = 8,
+                      progress: bool = True) -> list[dict]:
+    """K answers to each prompt: records {prompt, completions, sampling}."""
+    if k < 2:
+        raise UserError(f"-k must be at least 2 (answers to rank per prompt), got {k}")
+    temperatures = temperatures or [params.temperature]
+    per_temperature = {t: sum(1 for j in range(k) if temperatures[j % len(temperatures)] == t) for t in temperatures}
+    stop = (tokenizer.special[END_OF_TURN],)
+    records = []
+    bar = tqdm(total=len(prompts) * k, desc="sample", unit="answer", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        ids = [render(p, tokenizer, add_generation_prompt=True) for p in batch]
+        answers: list[list[tuple[float, str]]] = [[] for _ in batch]
+        for i, (temperature, n) in enumerate(per_temperature.items()):
+            seed = None if params.seed is None else params.seed + 1000 * start + i
+            setting = dataclasses.replace(params, temperature=temperature, seed=seed)
+            for row, samples in enumerate(generate_batch(model, ids, setting, n=n, stop_ids=stop, tokenizer=tokenizer)):
+                answers[row] += [(temperature, c.text.strip()) for c in samples]
+        for prompt, row in zip(batch, answers):
+            records.append({
+                "prompt": prompt[0].content if len(prompt) == 1 else [m.to_dict() for m in prompt],
+                "completions": [text for _, text in row],
+                "sampling": {**dataclasses.asdict(params), "temperatures": [t for t, _ in row]},
+            })
+        bar.update(len(batch) * k)
+    bar.close()
+    return records
+
+
+def write_jsonl_atomic(records: list[dict], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,272 @@
+import itertools
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatforge.chat_format import Message
+from chatforge.checkpoint import load_model
+from chatforge.data import parse_records
+from chatforge.model import GPT, GPTConfig
+from chatforge.reward import (
+    Group, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_scores,
+    load_groups, ranking_loss, right_pad, score_sequences,
+)
+from chatforge.runtime import Dist
+from chatforge.train import read_metrics
+from conftest import assert_one_line_error, run_cli, run_torchrun, write_jsonl
+
+SCALAR = GPTConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32, head="scalar")
+
+
+def scalar_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(SCALAR).eval()
+    torch.nn.init.normal_(model.score.weight, std=0.5)  # distinct scores
+    return model
+
+
+class CountingModel(torch.nn.Module):
+    """Counts the sequences forwarded through the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, ids, **kwargs):
+        self.rows += ids.shape[0]
+        return self.model(ids, **kwargs)
+
+
+def test_kwise_loss_is_the_mean_pairwise_loss_with_each_answer_forwarded_once():
+    model = scalar_model()
+    answers = [[1, 5, 6, 7, 2], [1, 5, 8, 2], [1, 5, 9, 9, 9, 9, 2], [1, 5, 3, 2], [1, 5, 4, 4, 2]]
+    ranking = [2, 0, 4, 1, 3]  # best first
+    # the slow way: every pair forwarded on its own, each answer many times
+    pair_losses = []
+    for i, j in itertools.combinations(range(5), 2):
+        winner, loser = ranking[i], ranking[j]
+        r_w = model(torch.tensor([answers[winner]]))[0, -1]
+        r_l = model(torch.tensor([answers[loser]]))[0, -1]
+        pair_losses.append(-F.logsigmoid(r_w - r_l))
+    slow = torch.stack(pair_losses).mean()
+    # the task's way: one micro-batch with the group's five answers, each forwarded once
+    task = RewardTask.__new__(RewardTask)
+    task.config = type("C", (), {"margin": 0.0, "center_coef": 0.0})()
+    task.tokenizer = type("T", (), {"pad_id": 0})()
+    task.device = torch.device("cpu")
+    counting = CountingModel(model)
+    batch = task._collate([Group([torch.tensor(a).numpy() for a in answers], ranking, "here")])
+    fast = task.loss(counting, (batch, 1.0))
+    assert counting.rows == 5
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    # and the same through the bare function, with and without a margin
+    scores = torch.stack([model(torch.tensor([a]))[0, -1] for a in answers])
+    torch.testing.assert_close(ranking_loss(scores, ranking), slow, rtol=1e-6, atol=1e-6)
+    shifted = torch.stack([-F.logsigmoid(scores[ranking[i]] - scores[ranking[j]] - 0.5)
+                           for i, j in itertools.combinations(range(5), 2)]).mean()
+    torch.testing.assert_close(ranking_loss(scores, ranking, margin=0.5), shifted)
+
+
+def test_prompts_with_many_answers_do_not_outweigh_pairs():
+    """1/C(K,2): a prompt with 8 answers all wrongly ordered costs what a pair wrongly ordered costs."""
+    eight = torch.arange(8.0)  # ranking best first = 0..7, scores increasing: every pair wrong by >= 1
+    pair = torch.tensor([0.0, 1.0])
+    assert ranking_loss(pair, [0, 1]).item() == pytest.approx(-F.logsigmoid(torch.tensor(-1.0)).item())
+    assert 1.0 < ranking_loss(eight, list(range(8))).item() / ranking_loss(pair, [0, 1]).item() < 4.0
+
+
+def test_scores_are_read_at_the_last_token_whatever_the_padding():
+    model = scalar_model()
+    sequences = [[1, 5, 6, 7, 2], [1, 8, 2], [1, 9, 9, 9, 9, 9, 9, 2], [1, 3, 2]]
+    alone = torch.stack([model(torch.tensor([s]))[0, -1] for s in sequences])
+    for pad_id in (0, 42):  # the padding token's value never matters
+        ids, lengths = right_pad(sequences, pad_id)
+        torch.testing.assert_close(last_token_scores(model, ids, lengths), alone, rtol=0, atol=1e-5)
+        width = max(map(len, sequences))
+        left = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+        pad = torch.tensor([width - len(s) for s in sequences])
+        torch.testing.assert_close(model(left, pad=pad)[:, -1], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"prompt": "Hi", "completions": ["a", "b", "c"], "ranking": [2, 0, 1]},
+     ([Message("user", "Hi")], ["a", "b", "c"], [2, 0, 1])),
+    ({"prompt": "Hi", "chosen": "good", "rejected": "bad"}, ([Message("user", "Hi")], ["good", "bad"], [0, 1])),
+    ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "good"}],
+      "rejected": [{"role": "assistant", "content": "bad"}]}, ([Message("user", "Hi")], ["good", "bad"], [0, 1])),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: Sure.",
+      "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Help?\n\nAssistant: No."},
+     ([Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Help?")], ["Sure.", "No."], [0, 1])),
+])
+def test_comparison_formats(record, expected):
+    c = comparison_from_record(record)
+    assert (c.prompt, c.answers, c.ranking) == expected
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Hi", "completions": ["a", "b"], "ranking": [0, 0]}, "'ranking' must list every completion index"),
+    ({"prompt": "Hi", "completions": ["a"], "ranking": [0]}, "at least 2 answers"),
+    ({"prompt": "Hi", "chosen": "<|user|>x", "rejected": "b"}, "answer 0: contains the special token"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
+    ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, "differ before"),
+    ({"text": "x"}, "expected {prompt, completions, ranking}"),
+])
+def test_bad_comparisons_are_explained(record, message):
+    with pytest.raises(ValueError, match=message):
+        comparison_from_record(record)
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Hi", "chosen": "a", "rejected": "b"},
+                                             {"prompt": "Hi", "completions": ["a", "b"], "ranking": [1]}])
+    with pytest.raises(Exception, match=r"c\.jsonl:2: 'ranking' must list"):
+        parse_records([str(path)], comparison_from_record, False, "comparison")
+    items, skipped = parse_records([str(path)], comparison_from_record, True, "comparison")
+    assert len(items) == 1 and skipped == 1
+
+
+# --- a tiny reward model learns a rule ---------------------------------------------------------------
+
+WORDS = "the a list of items value name file line code data text word number string loop set".split()
+
+
+def keyword_rankings(n: int, k: int, seed: int) -> list[dict]:
+    """K answers per prompt; an answer with more 'please' ranks higher (0 to K-1 of them)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        answers = []
+        for count in range(k):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+            for _ in range(count):
+                words.insert(rng.randrange(len(words) + 1), "please")
+            answers.append(" ".join(words))
+        order = list(range(k))
+        rng.shuffle(order)
+        shuffled = [answers[i] for i in order]
+        ranking = sorted(range(k), key=lambda i: -order[i])  # most 'please' first
+        records.append({"prompt": rng.choice(["Say something.", "Answer me.", "Talk."]),
+                        "completions": shuffled, "ranking": ranking})
+    return records
+
+
+@pytest.fixture(scope="module")
+def keyword_rm(pretrained, tmp_path_factory):
+    """A tiny reward model trained on the 'please' rule, with its training and held-out files."""
+    root = tmp_path_factory.mktemp("keyword_rm")
+    train = write_jsonl(root / "train.jsonl", keyword_rankings(96, 3, seed=0))
+    val = write_jsonl(root / "val.jsonl", keyword_rankings(32, 3, seed=1))
+    run_cli("reward", "train", "--preset", "tiny", "--init", pretrained, "--data", train, "--val-data", val,
+            "--out", root / "rm", "--epochs", 6, "--eval-batches", 4, "--no-progress")
+    return root / "rm", train, val
+
+
+def test_tiny_reward_model_learns_a_ranking_rule(keyword_rm):
+    out, train, _ = keyword_rm
+    evals = [m for m in read_metrics(out) if "val_accuracy" in m]
+    assert evals[0]["val_accuracy"] < 0.5  # a fresh (zero) head ties every pair
+    assert evals[-1]["val_accuracy"] > 0.9 and evals[-1]["val_loss"] < 0.4, evals[-1]
+    model, tokenizer, path = load_model(out)
+    assert model.config.head == "scalar" and model.config.score_offset != 0
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    # normalised: the training answers (the SFT samples) average 0
+    groups, _ = load_groups([str(train)], tokenizer, model.config.max_seq_len, False)
+    scores = score_sequences(model, [s for g in groups for s in g.sequences], tokenizer.pad_id)
+    assert abs(sum(scores) / len(scores)) < 1e-3
+
+
+def test_reward_eval_reports_accuracy_calibration_and_length_bias(keyword_rm, tmp_path):
+    out, _, val = keyword_rm
+    result = run_cli("reward", "eval", out, "--data", val, "--out", tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "reward_eval.json").read_text())
+    assert report["prompts"] == 32 and report["pairs"] == 96 and report["accuracy"] > 0.9
+    assert sum(b["count"] for b in report["calibration"]) == 96
+    assert -1 <= report["length_correlation"] <= 1  # 'please' adds words, so longer answers do win here
+    assert report["length_correlation"] > 0.3
+    assert (tmp_path / "eval" / "calibration.png").stat().st_size > 10_000
+    assert "accuracy" in result.stdout
+
+
+def test_reward_score_adds_rewards_that_follow_the_rule(keyword_rm, tmp_path):
+    out, _, _ = keyword_rm
+    records = [{"prompt": "Talk.", "completion": "please please the list value"},
+               {"prompt": [{"role": "user", "content": "Talk."}], "completions": ["the list value", "please the list value"]}]
+    source = write_jsonl(tmp_path / "answers.jsonl", records)
+    run_cli("reward", "score", out, "--input", source, "--out", tmp_path / "scored.jsonl")
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert scored[0]["prompt"] == "Talk." and isinstance(scored[0]["reward"], float)
+    low, high = scored[1]["rewards"]
+    assert low < high < scored[0]["reward"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Talk."}])
+    result = run_cli("reward", "score", out, "--input", bad, "--out", tmp_path / "x.jsonl", check=False)
+    assert_one_line_error(result, "bad.jsonl:1: expected 'completion'")
+
+
+def test_calibration_bins_and_error_by_hand():
+    bins = calibration_bins([0.05, 0.15, 0.12, 0.95, 1.0], [False, True, False, True, True], bins=10)
+    assert [b["count"] for b in bins] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[1]["predicted"] == pytest.approx(0.135) and bins[1]["observed"] == 0.5
+    assert bins[9]["predicted"] == pytest.approx(0.975) and bins[9]["observed"] == 1.0
+    # |0 - 0.05|·1 + |0.5 - 0.135|·2 + |1 - 0.975|·2, over 5
+    assert expected_calibration_error(bins) == pytest.approx((0.05 + 0.73 + 0.05) / 5)
+
+
+def test_sample_writes_k_answers_per_prompt_reproducibly(chat_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is a tuple?\nName a loop.\n\nSay hello.\n")
+    args = ["sample", chat_model, "--prompts", prompts, "-k", 3, "--temperatures", 0.7, 1.5, "--seed", 5,
+            "--max-new-tokens", 12, "--no-progress"]
+    run_cli(*args, "--out", tmp_path / "a.jsonl")
+    run_cli(*args, "--out", tmp_path / "b.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["What is a tuple?", "Name a loop.", "Say hello."]
+    assert all(len(r["completions"]) == 3 for r in records)
+    assert records[0]["sampling"]["temperatures"] == [0.7, 0.7, 1.5]
+    assert records[0]["sampling"]["max_new_tokens"] == 12
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    # the candidates file is what the ranking tools read
+    comparison_from_record({**records[0], "ranking": [2, 1, 0]})
+    result = run_cli("sample", chat_model, "--prompts", prompts, "-k", 1, "--out", tmp_path / "c.jsonl", check=False)
+    assert_one_line_error(result, "-k must be at least 2")
+
+
+def test_reward_training_under_two_processes_equals_one(pretrained, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", keyword_rankings(16, 3, seed=0))
+    common = ["--preset", "tiny", "--init", str(pretrained), "--data", str(data), "--val-data", str(data),
+              "--epochs", "0", "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
+              "--eval-every", "3", "--no-progress"]
+    run_cli("reward", "train", *common, "--out", tmp_path / "one")
+    run_torchrun("reward", "train", *common, "--out", tmp_path / "two")
+    one = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "one") if "loss" in m]
+    two = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "two") if "loss" in m]
+    assert len(one) == 3 and [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, abs=1e-4)
+    a, _, _ = load_model(tmp_path / "one")
+    b, _, _ = load_model(tmp_path / "two")
+    assert a.config.score_offset == pytest.approx(b.config.score_offset, abs=1e-4)
+
+
+def test_reward_train_errors(pretrained, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "completions": ["a", "b"], "ranking": [0, 2]}])
+    result = run_cli("reward", "train", "--preset", "tiny", "--init", pretrained, "--data", bad,
+                     "--out", tmp_path / "rm", "--no-progress", check=False)
+    assert_one_line_error(result, "bad.jsonl:1: 'ranking' must list every completion index 0..1 once")
+    result = run_cli("reward", "train", "--preset", "tiny", "--out", tmp_path / "rm2", check=False)
+    assert_one_line_error(result, "needs --init CHECKPOINT")
+
+
+def test_task_is_a_pure_function_of_the_step(pretrained):
+    """Resume needs no data state: the same step gives the same batches."""
+    _, tokenizer, _ = load_model(pretrained)
+    groups = [Group([torch.tensor([1, i, 2]).numpy(), torch.tensor([1, i, i, 2]).numpy()], [0, 1], str(i))
+              for i in range(3, 40)]
+    config = type("C", (), {"batch_size": 4, "seed": 3, "margin": 0.0, "center_coef": 0.0})()
+    task = RewardTask(config, tokenizer, groups, groups[:2], Dist(), torch.device("cpu"))
+    first = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
+    again = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
+    assert first == again and len(first) == 2
