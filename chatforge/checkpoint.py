@@ -52,6 +52,9 @@ def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | Non
           "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     if config.head != "lm":
         hf["num_labels"] = config.num_labels
+    if config.labels:
+        hf["id2label"] = dict(enumerate(config.labels))
+        hf["label2id"] = {name: i for i, name in enumerate(config.labels)}
     return {**hf, "chatforge": {"version": __version__, "model": dataclasses.asdict(config), **(extra or {})}}
 
 

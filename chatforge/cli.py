@@ -64,20 +64,47 @@ def _reward_train(args) -> None:
     train_reward_model(config, resume_from=checkpoint)
 
 
+def _classify_train(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.classify import resolve_config, train_classifier
+
+    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
+    train_classifier(config, resume_from=checkpoint)
+
+
+def _classify_eval(args) -> None:
+    from chatforge.checkpoint import load_model
+    from chatforge.classify import ClassifyConfig, evaluate_classifier, format_report, load_labelled
+    from chatforge.runtime import pick_device
+
+    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
+    if model.config.head != "classifier":
+        raise UserError(f"{path}: not a classifier (its head is {model.config.head!r})")
+    fields = ClassifyConfig(text_field=args.text_field, label_field=args.label_field)
+    examples, _ = load_labelled(args.data, fields, tokenizer, model.config.max_seq_len)
+    report = evaluate_classifier(model, tokenizer, examples, args.batch_size)
+    print(format_report(report))
+    if args.out:
+        from chatforge.config import save_json
+
+        save_json(report, args.out)
+        print(f"-> {args.out}")
+
+
 def _load_reward_model(args):
     from chatforge.checkpoint import load_model
     from chatforge.runtime import pick_device
 
     model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
-    if model.config.head != "scalar":
-        raise UserError(f"{path}: not a reward model (its head is {model.config.head!r}, not 'scalar')")
+    if model.config.head == "lm":
+        raise UserError(f"{path}: a language model, not a reward model or classifier")
     return model, tokenizer
 
 
 def _reward_eval(args) -> None:
-    import json
     from pathlib import Path
 
+    from chatforge.config import save_json
     from chatforge.plots import plot_calibration
     from chatforge.reward import evaluate_rankings, load_groups
 
@@ -86,7 +113,7 @@ def _reward_eval(args) -> None:
     report = evaluate_rankings(model, groups, tokenizer.pad_id, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reward_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, out / "reward_eval.json")
     plot_calibration(report["calibration"], out / "calibration.png", f"calibration: {args.checkpoint}")
     print(f"{report['prompts']:,} prompts, {report['pairs']:,} pairs: accuracy {report['accuracy']:.1%}, "
           f"calibration error {report['calibration_error']:.3f}, reward {report['mean_reward']:+.3f} "
@@ -97,15 +124,15 @@ def _reward_eval(args) -> None:
 
 
 def _reward_score(args) -> None:
-    from chatforge.chat_format import Message, render
     from chatforge.data import parse_records
-    from chatforge.reward import answers_to_score, score_sequences
+    from chatforge.reward import answers_to_score, reward_head, reward_input, score_sequences
     from chatforge.sample import write_jsonl_atomic
 
     model, tokenizer = _load_reward_model(args)
+    to_reward = reward_head(model, args.label, args.kind)
     items, _ = parse_records([args.input], lambda r: (r, *answers_to_score(r)), skip_invalid=False, what="answer")
-    sequences = [render([*prompt, Message("assistant", a)], tokenizer) for _, (_, prompt, answers) in items for a in answers]
-    scores = iter(score_sequences(model, sequences, tokenizer.pad_id, args.batch_size))
+    sequences = [reward_input(model, prompt, a, tokenizer) for _, (_, prompt, answers) in items for a in answers]
+    scores = iter(score_sequences(model, sequences, tokenizer.pad_id, args.batch_size, to_reward))
     records = []
     for _, (record, _, answers) in items:
         rewards = [next(scores) for _ in answers]
@@ -227,6 +254,7 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: s
 
 def build_parser() -> argparse.ArgumentParser:
     from chatforge.pretrain import PretrainConfig
+    from chatforge.classify import ClassifyConfig
     from chatforge.reward import RewardConfig
     from chatforge.sft import SFTConfig
 
@@ -311,13 +339,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = reward_commands.add_parser(
         "score", help="score answers to prompts",
         description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', "
-                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists.")
+                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists. "
+                    "The model is a reward model, or a classifier whose class --label gives the reward.")
     p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
     p.add_argument("--input", required=True, help="JSONL file of {prompt, completion} or {prompt, completions}")
     p.add_argument("--out", required=True, help="JSONL file to write (the records with their rewards)")
+    p.add_argument("--label", help="with a classifier (`chatforge classify train`): the class whose score is the reward")
+    p.add_argument("--kind", choices=["logprob", "logit"], default="logprob",
+                   help="with a classifier: reward = log-probability or logit of --label (default: logprob)")
     p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_reward_score)
+
+    classify = commands.add_parser("classify", help="fine-tune and evaluate a text classifier")
+    classify_commands = classify.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    p = classify_commands.add_parser(
+        "train", help="fine-tune a model with a classification head",
+        description="Fine-tune a pretrained or SFT model with a classification head on labelled text "
+                    "({text, label} JSONL/Parquet), reporting accuracy and per-class precision, recall and F1 "
+                    "on held-out data. The classifier can then be a reward: `reward score --label CLASS`.")
+    _add_stage_arguments(p, ClassifyConfig, "classify")
+    p.set_defaults(func=_classify_train)
+    p = classify_commands.add_parser("eval", help="accuracy, precision, recall and F1 on labelled text",
+                                     description="Evaluate a classifier on labelled text: per-class precision, "
+                                                 "recall, F1 and support, accuracy, macro F1, confusion matrix.")
+    p.add_argument("checkpoint", help="classifier checkpoint, or its run folder")
+    p.add_argument("--data", nargs="+", required=True, help="labelled files (.jsonl/.parquet) of {text, label}")
+    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    p.add_argument("--label-field", default="label", help="field holding the class (default: label)")
+    p.add_argument("--out", help="also write the report as JSON here")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_classify_eval)
 
     p = commands.add_parser(
         "sample", help="sample K answers per prompt, to be ranked",

@@ -153,8 +153,9 @@ def load_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def save_json(config, path: Path) -> None:
-    """Write the config as JSON atomically (a temporary file renamed over the old one)."""
+def save_json(value, path: str | Path) -> None:
+    """Write a dict (or a config dataclass) as JSON atomically (a temporary file renamed over the old one)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.write_text(json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else value, indent=2) + "\n")
     os.replace(tmp, path)

@@ -92,24 +92,44 @@ def parse_records(paths: list[str], parse: Callable[[dict], T], skip_invalid: bo
     return items, skipped
 
 
-def train_val_split(items: list[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Items held out by `is_validation` (stable for a seed); at least one is held out."""
+class BucketedEpochs:
+    """Global batches of item indices, epoch after epoch: each epoch shuffled, sorted by length within
+    windows of `window` batches (so a batch pads little), the batches shuffled again. A pure function of
+    (seed, step), so a resumed run needs no data state. The remainder that fills no batch is left out."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 32):
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self.steps_per_epoch = len(lengths) // batch_size
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._batches(epoch))
+        return self._epoch[1][index]
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        g = np.random.default_rng([self.seed, epoch])
+        order = g.permutation(len(self.lengths))[: self.steps_per_epoch * self.batch_size]
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [np.array(chunk[b : b + self.batch_size]) for b in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in g.permutation(len(batches))]
+
+
+def load_splits(load: Callable[[list[str]], tuple[list[T], int]], data: list[str], val_data: list[str],
+                val_fraction: float, seed: int) -> tuple[list[T], list[T], int]:
+    """Training and held-out items, and how many invalid records were skipped: `val_data` when given,
+    else the `val_fraction` of `data` that `is_validation` picks (at least one item)."""
+    items, skipped = load(data)
+    if val_data:
+        val, skipped_val = load(val_data)
+        return items, val, skipped + skipped_val
     train = [x for i, x in enumerate(items) if not is_validation(i, val_fraction, seed)]
     val = [x for i, x in enumerate(items) if is_validation(i, val_fraction, seed)]
-    return train, val or train[-1:]
-
-
-def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 32) -> list[np.ndarray]:
-    """One epoch's batches of indices: shuffled, then sorted by length within windows of `window` batches
-    (so a batch pads little), then the batches shuffled; a pure function of (seed, epoch). The remainder
-    that fills no batch is left out."""
-    g = np.random.default_rng([seed, epoch])
-    order = g.permutation(len(lengths))[: len(lengths) // batch_size * batch_size]
-    batches = []
-    for start in range(0, len(order), window * batch_size):
-        chunk = sorted(order[start : start + window * batch_size], key=lambda i: lengths[i])
-        batches += [np.array(chunk[b : b + batch_size]) for b in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in g.permutation(len(batches))]
+    return train, val or train[-1:], skipped
 
 
 def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:

@@ -40,6 +40,7 @@ class GPTConfig:
         "help": "output head: 'lm' (next-token logits), 'scalar' (one value per position: reward and value "
                 "models) or 'classifier' (num_labels logits per position)"})
     num_labels: int = field(default=1, metadata={"help": "outputs of the classifier head"})
+    labels: list[str] = field(default_factory=list, metadata={"help": "class names of the classifier head's outputs"})
     score_offset: float = field(default=0.0, metadata={
         "help": "subtracted from the scalar head's output (a reward model's mean score on SFT answers, so they average 0)"})
 
@@ -67,6 +68,8 @@ class GPTConfig:
             raise ValueError(f"head must be 'lm', 'scalar' or 'classifier', got {self.head!r}")
         if self.num_labels < 1 or (self.head == "scalar" and self.num_labels != 1):
             raise ValueError(f"num_labels must be >= 1 (and 1 for the scalar head), got {self.num_labels}")
+        if self.labels and len(self.labels) != self.num_labels:
+            raise ValueError(f"{len(self.labels)} label names for {self.num_labels} outputs")
 
     @property
     def head_dim(self) -> int:
@@ -388,11 +391,12 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.d_model * seq_len
 
 
-def with_head(model: GPT, head: str, num_labels: int = 1) -> GPT:
+def with_head(model: GPT, head: str, labels: list[str] | None = None) -> GPT:
     """A new model with `model`'s body (embedding, blocks, final norm) and a fresh `head`. A new score head
     starts at zero: every input scores the same, so a reward model starts at exactly log 2 per pair and
     the body's features are not disturbed by a random head's first gradients."""
-    config = dataclasses.replace(model.config, head=head, num_labels=num_labels, score_offset=0.0)
+    config = dataclasses.replace(model.config, head=head, num_labels=len(labels) if labels else 1,
+                                 labels=list(labels or []), score_offset=0.0)
     new = GPT(config).to(model.embed_tokens.weight.device)
     body = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm_head.", "score."))}
     missing, _ = new.load_state_dict(body, strict=False)

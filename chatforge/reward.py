@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
 from chatforge.checkpoint import load_model
-from chatforge.data import length_bucketed_batches, parse_records, train_val_split
+from chatforge.data import BucketedEpochs, load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import TrainConfig, resolve_run_config, run_stage
+from chatforge.train import TrainConfig, process_share, resolve_run_config, run_stage
 
 
 @dataclass
@@ -131,6 +131,17 @@ def answer_ids(prompt: list[Message], answer: str, tokenizer: Tokenizer) -> list
     return render([*prompt, Message("assistant", answer)], tokenizer)
 
 
+def text_ids(text: str, tokenizer: Tokenizer) -> list[int]:
+    """What a classifier reads: <|bos|> text <|eos|>, classified at the <|eos|>."""
+    return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+
+
+def reward_input(model: GPT, prompt: list[Message], answer: str, tokenizer: Tokenizer) -> list[int]:
+    """What a reward reads: a reward model, the conversation ending in the answer; a classifier (trained on
+    plain text), the answer alone."""
+    return text_ids(answer, tokenizer) if model.config.head == "classifier" else answer_ids(prompt, answer, tokenizer)
+
+
 @dataclass
 class Group:
     """A tokenized comparison: one sequence per answer, and the ranking (indices, best first)."""
@@ -171,11 +182,29 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, lengths
 
 
-def last_token_scores(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The score of each right-padded row at its last real token (causal attention: the padding after it
-    never changes it). ids (B, T), lengths (B,) -> (B,)."""
-    values = model(ids)
-    return values.gather(1, (lengths.to(values.device) - 1)[:, None]).squeeze(1)
+def last_token_outputs(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The head's output for each right-padded row at its last real token (causal attention: the padding
+    after it never changes it). ids (B, T), lengths (B,) -> (B,) scores, or (B, C) classifier logits."""
+    outputs = model(ids)
+    return outputs[torch.arange(len(lengths), device=outputs.device), lengths.to(outputs.device) - 1]
+
+
+def reward_head(model: GPT, label: str | None = None, kind: str = "logprob") -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a model's last-token outputs become one reward per sequence: a reward model's score as it is;
+    a classifier's log-probability (or logit) of class `label`, the classic "make the answers positive"
+    reward."""
+    if model.config.head == "scalar":
+        return lambda outputs: outputs
+    if model.config.head != "classifier":
+        raise UserError(f"a {model.config.head!r} model gives no reward: use a reward model or a classifier")
+    if label not in model.config.labels:
+        raise UserError(f"a classifier's reward needs --label, one of its classes: {', '.join(model.config.labels)}")
+    if kind not in ("logprob", "logit"):
+        raise UserError(f"--kind must be 'logprob' or 'logit', got {kind!r}")
+    index = model.config.labels.index(label)
+    if kind == "logit":
+        return lambda outputs: outputs[:, index]
+    return lambda outputs: outputs.float().log_softmax(-1)[:, index]
 
 
 def ranking_loss(scores: torch.Tensor, ranking: Sequence[int], margin: float = 0.0) -> torch.Tensor:
@@ -208,7 +237,8 @@ class RewardTask:
     def __init__(self, config: RewardConfig, tokenizer: Tokenizer, train: list[Group], val: list[Group],
                  d: Dist, device: torch.device):
         self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
-        self.steps_per_epoch = len(train) // config.batch_size
+        self.batches = BucketedEpochs([g.tokens for g in train], config.batch_size, config.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise UserError(f"{len(train)} training prompts, fewer than one batch (batch_size {config.batch_size})")
         mean_tokens = float(np.mean([g.tokens for g in train]))
@@ -216,14 +246,9 @@ class RewardTask:
         self.tokens_per_step = round(mean_tokens * config.batch_size)
 
     def micro_batches(self, step: int, accumulation: int):
-        epoch, index = divmod(step, self.steps_per_epoch)
-        lengths = [g.tokens for g in self.train]
-        batch = length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch)[index]
-        groups = [self.train[i] for i in batch]
-        mine = groups[self.d.rank :: self.d.world_size]
-        size = len(mine) // accumulation
-        for start in range(0, len(mine), size):
-            yield self._collate(mine[start : start + size]), self.d.world_size / len(groups)
+        groups = [self.train[i] for i in self.batches.batch(step)]
+        for part in process_share(groups, self.d, accumulation):
+            yield self._collate(part), self.d.world_size / len(groups)
 
     def _collate(self, groups: list[Group]):
         ids, lengths = right_pad([s for g in groups for s in g.sequences], self.tokenizer.pad_id)
@@ -231,7 +256,7 @@ class RewardTask:
 
     def _group_scores(self, model, batch) -> list[torch.Tensor]:
         ids, lengths, sizes, _ = batch
-        return list(last_token_scores(model, ids, lengths).float().split(sizes))
+        return list(last_token_outputs(model, ids, lengths).float().split(sizes))
 
     def loss(self, model, batch) -> torch.Tensor:
         """Σ over this micro-batch's prompts of (ranking loss + λ·E[r²]), times this process's share
@@ -299,13 +324,8 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
                                 f"this checkpoint has a {sft_model.config.head} head")
             model = with_head(sft_model, "scalar")
         max_len = model.config.max_seq_len
-        groups, skipped = load_groups(config.data, tokenizer, max_len, config.skip_invalid)
-        if config.val_data:
-            train = groups
-            val, skipped_val = load_groups(config.val_data, tokenizer, max_len, config.skip_invalid)
-            skipped += skipped_val
-        else:
-            train, val = train_val_split(groups, config.val_fraction, config.seed)
+        train, val, skipped = load_splits(lambda paths: load_groups(paths, tokenizer, max_len, config.skip_invalid),
+                                          config.data, config.val_data, config.val_fraction, config.seed)
         if d.is_main:
             pairs = sum(math.comb(len(g.sequences), 2) for g in train)
             print(f"reward: {len(train):,} training prompts ({pairs:,} pairs), {len(val):,} held out"
@@ -321,8 +341,11 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
 # --- using a reward model ------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def score_sequences(model: GPT, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """The score of each token sequence (prompt and answer, rendered), in batches of similar length."""
+def score_sequences(model: GPT, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
+                    to_reward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """The reward of each token sequence (prompt and answer, rendered), in batches of similar length;
+    `to_reward` (see `reward_head`) turns a classifier's outputs into rewards."""
+    to_reward = to_reward or reward_head(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -331,7 +354,7 @@ def score_sequences(model: GPT, sequences: Sequence[Sequence[int]], pad_id: int,
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, lengths = right_pad([sequences[i] for i in rows], pad_id)
-        for row, score in zip(rows, last_token_scores(model, ids.to(device), lengths).float().tolist()):
+        for row, score in zip(rows, to_reward(last_token_outputs(model, ids.to(device), lengths)).float().tolist()):
             scores[row] = score
     model.train(was_training)
     return scores

@@ -18,14 +18,14 @@ import torch
 
 from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
 from chatforge.checkpoint import load_model
-from chatforge.data import length_bucketed_batches, parse_records, train_val_split
+from chatforge.data import BucketedEpochs, load_splits, parse_records
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.losses import IGNORE_INDEX
 from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
-from chatforge.train import TrainConfig, resolve_run_config, run_stage
+from chatforge.train import TrainConfig, process_share, resolve_run_config, run_stage
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -132,29 +132,19 @@ class SFTTask:
     def __init__(self, config: SFTConfig, tokenizer: Tokenizer, train: list[Example], val: list[Example],
                  d: Dist, device: torch.device):
         self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
-        self.steps_per_epoch = len(train) // config.batch_size
+        self.batches = BucketedEpochs([len(e.ids) for e in train], config.batch_size, config.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise UserError(f"{len(train)} training conversations, fewer than one batch (batch_size {config.batch_size})")
         lengths = [len(e.ids) - 1 for e in train]
         self.seq_len = round(float(np.mean(lengths)))  # for FLOPs/token: attention cost at the typical length
         self.tokens_per_step = round(float(np.mean(lengths)) * config.batch_size)
-        self._epoch_batches: tuple[int, list[np.ndarray]] | None = None
-
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's global batches (indices into train): shuffled, length-sorted within windows."""
-        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            lengths = [len(e.ids) for e in self.train]
-            self._epoch_batches = (epoch, length_bucketed_batches(lengths, self.config.batch_size, self.config.seed, epoch))
-        return self._epoch_batches[1]
 
     def micro_batches(self, step: int, accumulation: int):
-        epoch, index = divmod(step, self.steps_per_epoch)
-        batch = [self.train[i] for i in self.epoch_batches(epoch)[index]]
+        batch = [self.train[i] for i in self.batches.batch(step)]
         step_targets = sum(e.targets for e in batch)
-        mine = batch[self.d.rank :: self.d.world_size]  # interleaved: every process gets short and long ones
-        size = len(mine) // accumulation
-        for start in range(0, len(mine), size):
-            inputs, targets = pad_batch(mine[start : start + size], self.tokenizer.pad_id)
+        for part in process_share(batch, self.d, accumulation):
+            inputs, targets = pad_batch(part, self.tokenizer.pad_id)
             yield inputs.to(self.device), targets.to(self.device), token_share(targets, step_targets, self.d.world_size)
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -206,13 +196,8 @@ def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
             raise UserError(f"{config.init}: SFT starts from a language model, this checkpoint has a {model.config.head} head")
         model.set_dropout(config.dropout)
         max_len = model.config.max_seq_len
-        examples, skipped = load_examples(config.data, tokenizer, max_len, config.skip_invalid)
-        if config.val_data:
-            train = examples
-            val, skipped_val = load_examples(config.val_data, tokenizer, max_len, config.skip_invalid)
-            skipped += skipped_val
-        else:
-            train, val = train_val_split(examples, config.val_fraction, config.seed)
+        train, val, skipped = load_splits(lambda paths: load_examples(paths, tokenizer, max_len, config.skip_invalid),
+                                          config.data, config.val_data, config.val_fraction, config.seed)
         if d.is_main:
             print(f"sft: {len(train):,} training and {len(val):,} held-out conversations"
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,6 +99,15 @@ class Task(Protocol):
 
     # Optional: `finish(model)`, called on every process after the last step, before the final checkpoint
     # (the reward model stores its score offset there).
+
+
+def process_share(batch: list, d: Dist, accumulation: int) -> Iterator[list]:
+    """This process's micro-batches of a global batch: every world_size-th item (so that every process
+    gets short and long ones), cut into `accumulation` parts."""
+    mine = batch[d.rank :: d.world_size]
+    size = len(mine) // accumulation
+    for start in range(0, len(mine), size):
+        yield mine[start : start + size]
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -11,7 +11,7 @@ from chatforge.checkpoint import load_model
 from chatforge.data import parse_records
 from chatforge.model import GPT, GPTConfig
 from chatforge.reward import (
-    Group, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_scores,
+    Group, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_outputs,
     load_groups, ranking_loss, right_pad, score_sequences,
 )
 from chatforge.runtime import Dist
@@ -84,7 +84,7 @@ def test_scores_are_read_at_the_last_token_whatever_the_padding():
     alone = torch.stack([model(torch.tensor([s]))[0, -1] for s in sequences])
     for pad_id in (0, 42):  # the padding token's value never matters
         ids, lengths = right_pad(sequences, pad_id)
-        torch.testing.assert_close(last_token_scores(model, ids, lengths), alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(last_token_outputs(model, ids, lengths), alone, rtol=0, atol=1e-5)
         width = max(map(len, sequences))
         left = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
         pad = torch.tensor([width - len(s) for s in sequences])
