@@ -36,6 +36,7 @@ demo: venv
 bench: venv
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/generate_throughput.py
+	$(PY) bench/reward_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
