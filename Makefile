@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 DATA   ?= $(RUN)/data
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv browser bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q
+
+# The labeling app's browser test drives Debian's Chromium (Playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "install Debian's chromium for the browser tests" >&2; exit 1; fi; }
 
 # The demo so far: zero-install corpus -> BPE tokenizer -> token shards -> pretrain the cpu preset -> generate.
 # Steps already done are skipped; an interrupted pretraining run is resumed.

@@ -207,6 +207,82 @@ def _chat(args) -> None:
         run_terminal_chat(session)
 
 
+def _label_serve(args) -> None:
+    from chatforge.label import serve
+
+    serve(args.db, args.input, per_prompt=args.per_prompt, host=args.host, port=args.port)
+
+
+def _label_add_annotator(args) -> None:
+    from chatforge.label import add_annotator
+
+    token = add_annotator(args.db, args.name)
+    print(f"annotator {args.name.strip()!r} added; their token (shown only now, keep it secret):")
+    print(token)
+
+
+def _label_export(args) -> None:
+    from chatforge.label import export_rankings
+
+    count = export_rankings(args.db, args.out)
+    print(f"{count} rankings -> {args.out}")
+
+
+def _label_stats(args) -> None:
+    from chatforge.label import database_stats, format_stats
+
+    print(format_stats(database_stats(args.db, args.per_prompt)))
+
+
+def _add_label_commands(commands) -> None:
+    label = commands.add_parser("label", help="rank sampled answers in a web app (human feedback)",
+                                description="Human feedback for the reward model: annotators rank each prompt's "
+                                            "answers best to worst in a web page; rankings live in SQLite.")
+    label_commands = label.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    db_help = "SQLite database of prompts, annotators and rankings"
+
+    p = label_commands.add_parser(
+        "serve", help="load candidates and serve the ranking page",
+        description="Load candidates into the database (prompts already there are skipped), then serve the "
+                    "ranking page at / and progress at /stats. Input: JSONL, one {\"prompt\": string or "
+                    "[{role, content}, ...] ending with a user message, \"completions\": [2 or more strings], "
+                    "\"sampling\": {...} (optional)} per line.")
+    p.add_argument("--db", required=True, metavar="FILE", help=f"{db_help} (created if missing)")
+    p.add_argument("--input", metavar="FILE",
+                   help="candidates JSONL to load; may be left out when the database holds prompts")
+    p.add_argument("--per-prompt", type=int, default=1, metavar="N",
+                   help="how many different annotators rank each prompt (default: 1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8001, help="port to listen on (default: 8001; 0: any free port)")
+    p.set_defaults(func=_label_serve)
+
+    p = label_commands.add_parser("add-annotator", help="create an annotator and print their token",
+                                  description="Create an annotator with a new random token, printed once (the "
+                                              "database keeps only its hash). The annotator signs in with it.")
+    p.add_argument("--db", required=True, metavar="FILE", help=f"{db_help} (created if missing)")
+    p.add_argument("name", metavar="NAME", help="the annotator's name, unique in the database")
+    p.set_defaults(func=_label_add_annotator)
+
+    p = label_commands.add_parser(
+        "export", help="write the rankings as JSONL",
+        description="Write one JSON line per submitted ranking: prompt, completions, ranking (completion "
+                    "indices, best first), unacceptable (indices), ratings (per completion: helpful, honest, "
+                    "harmless, 1-7), annotator, submitted_at. The file is replaced atomically.")
+    p.add_argument("--db", required=True, metavar="FILE", help=db_help)
+    p.add_argument("--out", required=True, metavar="FILE", help="JSONL file to write")
+    p.set_defaults(func=_label_export)
+
+    p = label_commands.add_parser("stats", help="progress and inter-annotator agreement",
+                                  description="Rankings per annotator, prompts with enough rankings, and how "
+                                              "often annotators agree: pairwise agreement and Kendall's tau over "
+                                              "prompts ranked by two or more (the numbers of the /stats page).")
+    p.add_argument("--db", required=True, metavar="FILE", help=db_help)
+    p.add_argument("--per-prompt", type=int, default=None, metavar="N",
+                   help="rankings a prompt needs to count as complete (default: the last serve's --per-prompt)")
+    p.set_defaults(func=_label_stats)
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="SOURCE",
                         help=".txt/.md/.rst files, folders of them, .jsonl or .parquet files")
@@ -411,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder")
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     p.set_defaults(func=_plot)
+
+    _add_label_commands(commands)
     return parser
 
 
