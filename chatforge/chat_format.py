@@ -70,9 +70,12 @@ def prompt_messages(prompt) -> list[Message]:
         messages = [Message(m.get("role"), m.get("content")) for m in prompt]
     else:
         raise ValueError("'prompt' must be a string or a list of {role, content} messages")
-    check_conversation(messages, final_assistant=False)
-    if messages[-1].role != "user":
-        raise ValueError("a prompt must end with a user message")
+    try:
+        check_conversation(messages, final_assistant=False)
+        if messages[-1].role != "user":
+            raise ValueError("must end with a user message (the answer replies to it)")
+    except ValueError as e:
+        raise ValueError(f"'prompt': {e}") from None
     return messages
 
 

@@ -109,7 +109,9 @@ def _reward_eval(args) -> None:
     from chatforge.reward import evaluate_rankings, load_groups
 
     model, tokenizer = _load_reward_model(args)
-    groups, _ = load_groups(args.data, tokenizer, model.config.max_seq_len, skip_invalid=False)
+    if model.config.head != "scalar":
+        raise UserError(f"{args.checkpoint}: `reward eval` measures reward models; evaluate a classifier with `classify eval`")
+    groups, _ = load_groups(args.data, tokenizer, model.config.max_seq_len, skip_invalid=None)
     report = evaluate_rankings(model, groups, tokenizer.pad_id, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,12 +132,21 @@ def _reward_score(args) -> None:
 
     model, tokenizer = _load_reward_model(args)
     to_reward = reward_head(model, args.label, args.kind)
-    items, _ = parse_records([args.input], lambda r: (r, *answers_to_score(r)), skip_invalid=False, what="answer")
-    sequences = [reward_input(model, prompt, a, tokenizer) for _, (_, prompt, answers) in items for a in answers]
+    context = model.config.max_seq_len
+
+    def parse(record: dict) -> tuple[dict, list[list[int]]]:
+        prompt, answers = answers_to_score(record)
+        sequences = [reward_input(model, prompt, a, tokenizer) for a in answers]
+        if max(map(len, sequences)) > context:
+            raise ValueError(f"{max(map(len, sequences))} tokens, longer than the model's context ({context})")
+        return record, sequences
+
+    items, _ = parse_records([args.input], parse, skip_invalid=None, what="answer")
+    sequences = [s for _, (_, seqs) in items for s in seqs]
     scores = iter(score_sequences(model, sequences, tokenizer.pad_id, args.batch_size, to_reward))
     records = []
-    for _, (record, _, answers) in items:
-        rewards = [next(scores) for _ in answers]
+    for _, (record, seqs) in items:
+        rewards = [next(scores) for _ in seqs]
         records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
     write_jsonl_atomic(records, args.out)
     print(f"scored {len(sequences):,} answer(s) -> {args.out}")
@@ -147,10 +158,15 @@ def _sample(args) -> None:
     from chatforge.sample import read_prompts, sample_candidates, write_jsonl_atomic
 
     params = _sampling_params(args)
+    for t in args.temperatures or []:
+        if not t >= 0:
+            raise UserError(f"--temperatures must be >= 0, got {t}")
+    if args.k < 2:
+        raise UserError(f"-k must be at least 2 (answers to rank per prompt), got {args.k}")
     prompts = read_prompts(args.prompts)
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
-    records = sample_candidates(model, tokenizer, [p for _, p in prompts], args.k, params, args.temperatures,
-                                args.batch_size, progress=args.progress)
+    records = sample_candidates(model, tokenizer, prompts, args.k, params, args.temperatures, args.batch_size,
+                                progress=args.progress)
     write_jsonl_atomic(records, args.out)
     print(f"{len(records):,} prompts x {args.k} answers -> {args.out}")
 
@@ -283,6 +299,13 @@ def _add_label_commands(commands) -> None:
     p.set_defaults(func=_label_stats)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="SOURCE",
                         help=".txt/.md/.rst files, folders of them, .jsonl or .parquet files")
@@ -409,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
     p.add_argument("--data", nargs="+", required=True, help="held-out comparison files (formats as for `reward train`)")
     p.add_argument("--out", default="reward-eval", help="folder for reward_eval.json and calibration.png (default: reward-eval)")
-    p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_reward_eval)
     p = reward_commands.add_parser(
@@ -423,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="with a classifier (`chatforge classify train`): the class whose score is the reward")
     p.add_argument("--kind", choices=["logprob", "logit"], default="logprob",
                    help="with a classifier: reward = log-probability or logit of --label (default: logprob)")
-    p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_reward_score)
 
@@ -444,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument("--label-field", default="label", help="field holding the class (default: label)")
     p.add_argument("--out", help="also write the report as JSON here")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_classify_eval)
 
@@ -459,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--temperatures", type=float, nargs="+",
                    help="cycle the samples of each prompt through these temperatures (default: --temperature)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together (default: 8)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     _add_prompting_arguments(p, max_new_tokens=128, prompting=False)
     p.set_defaults(func=_sample)

@@ -69,10 +69,11 @@ def read_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple
             yield where, record
 
 
-def parse_records(paths: list[str], parse: Callable[[dict], T], skip_invalid: bool, what: str) -> tuple[list[tuple[str, T]], int]:
+def parse_records(paths: list[str], parse: Callable[[dict], T], skip_invalid: bool | None, what: str) -> tuple[list[tuple[str, T]], int]:
     """(where, parse(record)) for the records of .jsonl/.parquet files, and how many invalid records were
     skipped. `parse` raises ValueError or TypeError saying what is wrong; that stops with a one-line error
-    naming the file and line, or with `skip_invalid` the record is counted and skipped."""
+    naming the file and line, or with `skip_invalid` the record is counted and skipped (None: the command
+    has no --skip-invalid, so the error does not suggest it)."""
     items, skipped = [], 0
     for name in paths:
         path = Path(name)
@@ -85,7 +86,8 @@ def parse_records(paths: list[str], parse: Callable[[dict], T], skip_invalid: bo
                 items.append((where, parse(record)))
             except (ValueError, TypeError) as e:
                 if not skip_invalid:
-                    raise UserError(f"{where}: {e} (or pass --skip-invalid)") from None
+                    hint = " (or pass --skip-invalid)" if skip_invalid is not None else ""
+                    raise UserError(f"{where}: {e}{hint}") from None
                 skipped += 1
     if not items:
         raise UserError(f"no valid {what} records in {', '.join(paths)}")
@@ -120,15 +122,17 @@ class BucketedEpochs:
 
 
 def load_splits(load: Callable[[list[str]], tuple[list[T], int]], data: list[str], val_data: list[str],
-                val_fraction: float, seed: int) -> tuple[list[T], list[T], int]:
+                val_fraction: float, seed: int, key: Callable[[T], str] | None = None) -> tuple[list[T], list[T], int]:
     """Training and held-out items, and how many invalid records were skipped: `val_data` when given,
-    else the `val_fraction` of `data` that `is_validation` picks (at least one item)."""
+    else the `val_fraction` of `data` that `is_validation` picks (at least one item), by index or by
+    `key(item)`, so that items sharing a key (one prompt ranked by several people) stay on one side."""
     items, skipped = load(data)
     if val_data:
         val, skipped_val = load(val_data)
         return items, val, skipped + skipped_val
-    train = [x for i, x in enumerate(items) if not is_validation(i, val_fraction, seed)]
-    val = [x for i, x in enumerate(items) if is_validation(i, val_fraction, seed)]
+    held_out = [is_validation(key(x) if key else i, val_fraction, seed) for i, x in enumerate(items)]
+    train = [x for x, v in zip(items, held_out) if not v]
+    val = [x for x, v in zip(items, held_out) if v]
     return train, val or train[-1:], skipped
 
 
@@ -253,8 +257,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def is_validation(doc_index: int, val_fraction: float, seed: int) -> bool:
-    """Assign a document to the validation split by a hash of its index: stable for any worker count."""
+def is_validation(doc_index: int | str, val_fraction: float, seed: int) -> bool:
+    """Assign a document to the validation split by a hash of its index (or key): stable for any worker count."""
     digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 

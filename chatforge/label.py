@@ -39,8 +39,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from chatforge.chat_format import Message, check_conversation, check_text
-from chatforge.data import read_records
+from chatforge.chat_format import check_text, prompt_messages
+from chatforge.data import parse_records
 from chatforge.errors import UserError
 
 RATING_ASPECTS = ("helpful", "honest", "harmless")
@@ -105,33 +105,12 @@ class Candidate:
         return hashlib.sha256(_canonical({"prompt": self.prompt, "completions": self.completions}).encode()).hexdigest()
 
 
-def _check_prompt_messages(items: list) -> None:
-    messages = []
-    for i, m in enumerate(items):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"'prompt' message {i}: expected an object with string 'role' and 'content'")
-        messages.append(Message(m["role"], m["content"]))
-    try:
-        check_conversation(messages, final_assistant=False)
-    except ValueError as e:
-        raise ValueError(f"'prompt': {e}") from None
-    if messages[-1].role != "user":
-        raise ValueError("'prompt' must end with a user message (the completions answer it)")
-
-
 def parse_candidate(record: dict) -> Candidate:
     """A checked candidate from one input record; ValueError says what is wrong."""
     if "prompt" not in record:
         raise ValueError("expected a 'prompt' field (a string or a list of {role, content} messages)")
     prompt = record["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("'prompt' is empty")
-        check_text(prompt, "'prompt'")
-    elif isinstance(prompt, list):
-        _check_prompt_messages(prompt)
-    else:
-        raise ValueError(f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    prompt_messages(prompt)
     completions = record.get("completions")
     if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
         raise ValueError("expected 'completions': a list of strings")
@@ -147,21 +126,10 @@ def parse_candidate(record: dict) -> Candidate:
 
 def load_candidates(path: str | Path) -> list[Candidate]:
     """Every candidate of a JSONL (or Parquet) file, all checked before anything is stored."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: candidates file does not exist")
-    candidates = []
-    for where, record in read_records(path):
-        try:
-            candidates.append(parse_candidate(record))
-        except ValueError as e:
-            raise UserError(f"{where}: {e}") from None
-    if not candidates:
-        raise UserError(f"{path}: no candidates (expected one JSON object per line)")
-    return candidates
+    return [c for _, c in parse_records([str(path)], parse_candidate, skip_invalid=None, what="candidates")[0]]
 
 
-def prompt_messages(prompt: str | list[dict]) -> list[dict]:
+def prompt_dicts(prompt: str | list[dict]) -> list[dict]:
     """The prompt as a conversation: a bare string is one user message."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
@@ -306,7 +274,7 @@ def next_task(conn: sqlite3.Connection, annotator_id: int, per_prompt: int) -> d
     return {
         "done": False,
         "prompt_id": prompt["id"],
-        "messages": prompt_messages(json.loads(prompt["prompt"])),
+        "messages": prompt_dicts(json.loads(prompt["prompt"])),
         "answers": [{"index": i, "text": completions[i]}
                     for i in display_order(prompt["key"], annotator_id, len(completions))],
         "progress": progress,

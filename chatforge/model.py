@@ -42,7 +42,7 @@ class GPTConfig:
     num_labels: int = field(default=1, metadata={"help": "outputs of the classifier head"})
     labels: list[str] = field(default_factory=list, metadata={"help": "class names of the classifier head's outputs"})
     score_offset: float = field(default=0.0, metadata={
-        "help": "subtracted from the scalar head's output (a reward model's mean score on SFT answers, so they average 0)"})
+        "help": "subtracted from the scalar head's output (a reward model's mean score on its training answers, so they average 0)"})
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "d_model", "n_head"):
@@ -198,9 +198,9 @@ class FusedLinears:
         weights = [layer._parameters["weight"] for layer in self.linears]
         if not torch.is_inference_mode_enabled() or x.numel() > self.DECODE_ROWS * x.shape[-1]:
             return F.linear(x, torch.cat(weights) if len(weights) > 1 else weights[0])
-        # the copy is stale once a weight is replaced (the old one is held, so its id is not reused) or
-        # updated in place (its version counter moves); `GPT._apply` (.to(), .half() ...) clears it
-        key = [(id(w), w._version) for w in weights]
+        # the copy is stale once a weight is replaced (the old one is held, so its id is not reused),
+        # updated in place (its version counter moves) or given new storage (`.data = ...`, `.to()`)
+        key = [(id(w), w._version, w.data_ptr(), w.dtype) for w in weights]
         if key != self._key:
             self._weight_t, self._key, self._weights = torch.cat(weights).t().contiguous(), key, weights
         return x @ self._weight_t
@@ -318,9 +318,11 @@ class GPT(nn.Module):
         """
         T = idx.shape[1]
         if cache is not None:
+            if pad is not None:
+                raise ValueError("pass the padding to new_cache(pad=...) when decoding with a cache")
             start, pad = cache.length, cache.pad
         else:
-            start, pad = 0, pad if pad is not None and bool(pad.any()) else None
+            start, pad = 0, pad.to(idx.device) if pad is not None and bool(pad.any()) else None
         if start == 0 and pad is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
@@ -341,7 +343,7 @@ class GPT(nn.Module):
             return self.logits(x)
         if self.config.head == "classifier":
             return self.score(x)
-        return self.score(x).squeeze(-1) - self.config.score_offset
+        return self.score(x).squeeze(-1).float() - self.config.score_offset  # fp32: the offset is not lost in bf16
 
     def train(self, mode: bool = True) -> "GPT":
         if mode:  # training changes the weights: no decoding copy while training

@@ -11,8 +11,9 @@ however many answers it has. Options: a margin inside σ, and a centering term �
 near 0 (Eisenstein et al. 2023).
 
 The model is the SFT model with the LM head replaced by a scalar head, read at the answer's last token
-(its <|end|>). When training ends, the mean score of the training answers (the SFT model's samples) is
-stored as the model's `score_offset`, so they average 0, as InstructGPT normalised its reward before RL.
+(its <|end|>). When training ends, the mean score of the training answers (with `chatforge sample`, the SFT
+model's own answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT
+shifted its reward the same way, to its labelers' demonstrations.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def comparison_from_record(record: dict) -> Comparison:
         answers, ranking = record.get("completions"), record.get("ranking")
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise ValueError("'completions' must be a list of strings")
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(answers))):
+        if (not isinstance(ranking, list) or not all(type(r) is int for r in ranking)
+                or sorted(ranking) != list(range(len(answers)))):
             raise ValueError(f"'ranking' must list every completion index 0..{len(answers) - 1} once, best first")
     elif "chosen" in record and "rejected" in record:
         if "prompt" in record:
@@ -144,11 +146,14 @@ def reward_input(model: GPT, prompt: list[Message], answer: str, tokenizer: Toke
 
 @dataclass
 class Group:
-    """A tokenized comparison: one sequence per answer, and the ranking (indices, best first)."""
+    """A tokenized comparison: one sequence per answer (the prompt's `prompt_tokens` tokens, then the
+    answer), the ranking (indices, best first), and a key naming the prompt."""
 
     sequences: list[np.ndarray]
     ranking: list[int]
     where: str
+    prompt_tokens: int = 0
+    key: str = ""
 
     @property
     def tokens(self) -> int:
@@ -158,16 +163,19 @@ class Group:
 def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Group], int]:
     """Tokenized comparisons of `paths`, and how many invalid records were skipped."""
 
-    def parse(record: dict) -> Comparison:
+    def parse(record: dict) -> tuple[Comparison, list[list[int]]]:
         comparison = comparison_from_record(record)
-        longest = max(len(answer_ids(comparison.prompt, a, tokenizer)) for a in comparison.answers)
+        sequences = [answer_ids(comparison.prompt, a, tokenizer) for a in comparison.answers]
+        longest = max(map(len, sequences))
         if longest > max_seq_len:
             raise ValueError(f"{longest} tokens, longer than the model's context ({max_seq_len})")
-        return comparison
+        return comparison, sequences
 
     items, skipped = parse_records(paths, parse, skip_invalid, "comparison")
-    groups = [Group([np.array(answer_ids(c.prompt, a, tokenizer), dtype=np.int64) for a in c.answers], c.ranking, where)
-              for where, c in items]
+    groups = [Group([np.array(s, dtype=np.int64) for s in sequences], c.ranking, where,
+                    prompt_tokens=len(render(c.prompt, tokenizer, add_generation_prompt=True)),
+                    key=repr([(m.role, m.content) for m in c.prompt]))
+              for where, (c, sequences) in items]
     return groups, skipped
 
 
@@ -284,7 +292,7 @@ class RewardTask:
         return []
 
     def finish(self, model: GPT) -> None:
-        """Shift the scores so that the training answers (the SFT model's samples) average 0."""
+        """Shift the scores so that the training answers average 0."""
         mine = self.train[self.d.rank :: self.d.world_size]
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         was_training = model.training
@@ -325,7 +333,8 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
             model = with_head(sft_model, "scalar")
         max_len = model.config.max_seq_len
         train, val, skipped = load_splits(lambda paths: load_groups(paths, tokenizer, max_len, config.skip_invalid),
-                                          config.data, config.val_data, config.val_fraction, config.seed)
+                                          config.data, config.val_data, config.val_fraction, config.seed,
+                                          key=lambda g: g.key)  # a prompt ranked by several people: one side
         if d.is_main:
             pairs = sum(math.comb(len(g.sequences), 2) for g in train)
             print(f"reward: {len(train):,} training prompts ({pairs:,} pairs), {len(val):,} held out"
@@ -377,7 +386,7 @@ def expected_calibration_error(bins: list[dict]) -> float:
 
 
 def evaluate_rankings(model: GPT, groups: list[Group], pad_id: int, batch_size: int = 16) -> dict:
-    """Held-out pairwise accuracy, calibration, and how much the reward follows answer length.
+    """Held-out pairwise accuracy, calibration, and how much the reward follows answer length (in tokens).
 
     Calibration shows each pair in an order fixed by a hash (the winner first about half of the time), so
     that "predicted P(first wins) = σ(r₁ − r₂)" can be compared with how often the first did win.
@@ -394,11 +403,11 @@ def evaluate_rankings(model: GPT, groups: list[Group], pad_id: int, batch_size: 
             winner, loser = g.ranking[i], g.ranking[j]
             right += scores[winner] > scores[loser]
             pairs += 1
-            winner_first = hash_bit(g.where, i, j)
+            winner_first = hash_bit(g.key, g.ranking[i], g.ranking[j])
             first, second = (winner, loser) if winner_first else (loser, winner)
-            predicted.append(1 / (1 + math.exp(-(scores[first] - scores[second]))))
+            predicted.append(0.5 * (1 + math.tanh((scores[first] - scores[second]) / 2)))  # σ, without overflow
             won.append(winner_first)
-    lengths = [len(s) for s in sequences]
+    lengths = [len(s) - g.prompt_tokens for g in groups for s in g.sequences]  # the answers' tokens
     bins = calibration_bins(predicted, won)
     return {
         "prompts": len(groups), "pairs": pairs, "accuracy": right / max(pairs, 1),

@@ -1,6 +1,7 @@
 """Candidates for human feedback: the SFT model answers each prompt K times.
 
-    {"prompt": "What is a tuple?", "completions": ["...", "...", "...", "..."], "sampling": {...}}
+    {"prompt": "What is a tuple?", "completions": ["...", "...", "...", "..."],
+     "finish_reasons": ["stop", "stop", "length", "stop"], "sampling": {...}}
 
 People (`chatforge label serve`) or a rule then rank the K answers, and the reward model learns from the
 C(K,2) pairs of each ranking. The K samples of a prompt share one prefill in the engine. Samples may cycle
@@ -30,8 +31,15 @@ def read_prompts(path: str) -> list[tuple[str, list[Message]]]:
     if Path(path).suffix == ".txt":
         if not Path(path).is_file():
             raise UserError(f"{path}: prompt file does not exist")
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        prompts = [(f"{path}:{i}", prompt_messages(line.strip())) for i, line in enumerate(lines, 1) if line.strip()]
+        prompts = []
+        with Path(path).open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                    if line:
+                        prompts.append((f"{path}:{lineno}", prompt_messages(line)))
+                except (UnicodeDecodeError, ValueError) as e:
+                    raise UserError(f"{path}:{lineno}: {'not valid UTF-8' if isinstance(e, UnicodeDecodeError) else e}") from None
         if not prompts:
             raise UserError(f"{path}: no prompts")
         return prompts
@@ -41,34 +49,41 @@ def read_prompts(path: str) -> list[tuple[str, list[Message]]]:
             raise ValueError("expected a 'prompt' field")
         return prompt_messages(record["prompt"])
 
-    return parse_records([path], parse, skip_invalid=False, what="prompt")[0]
+    return parse_records([path], parse, skip_invalid=None, what="prompt")[0]
 
 
-def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[list[Message]], k: int,
+def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[Message]]], k: int,
                       params: SamplingParams, temperatures: list[float] | None = None, batch_size: int = 8,
                       progress: bool = True) -> list[dict]:
-    """K answers to each prompt: records {prompt, completions, sampling}."""
+    """K answers to each (where, prompt): records {prompt, completions, finish_reasons, sampling}.
+    A prompt that leaves no room for an answer in the model's context is an error naming its line."""
     if k < 2:
-        raise UserError(f"-k must be at least 2 (answers to rank per prompt), got {k}")
+        raise ValueError(f"k must be at least 2, got {k}")
+    context = model.config.max_seq_len
+    for where, prompt in prompts:
+        length = len(render(prompt, tokenizer, add_generation_prompt=True))
+        if length >= context:
+            raise UserError(f"{where}: the prompt is {length} tokens, the model's context is {context}")
     temperatures = temperatures or [params.temperature]
     per_temperature = {t: sum(1 for j in range(k) if temperatures[j % len(temperatures)] == t) for t in temperatures}
     stop = (tokenizer.special[END_OF_TURN],)
     records = []
     bar = tqdm(total=len(prompts) * k, desc="sample", unit="answer", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
+        batch = [p for _, p in prompts[start : start + batch_size]]
         ids = [render(p, tokenizer, add_generation_prompt=True) for p in batch]
-        answers: list[list[tuple[float, str]]] = [[] for _ in batch]
+        answers: list[list[tuple[float, str, str]]] = [[] for _ in batch]
         for i, (temperature, n) in enumerate(per_temperature.items()):
             seed = None if params.seed is None else params.seed + 1000 * start + i
             setting = dataclasses.replace(params, temperature=temperature, seed=seed)
             for row, samples in enumerate(generate_batch(model, ids, setting, n=n, stop_ids=stop, tokenizer=tokenizer)):
-                answers[row] += [(temperature, c.text.strip()) for c in samples]
+                answers[row] += [(temperature, c.text.strip(), c.finish_reason) for c in samples]
         for prompt, row in zip(batch, answers):
             records.append({
                 "prompt": prompt[0].content if len(prompt) == 1 else [m.to_dict() for m in prompt],
-                "completions": [text for _, text in row],
-                "sampling": {**dataclasses.asdict(params), "temperatures": [t for t, _ in row]},
+                "completions": [text for _, text, _ in row],
+                "finish_reasons": [reason for _, _, reason in row],  # "length": cut off at max_new_tokens
+                "sampling": {**dataclasses.asdict(params), "temperatures": [t for t, _, _ in row]},
             })
         bar.update(len(batch) * k)
     bar.close()

@@ -370,6 +370,9 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
     else:
         base = cfg.load_preset(preset, stage) if preset else {}
     config = cfg.from_dict(cls, cfg.merge(base, overrides), f"{stage} config")
+    if getattr(config, "epochs", 0) > 0 and "max_steps" in overrides:
+        raise UserError(f"--max-steps and --epochs ({config.epochs:g}) both set the length of the run: "
+                        f"pass --epochs 0 to count steps")
     if not resume and step_checkpoints(config.out):
         raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
                         f"`--resume {config.out}`, or choose another --out")

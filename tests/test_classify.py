@@ -79,6 +79,8 @@ def test_a_classifier_is_a_reward(sentiment_classifier, tmp_path):
     assert negative < np.log(0.5) < positive <= 0  # log-probabilities of 'positive'
     result = run_cli("reward", "score", run, "--input", answers, "--out", tmp_path / "x.jsonl", check=False)
     assert_one_line_error(result, "needs --label, one of its classes: negative, positive")
+    result = run_cli("reward", "eval", run, "--data", answers, "--out", tmp_path / "eval", check=False)
+    assert_one_line_error(result, "evaluate a classifier with `classify eval`")
 
 
 def test_classify_errors(pretrained, tmp_path):

@@ -149,8 +149,8 @@ def test_agreement_over_prompts_and_annotators():
 
 @pytest.mark.parametrize("record, expected", [
     ({"completions": ["a", "b"]}, "expected a 'prompt' field"),
-    ({"prompt": 3, "completions": ["a", "b"]}, "'prompt' must be a string or a list of messages, got int"),
-    ({"prompt": " ", "completions": ["a", "b"]}, "'prompt' is empty"),
+    ({"prompt": 3, "completions": ["a", "b"]}, "'prompt' must be a string or a list of {role, content} messages"),
+    ({"prompt": " ", "completions": ["a", "b"]}, "'prompt': message 0 (user): empty content"),
     ({"prompt": "q"}, "expected 'completions': a list of strings"),
     ({"prompt": "q", "completions": "ab"}, "expected 'completions': a list of strings"),
     ({"prompt": "q", "completions": ["a", 2]}, "expected 'completions': a list of strings"),
@@ -158,7 +158,7 @@ def test_agreement_over_prompts_and_annotators():
     ({"prompt": "q", "completions": ["only one"]}, "'completions' has 1; ranking needs 2"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "completions": ["a", "b"]},
      "must end with a user message"),
-    ({"prompt": [{"role": "user"}], "completions": ["a", "b"]}, "message 0: expected an object with string 'role'"),
+    ({"prompt": [{"role": "user"}], "completions": ["a", "b"]}, "'prompt': message 0 (user): content must be a string"),
     ({"prompt": [{"role": "robot", "content": "q"}], "completions": ["a", "b"]}, "unknown role 'robot'"),
     ({"prompt": "q", "completions": ["a", "b<|end|>"]}, "completion 1: contains the special token <|end|>"),
     ({"prompt": "q", "completions": ["a", "b"], "sampling": 0.7}, "'sampling' must be an object"),

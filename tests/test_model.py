@@ -127,6 +127,11 @@ def test_fused_inference_weights_follow_the_parameters():
         torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
     model.eval()
     assert all(layer.self_attn.qkv._weight_t is not None for layer in model.layers)  # kept for the next generation
+    with torch.no_grad():  # a new tensor behind the same parameter: no version bump, a new storage
+        model.layers[0].mlp.down_proj.weight.data = model.layers[0].mlp.down_proj.weight.data * 3
+        expected = model(idx)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
     model.double()  # swaps every weight's storage
     with torch.no_grad():
         expected = model(idx)
