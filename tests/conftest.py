@@ -108,7 +108,7 @@ def run_torchrun(*args, processes: int = 2, timeout: float = 180) -> subprocess.
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
          "-m", "chatforge", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, f"torchrun exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 
 
