@@ -1,0 +1,140 @@
+"""Stage 4, RLHF with PPO-ptx: the objective of InstructGPT (Ouyang et al. 2022, equation 2),
+
+    objective(φ) = E_{(x,y) ~ π_φ} [ r_θ(x, y) − β · log(π_φ(y|x) / π_SFT(y|x)) ] + γ_ptx · E_{x ~ D_pretrain} [ log π_φ(x) ]
+
+maximised with PPO (Schulman et al. 2017): answers are sampled, each answer token gets the KL penalty and
+the last one also the reward model's score, GAE turns rewards and values into advantages, and several
+epochs of minibatch updates follow the clipped objective, a clipped value loss and an entropy bonus, with
+the pretraining loss mixed into the same step. Each term below is a small function whose docstring shows
+its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on real answer tokens.
+
+This module holds the objective's terms; the trainer that runs rollouts and updates comes next.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x·mask / Σ mask (over `dim`, or everything)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (the mean kept when not `shift_mean`); 0 where masked."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards and the per-token KL estimate:
+
+        kl_t = log π_RL(y_t | x, y_<t) − log π_SFT(y_t | x, y_<t)
+        r_t  = −β · kl_t  +  [t is the answer's last token] · r_θ(x, y)
+
+    scores (B,), the others (B, T) -> rewards (B, T), kl (B, T); both 0 where masked.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1  # the answer's last token (an empty answer has no token to reward)
+    has_tokens = last >= 0
+    rows = torch.arange(len(scores), device=scores.device)[has_tokens]
+    rewards[rows, last[has_tokens]] += scores[has_tokens].to(rewards.dtype)
+    return rewards, kl
+
+
+def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016) backwards over the answer tokens:
+
+        δ_t = r_t + γ·V_{t+1} − V_t        (V after the last token is 0)
+        A_t = δ_t + γλ·A_{t+1}
+        R_t = A_t + V_t                     (the value target)
+
+    -> advantages (B, T), returns (B, T); 0 where masked.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, as a loss to minimise:
+
+        ρ_t = π_φ(y_t) / π_φ_old(y_t)
+        L   = −E_t [ min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t) ]
+
+    -> (loss, the share of tokens where the clipped term was the smaller one).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
+    return loss, clip_fraction
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """The value loss with the new values kept near the rollout's (as in PPO's reference code):
+
+        L_V = ½ · E_t [ max((V_t − R_t)², (clip(V_t, V_old − ε, V_old + ε) − R_t)²) ]
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the policy over answer tokens, H = −Σ_v p_v log p_v (the bonus's quantity)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def ppo_ptx_loss(policy: torch.Tensor, value: torch.Tensor, entropy_value: torch.Tensor, ptx: torch.Tensor | None,
+                 vf_coef: float, entropy_coef: float, ptx_coef: float) -> torch.Tensor:
+    """The loss of one update: L = L^CLIP + c_vf·L_V − c_H·H + γ_ptx·L_LM(pretraining batch).
+
+    With c_H = 0 and the pretraining term weighted by γ_ptx this is InstructGPT's PPO-ptx objective
+    (negated, as a loss); L_LM is the mean next-token loss, so −γ_ptx·L_LM = γ_ptx·E[log π(x)] per token.
+    """
+    loss = policy + vf_coef * value - entropy_coef * entropy_value
+    if ptx is not None and ptx_coef:
+        loss = loss + ptx_coef * ptx
+    return loss
+
+
+class AdaptiveKLController:
+    """β adapted toward a target KL (Ziegler et al. 2019):
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2)
+        β ← β · (1 + e · n / horizon)           n: samples in the rollout
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, samples: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * samples / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]

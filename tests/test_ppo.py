@@ -1,0 +1,118 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatforge.model import GPT, GPTConfig
+from chatforge.ppo import (
+    AdaptiveKLController, clipped_policy_loss, clipped_value_loss, entropy, generalized_advantages,
+    kl_penalized_rewards, masked_mean, ppo_ptx_loss, whiten,
+)
+
+
+def test_gae_by_hand_with_a_ragged_answer():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, 99.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 77.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second answer has two tokens
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0: δ2 = 2 − 1.5 = 0.5; δ1 = 0.9·1.5 − 1 = 0.35, A1 = 0.35 + 0.72·0.5; δ0 = 1 + 0.9·1 − 0.5 = 1.4
+    a1 = 0.35 + 0.72 * 0.5
+    # row 1: the value after its last token is 0: δ1 = 0 − 1 = −1; A0 = 1.4 + 0.72·(−1)
+    expected = torch.tensor([[1.4 + 0.72 * a1, a1, 0.5], [1.4 - 0.72, -1.0, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, (expected + values) * mask)
+
+
+def test_whitening_over_the_mask_only():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    out = whiten(x, mask)
+    assert masked_mean(out, mask).abs() < 1e-6
+    assert masked_mean(out**2, mask) == pytest.approx(1.0, abs=1e-5)
+    assert out[1, 1] == 0 and out[1, 2] == 0
+    kept = whiten(x, mask, shift_mean=False)
+    assert masked_mean(kept, mask) == pytest.approx(2.5)  # mean of 1, 2, 3, 4
+
+
+@pytest.mark.parametrize("sign, loss, clipped", [(1.0, -0.9, 1 / 3), (-1.0, 1.1, 1 / 3)])
+def test_clipped_objective_on_hand_made_ratios(sign, loss, clipped):
+    ratios = torch.tensor([[0.5, 1.0, 1.5]])
+    old = torch.zeros(1, 3)
+    advantages = torch.full((1, 3), sign)
+    # A = +1: min(ρA, clip(ρ)A) = 0.5, 1, 1.2 (1.5 clipped to 1.2) -> mean 0.9
+    # A = −1: min(−0.5, −0.8) = −0.8 (0.5 clipped up to 0.8), −1, −1.5 -> mean −1.1
+    value, fraction = clipped_policy_loss(ratios.log(), old, advantages, torch.ones(1, 3), clip=0.2)
+    assert value.item() == pytest.approx(loss)
+    assert fraction.item() == pytest.approx(clipped)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.1]]), torch.tensor([[3.0, 0.0]])
+    # token 0: (2 − 3)² = 1 vs (2 clipped to 1.2, − 3)² = 3.24 -> 3.24; token 1: 0² vs (0.1 − 0.1 − 0)² -> 0
+    loss = clipped_value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.0) / 2, abs=1e-6)
+
+
+def test_kl_penalty_on_every_answer_token_and_the_score_on_the_last_only():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-0.1, -9.0, -9.0, -9.0], [-9.0] * 4])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0], [-0.3, -1.0, -1.0, -1.0], [-1.0] * 4])
+    scores = torch.tensor([10.0, 20.0, 30.0])
+    rewards, kl = kl_penalized_rewards(scores, logprobs, ref, mask, beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [0.2, 0, 0, 0], [0.0] * 4]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 10.0, 0.0], [-0.02 + 20.0, 0, 0, 0], [0.0] * 4]))
+
+
+def test_policy_gradient_equals_reinforce_when_nothing_is_clipped():
+    """β = 0, one epoch (ratio 1), no clipping: ∇L^CLIP = −∇ E_t[A_t · log π(y_t)] (signs and masks)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=16))
+    ids = torch.randint(0, 50, (3, 12))
+    prompt = 5  # answer tokens are ids[:, 5:], predicted from positions 4..10
+    mask = torch.tensor([[1.0] * 7, [1.0] * 4 + [0.0] * 3, [1.0] * 2 + [0.0] * 5])
+    advantages = torch.randn(3, 7)
+
+    def answer_logprobs():
+        logits = model(ids)[:, prompt - 1 : -1]
+        return torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt:, None]).squeeze(2)
+
+    logprobs = answer_logprobs()
+    loss, fraction = clipped_policy_loss(logprobs, logprobs.detach(), advantages, mask, clip=0.2)
+    assert fraction.item() == 0
+    ppo = torch.autograd.grad(loss, list(model.parameters()))
+    reinforce = torch.autograd.grad(-masked_mean(advantages * answer_logprobs(), mask), list(model.parameters()))
+    for a, b in zip(ppo, reinforce):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_ptx_term_adds_exactly_the_language_model_gradient():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=16))
+    params = list(model.parameters())
+    text = torch.randint(0, 50, (2, 9))
+    policy_term = model(text[:, :-1]).float().pow(2).mean()  # any stand-in for the PPO terms
+    lm = model(text[:, :-1], targets=text[:, 1:])
+    zero = torch.zeros(())
+    with_ptx = torch.autograd.grad(ppo_ptx_loss(policy_term, zero, zero, lm, 0.5, 0.0, 27.8), params, retain_graph=True)
+    without = torch.autograd.grad(ppo_ptx_loss(policy_term, zero, zero, None, 0.5, 0.0, 27.8), params, retain_graph=True)
+    lm_grad = torch.autograd.grad(lm, params)
+    for a, b, g in zip(with_ptx, without, lm_grad):
+        torch.testing.assert_close(a - b, 27.8 * g, rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_of_uniform_and_certain_policies():
+    mask = torch.ones(1, 2)
+    uniform = torch.zeros(1, 2, 8)
+    certain = torch.tensor([[[50.0] + [0.0] * 7] * 2])
+    assert entropy(uniform, mask).item() == pytest.approx(torch.log(torch.tensor(8.0)).item())
+    assert entropy(certain, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=10_000)
+    assert controller.update(kl=12.0, samples=100) == pytest.approx(0.1 * (1 + 0.2 * 100 / 10_000))  # clipped +20%
+    beta = controller.beta
+    assert controller.update(kl=3.0, samples=100) == pytest.approx(beta * (1 - 0.2 * 100 / 10_000))
+    assert controller.update(kl=6.0, samples=100) == pytest.approx(beta * (1 - 0.2 * 100 / 10_000))  # on target
+    restored = AdaptiveKLController(1.0, 1.0, 1)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.state_dict() == controller.state_dict()
