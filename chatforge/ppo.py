@@ -8,13 +8,62 @@ epochs of minibatch updates follow the clipped objective, a clipped value loss a
 the pretraining loss mixed into the same step. Each term below is a small function whose docstring shows
 its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on real answer tokens.
 
-This module holds the objective's terms; the trainer that runs rollouts and updates comes next.
+This module holds the objective's terms and the layout of a rollout batch; the trainer that runs
+rollouts and updates comes next.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class RolloutBatch:
+    """Prompts and their sampled answers as one (B, P + T) batch: prompts left-padded to width P (`pad`
+    slots per row, never attended to), answers right-padded to T (`mask` 1 on real answer tokens). Every
+    model of PPO reads it with one forward pass, and each row computes what it would alone."""
+
+    ids: torch.Tensor  # (B, P + T)
+    pad: torch.Tensor  # (B,) left padding of each prompt
+    mask: torch.Tensor  # (B, T) float, 1 on answer tokens
+    prompt_width: int  # P
+
+    @classmethod
+    def build(cls, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
+              device=None) -> "RolloutBatch":
+        width = max(len(p) for p in prompts)
+        answer_width = max(1, max(len(a) for a in answers))
+        ids = torch.full((len(prompts), width + answer_width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), answer_width)
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            ids[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+            ids[row, width : width + len(a)] = torch.tensor(a, dtype=torch.long)
+            mask[row, : len(a)] = 1
+        pad = torch.tensor([width - len(p) for p in prompts])
+        return cls(ids.to(device), pad.to(device), mask.to(device), width)
+
+    def answer_logits(self, model: torch.nn.Module) -> torch.Tensor:
+        """(B, T, vocab): the logits that predicted each answer token (positions P − 1 ... P + T − 2)."""
+        return model(self.ids[:, :-1], pad=self.pad)[:, self.prompt_width - 1 :]
+
+    def answer_values(self, model: torch.nn.Module) -> torch.Tensor:
+        """(B, T): a scalar-head model's value of the state before each answer token, V(x, y_<t)."""
+        return model(self.ids[:, :-1], pad=self.pad)[:, self.prompt_width - 1 :] * self.mask
+
+    def answer_scores(self, model: torch.nn.Module) -> torch.Tensor:
+        """(B,): a scalar-head model's output at each answer's last token (the reward model's score)."""
+        values = model(self.ids, pad=self.pad)[:, self.prompt_width :]
+        last = (self.mask.sum(1).long() - 1).clamp(min=0)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(y_t | ...) of the given tokens: logits (B, T, V), tokens (B, T) -> (B, T), in fp32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens[..., None]).squeeze(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

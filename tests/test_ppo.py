@@ -116,3 +116,35 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     restored = AdaptiveKLController(1.0, 1.0, 1)
     restored.load_state_dict(controller.state_dict())
     assert restored.state_dict() == controller.state_dict()
+
+
+def test_a_rollout_batch_reads_each_row_as_it_would_alone():
+    """Ragged prompts (left-padded) and answers (right-padded) in one forward pass: the answers' log-probs
+    equal the engine's own (sampled with the KV cache) and each row's alone; the reward model's score is
+    read at each answer's last token."""
+    from chatforge.engine import SamplingParams, generate_batch
+    from chatforge.ppo import RolloutBatch, token_logprobs
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
+    reward = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32, head="scalar")).eval()
+    torch.nn.init.normal_(reward.score.weight)
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 11], [1, 12, 13, 14]]
+    params = SamplingParams(max_new_tokens=7, temperature=1.0, seed=3)
+    completions = [c[0] for c in generate_batch(policy, prompts, params, stop_ids=(2, 3, 4), logprobs=True)]
+    answers = [c.tokens for c in completions]
+    assert len({len(a) for a in answers}) > 1, answers  # ragged answers (this seed)
+    batch = RolloutBatch.build(prompts, answers, pad_id=0)
+    with torch.no_grad():
+        answer_tokens = batch.ids[:, batch.prompt_width:]
+        logprobs = token_logprobs(batch.answer_logits(policy), answer_tokens) * batch.mask
+        scores = batch.answer_scores(reward)
+        values = batch.answer_values(reward)
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            alone = token_logprobs(policy(torch.tensor([p + a]))[:, len(p) - 1 : -1], torch.tensor([a]))[0]
+            torch.testing.assert_close(logprobs[row, : len(a)], alone, rtol=0, atol=1e-5)
+            torch.testing.assert_close(logprobs[row, : len(a)], torch.tensor(completions[row].logprobs), rtol=0, atol=1e-4)
+            assert (logprobs[row, len(a):] == 0).all() and (values[row, len(a):] == 0).all()
+            full = reward(torch.tensor([p + a]))[0]
+            torch.testing.assert_close(scores[row], full[-1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(values[row, : len(a)], full[len(p) - 1 : -1], rtol=0, atol=1e-5)
