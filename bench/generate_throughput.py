@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, hf_llama_config, hf_state_dict
 from chatforge.pretrain import PretrainConfig
 from chatforge.runtime import pick_device
+from timing import seconds, timed  # bench/timing.py
 
 
 @torch.no_grad()
@@ -36,24 +36,6 @@ def naive_generate(model: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.
     for _ in range(new_tokens):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seq[:, prompts.shape[1]:]
-
-
-def seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns (a, b, a, b, ...) so that drift in the shared
-    machine's speed hits them alike."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from chatforge import config as cfg
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.reward import Group, last_token_outputs, ranking_loss, right_pad
+from timing import timed  # bench/timing.py
 
 
 def synthetic_groups(count: int, k: int, vocab: int, seed: int = 0) -> list[Group]:
@@ -64,19 +64,6 @@ def train_step(model, optimizer, loss_fn, groups) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns so that drift of a shared machine hits all alike."""
-    for fn in fns.values():  # warm-up: allocator, first-call costs
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:

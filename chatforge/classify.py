@@ -27,7 +27,7 @@ from chatforge.model import GPT, with_head
 from chatforge.reward import last_token_outputs, right_pad, text_ids
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
 
 REPORT_FILE = "classification_report.json"
 
@@ -128,7 +128,7 @@ def format_report(report: dict) -> str:
 
 # --- the task --------------------------------------------------------------------------------------------
 
-class ClassifyTask:
+class ClassifyTask(StepDeterminedData):
     def __init__(self, config: ClassifyConfig, tokenizer: Tokenizer, train: list[Labelled], val: list[Labelled],
                  d: Dist, device: torch.device):
         self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
@@ -184,12 +184,6 @@ class ClassifyTask:
         if self.d.is_main:
             print(format_report(report))
             save_json(report, Path(self.config.out) / REPORT_FILE)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[ClassifyConfig, Path | None]:

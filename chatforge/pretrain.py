@@ -18,7 +18,7 @@ from chatforge.errors import UserError
 from chatforge.model import GPT, GPTConfig
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import TrainConfig, resolve_run_config, run_stage
+from chatforge.train import StepDeterminedData, TrainConfig, resolve_run_config, run_stage
 
 @dataclass
 class PretrainConfig(TrainConfig):
@@ -29,7 +29,7 @@ class PretrainConfig(TrainConfig):
     model: GPTConfig = field(default_factory=GPTConfig)
 
 
-class PretrainTask:
+class PretrainTask(StepDeterminedData):
     """Random windows of the train split; validation on the first windows of the val split."""
 
     def __init__(self, config: PretrainConfig, tokenizer: Tokenizer, d: Dist, device: torch.device):
@@ -67,12 +67,6 @@ class PretrainTask:
         completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.bos_id,))
         return [p + self.tokenizer.decode(c.tokens, skip_special=True)
                 for p, (c,) in zip(self.config.sample_prompts, completions)]
-
-    def state_dict(self) -> dict:
-        return {}  # the data position is the step: windows are a pure function of (seed, step)
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[PretrainConfig, Path | None]:

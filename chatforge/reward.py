@@ -38,7 +38,7 @@ from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
 
 
 @dataclass
@@ -238,7 +238,7 @@ def centering_penalty(scores: torch.Tensor) -> torch.Tensor:
     return scores.pow(2).mean()
 
 
-class RewardTask:
+class RewardTask(StepDeterminedData):
     """Batches of `batch_size` prompts, each with all its answers; each micro-batch pads its answers on
     the right and reads every score at the answer's last token."""
 
@@ -304,12 +304,6 @@ class RewardTask:
         model.train(was_training)
         total, count = all_reduce_sum(sums, self.d).tolist()
         model.config = dataclasses.replace(model.config, score_offset=model.config.score_offset + total / count)
-
-    def state_dict(self) -> dict:
-        return {}  # batches are a pure function of (seed, step)
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[RewardConfig, Path | None]:

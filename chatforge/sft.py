@@ -25,7 +25,7 @@ from chatforge.losses import IGNORE_INDEX
 from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
-from chatforge.train import TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -128,7 +128,7 @@ def token_share(targets: torch.Tensor, step_targets: int, world_size: int) -> fl
     return int((targets != IGNORE_INDEX).sum()) * world_size / step_targets
 
 
-class SFTTask:
+class SFTTask(StepDeterminedData):
     def __init__(self, config: SFTConfig, tokenizer: Tokenizer, train: list[Example], val: list[Example],
                  d: Dist, device: torch.device):
         self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
@@ -172,12 +172,6 @@ class SFTTask:
             reply = parse(ids + completion.tokens, self.tokenizer)[-1]
             out.append(f"{question} -> {reply.content if reply.role == 'assistant' else ''}")
         return out
-
-    def state_dict(self) -> dict:
-        return {}  # batches are a pure function of (seed, step)
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[SFTConfig, Path | None]:

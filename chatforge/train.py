@@ -101,6 +101,17 @@ class Task(Protocol):
     # (the reward model stores its score offset there).
 
 
+class StepDeterminedData:
+    """For tasks whose batches are a pure function of (seed, step): the step is the whole data position,
+    so a checkpoint needs no data state."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def process_share(batch: list, d: Dist, accumulation: int) -> Iterator[list]:
     """This process's micro-batches of a global batch: every world_size-th item (so that every process
     gets short and long ones), cut into `accumulation` parts."""
