@@ -8,8 +8,8 @@ epochs of minibatch updates follow the clipped objective, a clipped value loss a
 the pretraining loss mixed into the same step. Each term below is a small function whose docstring shows
 its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on real answer tokens.
 
-This module holds the objective's terms and the layout of a rollout batch; the trainer that runs
-rollouts and updates comes next.
+This module holds the objective's terms, the layout of a rollout batch and `make_experience` (a scored
+rollout with advantages); the trainer that runs rollouts and updates comes next.
 """
 
 from __future__ import annotations
@@ -187,3 +187,55 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
+
+
+# --- experience: one rollout, scored --------------------------------------------------------------------
+
+@dataclass
+class Experience:
+    """A rollout with everything the PPO epochs need; (B, T) tensors over answer tokens, 0 where masked."""
+
+    batch: RolloutBatch
+    logprobs: torch.Tensor  # log π_old(y_t): the policy that sampled
+    ref_logprobs: torch.Tensor  # log π_SFT(y_t)
+    values: torch.Tensor  # V_old(x, y_<t)
+    scores: torch.Tensor  # (B,) the reward model's score, after the penalty for answers that never end
+    finished: torch.Tensor  # (B,) bool: the answer ended with a stop token
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor  # whitened over the rollout when asked
+    returns: torch.Tensor
+
+    @property
+    def answer_tokens(self) -> torch.Tensor:
+        return self.batch.ids[:, self.batch.prompt_width :]
+
+
+@torch.no_grad()
+def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module,
+                    reward_model: torch.nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                    finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
+                    unfinished_penalty: float = 0.0, reward_clip: float = 0.0,
+                    whiten_advantages: bool = True) -> Experience:
+    """Score sampled answers and turn them into advantages:
+
+    log-probs under the sampling policy and the reference, values, the reward model's score (minus
+    `unfinished_penalty` for an answer cut off by the length limit; clipped to ±`reward_clip` when > 0),
+    per-token rewards (`kl_penalized_rewards`), then GAE advantages and returns.
+    """
+    device = next(policy.parameters()).device
+    batch = RolloutBatch.build(prompts, answers, pad_id, device)
+    tokens = batch.ids[:, batch.prompt_width :]
+    logprobs = token_logprobs(batch.answer_logits(policy), tokens) * batch.mask
+    ref_logprobs = token_logprobs(batch.answer_logits(reference), tokens) * batch.mask
+    values = batch.answer_values(value_model).float()
+    scores = batch.answer_scores(reward_model).float()
+    done = torch.tensor(list(finished), dtype=torch.bool, device=device)
+    scores = torch.where(done, scores, scores - unfinished_penalty)
+    if reward_clip > 0:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, batch.mask, beta)
+    advantages, returns = generalized_advantages(rewards, values, batch.mask, gamma, lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, batch.mask)
+    return Experience(batch, logprobs, ref_logprobs, values, scores, done, rewards, kl, advantages, returns)

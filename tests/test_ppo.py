@@ -148,3 +148,39 @@ def test_a_rollout_batch_reads_each_row_as_it_would_alone():
             full = reward(torch.tensor([p + a]))[0]
             torch.testing.assert_close(scores[row], full[-1], rtol=0, atol=1e-5)
             torch.testing.assert_close(values[row, : len(a)], full[len(p) - 1 : -1], rtol=0, atol=1e-5)
+
+
+def test_experience_from_a_rollout():
+    """Policy = reference: no KL, so each answer's only reward is its score on its last token; advantages
+    and returns follow GAE; an answer cut off by the length limit pays the penalty."""
+    from chatforge.engine import SamplingParams, generate_batch
+    from chatforge.ppo import make_experience
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
+    critic = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32, head="scalar")).eval()
+    torch.nn.init.normal_(critic.score.weight)
+    prompts = [[1, 5, 6, 7], [1, 11], [1, 12, 13]]
+    out = [c[0] for c in generate_batch(policy, prompts, SamplingParams(max_new_tokens=4, seed=1),
+                                       stop_ids=tuple(range(2, 12)))]
+    answers, finished = [c.tokens for c in out], [c.finish_reason == "stop" for c in out]
+    assert not all(finished) and any(finished), finished  # both kinds (this seed)
+    plain = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+                            whiten_advantages=False)
+    penalised = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+                                unfinished_penalty=2.0, whiten_advantages=False)
+    assert plain.kl.abs().max() == 0
+    for row, answer in enumerate(answers):
+        last = len(answer) - 1
+        assert plain.rewards[row, last] == plain.scores[row]
+        assert plain.rewards[row].abs().sum() == plain.scores[row].abs()  # nothing else
+        expected = plain.scores[row] - (0 if finished[row] else 2.0)
+        assert penalised.scores[row].item() == pytest.approx(expected.item())
+    advantages, returns = generalized_advantages(plain.rewards, plain.values, plain.batch.mask, 1.0, 0.95)
+    torch.testing.assert_close(plain.advantages, advantages)
+    torch.testing.assert_close(plain.returns, returns)
+    whitened = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1)
+    assert masked_mean(whitened.advantages, whitened.batch.mask).abs() < 1e-5
+    clipped = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+                              reward_clip=0.01)
+    assert clipped.scores.abs().max() <= 0.01 + 1e-7
