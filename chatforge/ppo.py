@@ -8,8 +8,9 @@ epochs of minibatch updates follow the clipped objective, a clipped value loss a
 the pretraining loss mixed into the same step. Each term below is a small function whose docstring shows
 its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on real answer tokens.
 
-This module holds the objective's terms, the layout of a rollout batch and `make_experience` (a scored
-rollout with advantages); the trainer that runs rollouts and updates comes next.
+This module holds the objective's terms, the layout of a rollout batch, `make_experience` (a scored
+rollout with advantages) and `ppo_epochs` (the minibatch updates); the stage around them (models from
+checkpoints, the command, checkpoints and resume, diagnostics and alarms) comes next.
 """
 
 from __future__ import annotations
@@ -239,3 +240,57 @@ def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_m
     if whiten_advantages:
         advantages = whiten(advantages, batch.mask)
     return Experience(batch, logprobs, ref_logprobs, values, scores, done, rewards, kl, advantages, returns)
+
+
+# --- the update ---------------------------------------------------------------------------------------
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far an epoch moved the policy from the one that sampled: E_t[½ (log π − log π_old)²]
+    (Schulman's k2 estimator: ≥ 0, unbiased to second order)."""
+    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+
+
+def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience: Experience,
+               optimizers: Sequence[torch.optim.Optimizer], *, epochs: int, minibatch_size: int, clip: float = 0.2,
+               value_clip: float = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0,
+               ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
+    yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics:
+    policy and value loss, entropy, clip fraction, approx KL to the sampling policy, ptx loss."""
+    b = experience.batch
+    rows = len(b.ids)
+    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(epochs):
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, minibatch_size):
+            idx = order[start : start + minibatch_size].to(b.ids.device)
+            part = RolloutBatch(b.ids[idx], b.pad[idx], b.mask[idx], b.prompt_width)
+            tokens = part.ids[:, part.prompt_width :]
+            logits = part.answer_logits(policy)
+            logprobs = token_logprobs(logits, tokens)
+            policy_loss, clip_fraction = clipped_policy_loss(logprobs, experience.logprobs[idx],
+                                                             experience.advantages[idx], part.mask, clip)
+            value_loss = clipped_value_loss(part.answer_values(value_model).float(), experience.values[idx],
+                                            experience.returns[idx], part.mask, value_clip)
+            entropy_value = entropy(logits, part.mask)
+            ptx = None
+            if ptx_batches is not None and ptx_coef:
+                inputs, targets = next(ptx_batches)
+                ptx = policy(inputs, targets=targets)
+            loss = ppo_ptx_loss(policy_loss, value_loss, entropy_value, ptx, vf_coef, entropy_coef, ptx_coef)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_value,
+                     "clip_fraction": clip_fraction,
+                     "approx_kl": approx_kl(logprobs.detach(), experience.logprobs[idx], part.mask)}
+            if ptx is not None:
+                stats["ptx_loss"] = ptx
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            updates += 1
+    return {key: value / updates for key, value in sums.items()}
