@@ -256,7 +256,11 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None) -> dict[str, float]:
     """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
     yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics:
-    policy and value loss, entropy, clip fraction, approx KL to the sampling policy, ptx loss."""
+    policy and value loss, entropy, clip fraction, approx KL to the sampling policy, ptx loss.
+
+    Run the models without dropout (`GPT.set_dropout(0)`): with it, log π differs from log π_old before
+    any update and the first epoch's ratios are not 1.
+    """
     b = experience.batch
     rows = len(b.ids)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
