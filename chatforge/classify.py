@@ -154,23 +154,25 @@ class ClassifyTask(StepDeterminedData):
         (ids, lengths, labels), share = batch
         return F.cross_entropy(last_token_outputs(model, ids, lengths).float(), labels) * share
 
-    def confusion(self, model, examples: list[Labelled]) -> np.ndarray:
-        """The confusion matrix of `examples` (this process's share), summed over processes."""
-        predicted = predict(model, [x.ids for x in examples], self.tokenizer.pad_id, self.config.micro_batch_size)
-        counts = confusion_matrix([self.classes.index(x.label) for x in examples], predicted, len(self.classes))
-        return all_reduce_sum(torch.from_numpy(counts).to(self.device), self.d).cpu().numpy()
+    def held_out_metrics(self, model, examples: list[Labelled]) -> tuple[float, np.ndarray]:
+        """Mean loss and confusion matrix of `examples` (this process's share), over all processes."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count
+        counts = torch.zeros(len(self.classes), len(self.classes), dtype=torch.float64, device=self.device)
+        for start in range(0, len(examples), self.config.micro_batch_size):
+            ids, lengths, labels = self._collate(examples[start : start + self.config.micro_batch_size])
+            logits = last_token_outputs(model, ids, lengths).float()
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+            counts += torch.from_numpy(confusion_matrix(labels.tolist(), logits.argmax(-1).tolist(),
+                                                        len(self.classes))).to(counts)
+        total, count = all_reduce_sum(sums, self.d).tolist()
+        return total / max(count, 1), all_reduce_sum(counts, self.d).cpu().numpy().astype(np.int64)
 
     def evaluate(self, model) -> dict[str, float]:
         held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
-        loss = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(0, len(held_out), self.config.micro_batch_size):
-            ids, lengths, labels = self._collate(held_out[start : start + self.config.micro_batch_size])
-            logits = last_token_outputs(model, ids, lengths).float()
-            loss += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                 torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
-        total, count = all_reduce_sum(loss, self.d).tolist()
-        report = classification_report(self.confusion(model, held_out), self.classes)
-        return {"val_loss": total / max(count, 1), "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+        loss, counts = self.held_out_metrics(model, held_out)
+        report = classification_report(counts, self.classes)
+        return {"val_loss": loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
 
     def samples(self, model: GPT) -> list[str]:
         return []
@@ -179,8 +181,9 @@ class ClassifyTask(StepDeterminedData):
         """The per-class report on the whole held-out set, printed and written to the run folder."""
         model.eval()
         with torch.no_grad():
-            report = classification_report(self.confusion(model, self.val[self.d.rank :: self.d.world_size]), self.classes)
+            _, counts = self.held_out_metrics(model, self.val[self.d.rank :: self.d.world_size])
         model.train()
+        report = classification_report(counts, self.classes)
         if self.d.is_main:
             print(format_report(report))
             save_json(report, Path(self.config.out) / REPORT_FILE)
