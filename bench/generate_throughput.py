@@ -16,8 +16,6 @@ Target: chatforge >= 2x `transformers` generate at batch 1 and batch 8 on CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, hf_llama_config, hf_state_dict
 from chatforge.pretrain import PretrainConfig
 from chatforge.runtime import pick_device
-from timing import seconds, timed  # bench/timing.py
+from timing import seconds, timed, write_report  # bench/timing.py
 
 
 @torch.no_grad()
@@ -91,11 +89,7 @@ def main(argv=None) -> None:
                    f" (same tokens: {row['hf_same_tokens']})") if hf is not None else ""
         print(f"batch {batch:3d}: chatforge {row['chatforge_tok_s']:8,.0f} tok/s  naive {row['naive_tok_s']:8,.0f} tok/s"
               f"  x{row['speedup_vs_naive']:.1f} vs naive{hf_text}", flush=True)
-    report = {"preset": args.preset, "device": str(device), "params_M": model.num_params() / 1e6, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {args.out}")
+    write_report(args.out, rows, preset=args.preset, device=str(device), params_M=model.num_params() / 1e6)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from chatforge import config as cfg
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.reward import Group, last_token_outputs, ranking_loss, right_pad
-from timing import timed  # bench/timing.py
+from timing import timed, write_report  # bench/timing.py
 
 
 def synthetic_groups(count: int, k: int, vocab: int, seed: int = 0) -> list[Group]:
@@ -108,11 +106,7 @@ def main(argv=None) -> None:
               f"(x{row['train_speedup']:.2f}); score {row['kwise_score_answers_s']:7.1f} vs "
               f"{row['pairwise_score_answers_s']:6.1f} answers/s (x{row['score_speedup']:.2f}); "
               f"target x{row['target']:.1f}", flush=True)
-    report = {"preset": args.preset, "params_M": model.num_params() / 1e6, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {args.out}")
+    write_report(args.out, rows, preset=args.preset, params_M=model.num_params() / 1e6)
 
 
 if __name__ == "__main__":

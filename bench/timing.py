@@ -1,9 +1,12 @@
-"""Timing shared by the benchmarks: medians of runs taken in turns, so a shared machine's drift hits all alike."""
+"""What the benchmarks share: medians of runs taken in turns (so a shared machine's drift hits all alike),
+and the JSON report with the run's setting."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,3 +30,12 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
         for name, fn in fns.items():
             times[name].append(seconds(fn))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_report(out: str | Path, rows: list[dict], **setting) -> None:
+    """bench/results/NAME.json: the setting (preset, sizes ...), torch's version and threads, the time, the rows."""
+    report = {**setting, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"-> {out}")

@@ -10,7 +10,6 @@ log-probability of a chosen class (`reward.reward_head`), e.g. "make the answers
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,9 @@ from chatforge.model import GPT, with_head
 from chatforge.reward import last_token_outputs, right_pad, text_ids
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import (
+    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+)
 
 REPORT_FILE = "classification_report.json"
 
@@ -190,10 +191,8 @@ class ClassifyTask(StepDeterminedData):
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[ClassifyConfig, Path | None]:
-    config, checkpoint = resolve_run_config(ClassifyConfig, "classify", preset, overrides, resume)
-    if not config.init or not config.data:
-        raise UserError("classify train needs --init CHECKPOINT and --data FILE [FILE ...] ({text, label} records)")
-    return config, checkpoint
+    return resolve_run_config(ClassifyConfig, "classify", preset, overrides, resume, needs={
+        "init": "CHECKPOINT", "data": "FILE [FILE ...] ({text, label} records)"})
 
 
 def train_classifier(config: ClassifyConfig, resume_from: Path | None = None) -> Path:
@@ -221,8 +220,7 @@ def train_classifier(config: ClassifyConfig, resume_from: Path | None = None) ->
                   + ", ".join(f"{c} ({n:,})" for c, n in counts.items())
                   + (f"; {skipped:,} invalid record(s) skipped" if skipped else ""))
         task = ClassifyTask(config, tokenizer, train, val, d, device)
-        if config.epochs > 0:
-            config.max_steps = max(1, math.ceil(config.epochs * task.steps_per_epoch))
+        set_max_steps_from_epochs(config, task.steps_per_epoch)
         return model, tokenizer, task
 
     return run_stage(config, "classify", setup, resume_from)

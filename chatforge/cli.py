@@ -40,36 +40,20 @@ def _data_sample_corpus(args) -> None:
     print(f"sample corpus: {count:,} documents of Python's documentation -> {path}")
 
 
-def _pretrain(args) -> None:
-    from chatforge import config as cfg
-    from chatforge.pretrain import pretrain, resolve_config
+def _training_stage(module: str, run: str):
+    """The command of a training stage: its config (preset < flags, or a run's saved config with
+    --resume), then `chatforge.<module>.<run>(config, resume_from=...)`."""
 
-    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
-    pretrain(config, resume_from=checkpoint)
+    def command(args) -> None:
+        import importlib
 
+        from chatforge import config as cfg
 
-def _sft(args) -> None:
-    from chatforge import config as cfg
-    from chatforge.sft import resolve_config, sft
+        stage = importlib.import_module(f"chatforge.{module}")
+        config, checkpoint = stage.resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
+        getattr(stage, run)(config, resume_from=checkpoint)
 
-    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
-    sft(config, resume_from=checkpoint)
-
-
-def _reward_train(args) -> None:
-    from chatforge import config as cfg
-    from chatforge.reward import resolve_config, train_reward_model
-
-    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
-    train_reward_model(config, resume_from=checkpoint)
-
-
-def _classify_train(args) -> None:
-    from chatforge import config as cfg
-    from chatforge.classify import resolve_config, train_classifier
-
-    config, checkpoint = resolve_config(args.preset, cfg.overrides_from_args(args), args.resume)
-    train_classifier(config, resume_from=checkpoint)
+    return command
 
 
 def _classify_eval(args) -> None:
@@ -402,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "they override the run's saved config. Works under `torchrun --nproc_per_node N`.",
     )
     _add_stage_arguments(p, PretrainConfig, "pretrain")
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func=_training_stage("pretrain", "pretrain"))
 
     p = commands.add_parser(
         "sft", help="fine-tune a pretrained model on conversations",
@@ -411,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "{conversations: [{from, value}]}. Works under `torchrun --nproc_per_node N`.",
     )
     _add_stage_arguments(p, SFTConfig, "sft")
-    p.set_defaults(func=_sft)
+    p.set_defaults(func=_training_stage("sft", "sft"))
 
     reward = commands.add_parser("reward", help="train, evaluate and use a reward model")
     reward_commands = reward.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -423,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pairs {prompt, chosen, rejected}, or Anthropic-HH {chosen, rejected} dialogues. "
                     "Works under `torchrun --nproc_per_node N`.")
     _add_stage_arguments(p, RewardConfig, "reward")
-    p.set_defaults(func=_reward_train)
+    p.set_defaults(func=_training_stage("reward", "train_reward_model"))
     p = reward_commands.add_parser(
         "eval", help="accuracy, calibration and length bias on held-out rankings",
         description="Pairwise accuracy on held-out rankings, calibration (predicted P(win) = σ(r₁ − r₂) against "
@@ -458,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "({text, label} JSONL/Parquet), reporting accuracy and per-class precision, recall and F1 "
                     "on held-out data. The classifier can then be a reward: `reward score --label CLASS`.")
     _add_stage_arguments(p, ClassifyConfig, "classify")
-    p.set_defaults(func=_classify_train)
+    p.set_defaults(func=_training_stage("classify", "train_classifier"))
     p = classify_commands.add_parser("eval", help="accuracy, precision, recall and F1 on labelled text",
                                      description="Evaluate a classifier on labelled text: per-class precision, "
                                                  "recall, F1 and support, accuracy, macro F1, confusion matrix.")

@@ -70,10 +70,8 @@ class PretrainTask(StepDeterminedData):
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[PretrainConfig, Path | None]:
-    config, checkpoint = resolve_run_config(PretrainConfig, "pretrain", preset, overrides, resume)
-    if not config.data:
-        raise UserError("no data: give --data DATA_DIR (a folder made by `chatforge data prepare`)")
-    return config, checkpoint
+    return resolve_run_config(PretrainConfig, "pretrain", preset, overrides, resume,
+                              needs={"data": "DATA_DIR (a folder made by `chatforge data prepare`)"})
 
 
 def pretrain(config: PretrainConfig, resume_from: Path | None = None) -> Path:

@@ -38,7 +38,9 @@ from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import (
+    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+)
 
 
 @dataclass
@@ -307,10 +309,8 @@ class RewardTask(StepDeterminedData):
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[RewardConfig, Path | None]:
-    config, checkpoint = resolve_run_config(RewardConfig, "reward", preset, overrides, resume)
-    if not config.init or not config.data:
-        raise UserError("reward training needs --init CHECKPOINT (the SFT model) and --data FILE [FILE ...] (rankings)")
-    return config, checkpoint
+    return resolve_run_config(RewardConfig, "reward", preset, overrides, resume, needs={
+        "init": "CHECKPOINT (the SFT model)", "data": "FILE [FILE ...] (rankings)"})
 
 
 def train_reward_model(config: RewardConfig, resume_from: Path | None = None) -> Path:
@@ -334,8 +334,7 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
             print(f"reward: {len(train):,} training prompts ({pairs:,} pairs), {len(val):,} held out"
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
         task = RewardTask(config, tokenizer, train, val, d, device)
-        if config.epochs > 0:
-            config.max_steps = max(1, math.ceil(config.epochs * task.steps_per_epoch))
+        set_max_steps_from_epochs(config, task.steps_per_epoch)
         return model, tokenizer, task
 
     return run_stage(config, "reward", setup, resume_from)

@@ -9,7 +9,6 @@ Conversations of similar length are batched together so that little compute goes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from chatforge.losses import IGNORE_INDEX
 from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
-from chatforge.train import StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage
+from chatforge.train import (
+    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+)
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -175,10 +176,8 @@ class SFTTask(StepDeterminedData):
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[SFTConfig, Path | None]:
-    config, checkpoint = resolve_run_config(SFTConfig, "sft", preset, overrides, resume)
-    if not config.init or not config.data:
-        raise UserError("SFT needs --init CHECKPOINT (a pretrained model) and --data FILE [FILE ...] (conversations)")
-    return config, checkpoint
+    return resolve_run_config(SFTConfig, "sft", preset, overrides, resume, needs={
+        "init": "CHECKPOINT (a pretrained model)", "data": "FILE [FILE ...] (conversations)"})
 
 
 def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
@@ -196,8 +195,7 @@ def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
             print(f"sft: {len(train):,} training and {len(val):,} held-out conversations"
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
         task = SFTTask(config, tokenizer, train, val, d, device)
-        if config.epochs > 0:
-            config.max_steps = max(1, math.ceil(config.epochs * task.steps_per_epoch))
+        set_max_steps_from_epochs(config, task.steps_per_epoch)
         return model, tokenizer, task
 
     return run_stage(config, "sft", setup, resume_from)

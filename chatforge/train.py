@@ -364,11 +364,13 @@ class Trainer:
 
 # --- running a stage ---------------------------------------------------------------------------------
 
-def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, resume: str | None):
+def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, resume: str | None,
+                       needs: dict[str, str] | None = None):
     """A stage's config and the checkpoint to resume from (or None).
 
     Fresh run: dataclass defaults < the preset's [stage] table < command line. Resume: the run's saved
-    run_config.json < command line (so `--max-steps` can extend a run).
+    run_config.json < command line (so `--max-steps` can extend a run). `needs` maps the fields that must be
+    set to how their flag is used (e.g. {"init": "CHECKPOINT (the SFT model)"}).
     """
     checkpoint = None
     if resume:
@@ -381,6 +383,9 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
     else:
         base = cfg.load_preset(preset, stage) if preset else {}
     config = cfg.from_dict(cls, cfg.merge(base, overrides), f"{stage} config")
+    missing = [f"--{name.replace('_', '-')} {usage}" for name, usage in (needs or {}).items() if not getattr(config, name)]
+    if missing:
+        raise UserError(f"{stage} needs {' and '.join(missing)}")
     if getattr(config, "epochs", 0) > 0 and "max_steps" in overrides:
         raise UserError(f"--max-steps and --epochs ({config.epochs:g}) both set the length of the run: "
                         f"pass --epochs 0 to count steps")
@@ -388,6 +393,12 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
         raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
                         f"`--resume {config.out}`, or choose another --out")
     return config, checkpoint
+
+
+def set_max_steps_from_epochs(config: TrainConfig, steps_per_epoch: int) -> None:
+    """`epochs` > 0 (the fine-tuning stages' option) sets the run's length in steps."""
+    if getattr(config, "epochs", 0) > 0:
+        config.max_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 Setup = Callable[[torch.device, Dist], tuple[GPT, Tokenizer, Task]]
