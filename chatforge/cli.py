@@ -299,14 +299,55 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _plot(args) -> None:
     from pathlib import Path
 
-    from chatforge.plots import CURVES_FILE, plot_training_curves
+    from chatforge.plots import CURVES_FILE, PPO_CURVES_FILE, plot_ppo_curves, plot_training_curves
     from chatforge.train import METRICS_FILE, read_metrics
 
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise UserError(f"{run_dir}: no {METRICS_FILE}: not a run folder")
-    out = plot_training_curves(read_metrics(run_dir), args.out or run_dir / CURVES_FILE, str(run_dir))
+    metrics = read_metrics(run_dir)
+    out = plot_training_curves(metrics, args.out or run_dir / CURVES_FILE, str(run_dir))
     print(f"curves -> {out}")
+    if any("kl_per_answer" in m for m in metrics):
+        print(f"PPO curves -> {plot_ppo_curves(metrics, out.with_name(PPO_CURVES_FILE), str(run_dir))}")
+
+
+def _ppo_eval(args) -> None:
+    from pathlib import Path
+
+    from chatforge.checkpoint import load_model
+    from chatforge.config import save_json
+    from chatforge.ppo import PPOConfig, compare_policies, frozen, load_prompts, load_reward, prompt_ids, same_tokenizer
+    from chatforge.runtime import pick_device
+    from chatforge.sample import write_jsonl_atomic
+
+    device = pick_device(args.device)
+    policy, tokenizer, policy_path = load_model(args.policy, device)
+    reference, reference_tokenizer, reference_path = load_model(args.reference, device)
+    for model, path in ((policy, policy_path), (reference, reference_path)):
+        if model.config.head != "lm":
+            raise UserError(f"{path}: not a language model (its head is {model.config.head!r})")
+    if not same_tokenizer(tokenizer, reference_tokenizer):
+        raise UserError(f"{reference_path}: its tokenizer differs from {policy_path}'s")
+    config = PPOConfig(policy=args.reference, reward=args.reward, reward_label=args.reward_label or "",
+                       reward_kind=args.reward_kind)
+    _, reward = load_reward(config, tokenizer, device)
+    prompts, _ = load_prompts(args.prompts)
+    ids = prompt_ids(prompts, tokenizer, policy.config.max_seq_len)
+    report = compare_policies(frozen(policy), frozen(reference), reward, tokenizer, ids, args.max_new_tokens,
+                              args.seed, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(report.pop("answers"), out / "answers.jsonl")
+    save_json(report, out / "ppo_eval.json")
+    p, r = report["policy"], report["reference"]
+    print(f"{report['prompts']:,} held-out prompts\n"
+          f"{'':>10} {'reward':>8} {'length':>8} {'finished':>9}\n"
+          f"{'PPO':>10} {p['reward']:>+8.3f} {p['length']:>8.1f} {p['finished']:>9.0%}\n"
+          f"{'SFT':>10} {r['reward']:>+8.3f} {r['length']:>8.1f} {r['finished']:>9.0%}\n"
+          f"win rate of PPO over SFT under the reward model: {report['win_rate']:.1%}\n"
+          f"KL(PPO || SFT): {report['kl_per_answer']:.3f} nats per answer")
+    print(f"-> {out}/ppo_eval.json, {out}/answers.jsonl")
 
 
 def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int, prompting: bool = True) -> None:
@@ -336,8 +377,9 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatforge.pretrain import PretrainConfig
     from chatforge.classify import ClassifyConfig
+    from chatforge.ppo import PPOConfig
+    from chatforge.pretrain import PretrainConfig
     from chatforge.reward import RewardConfig
     from chatforge.sft import SFTConfig
 
@@ -433,6 +475,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=_reward_score)
+
+    p = commands.add_parser(
+        "ppo", help="RLHF: PPO-ptx against a reward model (`ppo eval`: compare with SFT)",
+        description="InstructGPT's RL step: the SFT policy samples answers to --prompts, the reward model scores "
+                    "them, and PPO maximises E[r(x,y) − β·log(π/π_SFT)] + γ_ptx·E_pretrain[log π(x)] with a value "
+                    "model, GAE advantages, ratio clipping and an entropy bonus. Metrics every iteration, "
+                    "curves in RUN/ppo.png, alarms on KL, non-finite values and collapse. "
+                    "`chatforge ppo eval --help` compares the result with the SFT model.")
+    _add_stage_arguments(p, PPOConfig, "ppo")
+    p.set_defaults(func=_training_stage("ppo", "train_ppo"))
+    ppo_commands = p.add_subparsers(dest="subcommand", required=False, metavar="[eval]")
+    p = ppo_commands.add_parser(
+        "eval", help="compare a PPO policy with the SFT policy on held-out prompts",
+        description="Both policies answer each held-out prompt (the same seed); the reward model scores every "
+                    "answer. Reports mean reward, the win rate of PPO over SFT under the reward model, "
+                    "KL(PPO || SFT) per answer and answer length; writes ppo_eval.json and answers.jsonl.")
+    p.add_argument("--policy", required=True, help="the PPO policy: checkpoint or run folder")
+    p.add_argument("--reference", required=True, help="the SFT policy it started from")
+    p.add_argument("--reward", required=True, help="the reward model (or a classifier with --reward-label)")
+    p.add_argument("--reward-label", help="with a classifier: the class whose score is the reward")
+    p.add_argument("--reward-kind", choices=["logprob", "logit"], default="logprob",
+                   help="with a classifier: reward = log-probability or logit of --reward-label (default: logprob)")
+    p.add_argument("--prompts", nargs="+", required=True, help="held-out prompt files (.txt, or .jsonl/.parquet with 'prompt')")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both policies (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts answered together (default: 16)")
+    p.add_argument("--out", default="ppo-eval", help="folder for ppo_eval.json and answers.jsonl (default: ppo-eval)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.set_defaults(func=_ppo_eval)
 
     classify = commands.add_parser("classify", help="fine-tune and evaluate a text classifier")
     classify_commands = classify.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 CURVES_FILE = "curves.png"
+PPO_CURVES_FILE = "ppo.png"
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -42,6 +43,60 @@ def plot_training_curves(metrics: list[dict], out: str | Path, title: str = "") 
     ax_speed.set(xlabel="step", title="throughput and learning rate")
     ax_speed.set_ylabel("tokens/s", color="tab:green")
     ax_speed.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def plot_ppo_curves(metrics: list[dict], out: str | Path, title: str = "", kl_bound: float | None = None) -> Path:
+    """What a PPO run is watched by, against iteration: reward (train and held-out), KL to the reference
+    (with the alarm bound and β), entropy, clip fraction and approx KL, value loss and explained variance,
+    and answer length with the reward-length correlation."""
+    plt = _pyplot()
+    train = [m for m in metrics if "reward" in m and "skipped" not in m]
+    evals = [m for m in metrics if "val_reward" in m]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+
+    def curve(ax, key, label, color, points=train, smooth=True, **style):
+        pairs = [(m["step"], m[key]) for m in points if m.get(key) is not None]
+        if not pairs:
+            return
+        steps, values = zip(*pairs)
+        if smooth:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            values = _smooth(list(values))
+        ax.plot(steps, values, color=color, label=label, **style)
+
+    panels = [
+        ("reward model score", [("reward", "train", "tab:blue", train, True), ("val_reward", "held-out", "tab:red", evals, False)]),
+        ("KL to the reference (nats per answer)", [("kl_per_answer", "train", "tab:blue", train, True),
+                                                    ("val_kl_per_answer", "held-out", "tab:red", evals, False)]),
+        ("entropy (nats per token)", [("entropy", "policy", "tab:purple", train, True)]),
+        ("update size", [("clip_fraction", "clip fraction", "tab:orange", train, True),
+                         ("approx_kl", "approx KL to the sampling policy", "tab:green", train, True)]),
+        ("value model", [("value_loss", "value loss", "tab:brown", train, True),
+                         ("explained_variance", "explained variance", "tab:cyan", train, True)]),
+        ("answers", [("answer_length", "length (tokens)", "tab:blue", train, True),
+                     ("val_answer_length", "held-out length", "tab:red", evals, False)]),
+    ]
+    for ax, (name, series) in zip(axes.flat, panels):
+        for key, label, color, points, smooth in series:
+            curve(ax, key, label, color, points, smooth, marker=None if smooth else "o")
+        ax.set(xlabel="iteration", title=name)
+        ax.grid(alpha=0.3)
+    kl_axis, length_axis = axes.flat[1], axes.flat[5]
+    if kl_bound is not None:
+        kl_axis.axhline(kl_bound, color="gray", linestyle="--", label=f"alarm bound ({kl_bound:g})")
+    if len({m.get("beta") for m in train}) > 1:  # adaptive β
+        beta_axis = kl_axis.twinx()
+        curve(beta_axis, "beta", "β", "tab:olive", smooth=False, linestyle=":")
+        beta_axis.set_ylabel("β", color="tab:olive")
+    corr_axis = length_axis.twinx()
+    curve(corr_axis, "reward_length_corr", "corr(reward, length)", "tab:gray", smooth=True, linestyle=":")
+    corr_axis.set(ylim=(-1, 1), ylabel="corr(reward, length)")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, out)

@@ -15,11 +15,31 @@ checkpoints, the command, checkpoints and resume, diagnostics and alarms) comes 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from chatforge.chat_format import Message, render
+from chatforge.checkpoint import load_model
+from chatforge.data import TokenWindows, load_splits
+from chatforge.engine import SamplingParams, generate_batch
+from chatforge.errors import UserError
+from chatforge.model import GPT, with_head
+from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
+from chatforge.reward import reward_head, score_sequences, text_ids
+from chatforge.runtime import Dist
+from chatforge.sample import read_prompts
+from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.train import TrainConfig, make_optimizer, resolve_run_config, run_stage
 
 
 @dataclass
@@ -190,7 +210,47 @@ class AdaptiveKLController:
         self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
 
 
+class RunningMoments:
+    """Running mean and standard deviation of the reward model's scores over all rollouts so far (Chan et
+    al.'s parallel update), for reward normalisation: r ← (r − mean) / std. Non-finite scores are left out."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x[torch.isfinite(x)].double()
+        if not len(x):
+            return
+        n, mean = len(x), float(x.mean())
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / max(self.std, 1e-6)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
 # --- experience: one rollout, scored --------------------------------------------------------------------
+
+Reward = Callable[[RolloutBatch], torch.Tensor]  # a rollout batch -> (B,) scores
+
+
+def model_reward(model: torch.nn.Module) -> Reward:
+    """A reward model's score, read at each answer's last token (its <|end|> when it finished) of the very
+    token ids the policy sampled: no re-tokenisation, no padding-side pitfalls."""
+    return lambda batch: batch.answer_scores(model)
+
 
 @dataclass
 class Experience:
@@ -200,7 +260,8 @@ class Experience:
     logprobs: torch.Tensor  # log π_old(y_t): the policy that sampled
     ref_logprobs: torch.Tensor  # log π_SFT(y_t)
     values: torch.Tensor  # V_old(x, y_<t)
-    scores: torch.Tensor  # (B,) the reward model's score, after the penalty for answers that never end
+    raw_scores: torch.Tensor  # (B,) the reward model's score
+    scores: torch.Tensor  # (B,) the score as rewarded: penalised when unfinished, normalised, clipped
     finished: torch.Tensor  # (B,) bool: the answer ended with a stop token
     rewards: torch.Tensor
     kl: torch.Tensor
@@ -211,35 +272,60 @@ class Experience:
     def answer_tokens(self) -> torch.Tensor:
         return self.batch.ids[:, self.batch.prompt_width :]
 
+    @property
+    def finite(self) -> bool:
+        """False when a score, log-prob or value is NaN or infinite (the step must then be skipped)."""
+        return all(bool(torch.isfinite(t).all()) for t in (self.scores, self.logprobs, self.ref_logprobs, self.values))
+
 
 @torch.no_grad()
-def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module,
-                    reward_model: torch.nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                    finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
-                    unfinished_penalty: float = 0.0, reward_clip: float = 0.0,
-                    whiten_advantages: bool = True) -> Experience:
-    """Score sampled answers and turn them into advantages:
-
-    log-probs under the sampling policy and the reference, values, the reward model's score (minus
-    `unfinished_penalty` for an answer cut off by the length limit; clipped to ±`reward_clip` when > 0),
-    per-token rewards (`kl_penalized_rewards`), then GAE advantages and returns.
-    """
-    device = next(policy.parameters()).device
-    batch = RolloutBatch.build(prompts, answers, pad_id, device)
+def score_rollout(policy: torch.nn.Module, reference: torch.nn.Module, reward: Reward, prompts: Sequence[Sequence[int]],
+                  answers: Sequence[Sequence[int]], pad_id: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The answers' batch, their token log-probs under the policy and the reference (0 where masked), and
+    the reward's score of each answer."""
+    batch = RolloutBatch.build(prompts, answers, pad_id, next(policy.parameters()).device)
     tokens = batch.ids[:, batch.prompt_width :]
     logprobs = token_logprobs(batch.answer_logits(policy), tokens) * batch.mask
     ref_logprobs = token_logprobs(batch.answer_logits(reference), tokens) * batch.mask
+    return batch, logprobs, ref_logprobs, reward(batch).float()
+
+
+@torch.no_grad()
+def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module,
+                    reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                    finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
+                    unfinished_penalty: float = 0.0, reward_stats: RunningMoments | None = None,
+                    reward_clip: float = 0.0, whiten_advantages: bool = True) -> Experience:
+    """Score sampled answers and turn them into advantages:
+
+    log-probs under the sampling policy and the reference (no activations kept), values, the reward's
+    score, minus `unfinished_penalty` for an answer cut off by the length limit, normalised by the running
+    statistics `reward_stats` when given (updated with this rollout first), clipped to ±`reward_clip`
+    when > 0; then per-token rewards (`kl_penalized_rewards`), GAE advantages and returns.
+    """
+    batch, logprobs, ref_logprobs, raw_scores = score_rollout(policy, reference, reward, prompts, answers, pad_id)
     values = batch.answer_values(value_model).float()
-    scores = batch.answer_scores(reward_model).float()
-    done = torch.tensor(list(finished), dtype=torch.bool, device=device)
-    scores = torch.where(done, scores, scores - unfinished_penalty)
+    done = torch.tensor(list(finished), dtype=torch.bool, device=batch.ids.device)
+    scores = torch.where(done, raw_scores, raw_scores - unfinished_penalty)
+    if reward_stats is not None:
+        reward_stats.update(scores)
+        scores = reward_stats.normalize(scores)
     if reward_clip > 0:
         scores = scores.clamp(-reward_clip, reward_clip)
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, batch.mask, beta)
     advantages, returns = generalized_advantages(rewards, values, batch.mask, gamma, lam)
     if whiten_advantages:
         advantages = whiten(advantages, batch.mask)
-    return Experience(batch, logprobs, ref_logprobs, values, scores, done, rewards, kl, advantages, returns)
+    return Experience(batch, logprobs, ref_logprobs, values, raw_scores, scores, done, rewards, kl, advantages, returns)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[R − V] / Var[R] over answer tokens: 1 when the value model predicts the returns, ≤ 0 when it
+    does no better than their mean."""
+    variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values
+    residual = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return float(1 - residual / variance) if variance > 0 else 0.0
 
 
 # --- the update ---------------------------------------------------------------------------------------
@@ -255,8 +341,9 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                value_clip: float = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0,
                ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None) -> dict[str, float]:
     """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
-    yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics:
-    policy and value loss, entropy, clip fraction, approx KL to the sampling policy, ptx loss.
+    yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics
+    over the applied updates (total, policy, value and ptx loss, entropy, clip fraction, approx KL to the
+    sampling policy, gradient norm) and how many updates were skipped for a non-finite loss or gradient.
 
     Run the models without dropout (`GPT.set_dropout(0)`): with it, log π differs from log π_old before
     any update and the first epoch's ratios are not 1.
@@ -265,7 +352,7 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
     rows = len(b.ids)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
-    updates = 0
+    updates = skipped = 0
     for _ in range(epochs):
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, minibatch_size):
@@ -285,16 +372,398 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                 ptx = policy(inputs, targets=targets)
             loss = ppo_ptx_loss(policy_loss, value_loss, entropy_value, ptx, vf_coef, entropy_coef, ptx_coef)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            applied = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
             for optimizer in optimizers:
-                optimizer.step()
+                if applied:  # a non-finite loss or gradient never reaches the weights
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_value,
-                     "clip_fraction": clip_fraction,
+            if not applied:
+                skipped += 1
+                continue
+            stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_value,
+                     "clip_fraction": clip_fraction, "grad_norm": grad_norm,
                      "approx_kl": approx_kl(logprobs.detach(), experience.logprobs[idx], part.mask)}
             if ptx is not None:
                 stats["ptx_loss"] = ptx
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             updates += 1
-    return {key: value / updates for key, value in sums.items()}
+    return {**{key: value / max(updates, 1) for key, value in sums.items()}, "skipped_updates": skipped}
+
+
+# --- the stage: models, rollouts, diagnostics, checkpoints -----------------------------------------------
+
+@dataclass
+class PPOConfig(TrainConfig):
+    policy: str = field(default="", metadata={"help": "SFT checkpoint (or run folder): the policy starts from it, and a frozen copy is the reference"})
+    reward: str = field(default="", metadata={"help": "reward model checkpoint (`reward train`), or a classifier with --reward-label"})
+    reward_label: str = field(default="", metadata={"help": "with a classifier as the reward: the class whose score is the reward"})
+    reward_kind: str = field(default="logprob", metadata={"help": "with a classifier: reward = logprob or logit of --reward-label"})
+    prompts: list[str] = field(default_factory=list, metadata={
+        "help": "prompt files: .txt (one user message per line), .jsonl/.parquet with 'prompt' (text or messages)"})
+    val_prompts: list[str] = field(default_factory=list, metadata={"help": "held-out prompt files (default: val_fraction of --prompts)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of --prompts held out when no --val-prompts"})
+    ptx_data: str = field(default="", metadata={"help": "pretraining token shards (`chatforge data prepare`) for the ptx term"})
+    ptx_coef: float = field(default=1.0, metadata={"help": "γ_ptx, weight of the pretraining LM loss (with --ptx-data); InstructGPT: 27.8 on its own loss scale"})
+    ptx_batch_size: int = field(default=4, metadata={"help": "pretraining windows per minibatch update"})
+    value_init: str = field(default="reward", metadata={
+        "help": "value model: 'reward' (a trainable copy of the reward model, as InstructGPT), 'sft' (the SFT body "
+                "with a fresh head), or 'reward-head' (a head trained on the reward model's frozen body: no extra copy)"})
+    value_lr: float = field(default=0.0, metadata={"help": "value model's peak learning rate (0: --lr)"})
+    batch_size: int = field(default=32, metadata={"help": "answers sampled per PPO iteration (prompts x samples_per_prompt)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "answers per minibatch update"})
+    max_steps: int = field(default=100, metadata={"help": "PPO iterations (rollout, scoring, update epochs)"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt in a rollout (sharing its prefill)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest answer; an answer cut off here is 'unfinished'"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout's minibatches"})
+    clip: float = field(default=0.2, metadata={"help": "ε of the clipped ratio objective"})
+    value_clip: float = field(default=0.2, metadata={"help": "how far the value model may move from the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus (InstructGPT: 0)"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ"})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ"})
+    kl_coef: float = field(default=0.02, metadata={"help": "β of the per-token KL penalty (InstructGPT: 0.02); the start value when adaptive"})
+    kl_target: float = field(default=0.0, metadata={"help": "adapt β toward this KL per answer in nats (Ziegler et al.; 0: β fixed)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "the adaptive controller's horizon in answers"})
+    kl_bound: float = field(default=10.0, metadata={"help": "alarm when the KL to the reference per answer exceeds this (nats)"})
+    unfinished_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of an answer that never ends"})
+    reward_clip: float = field(default=0.0, metadata={"help": "clip scores to ±this (0: off)"})
+    normalize_reward: bool = field(default=False, metadata={"help": "normalise scores by their running mean and std"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over each rollout"})
+    strict: bool = field(default=False, metadata={"help": "stop with a non-zero exit at the first alarm"})
+    sample_answers: int = field(default=2, metadata={"help": "held-out answers shown at each evaluation"})
+    lr: float = field(default=1e-5, metadata={"help": "policy's peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    warmup_steps: int = field(default=0, metadata={"help": "iterations of linear warmup"})
+    min_lr_ratio: float = field(default=1.0, metadata={"help": "final learning rate as a fraction of lr (1: constant)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.value_init not in ("reward", "sft", "reward-head"):
+            raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
+        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
+        if not 0 < self.clip < 1 or self.value_clip <= 0 or not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ValueError("need 0 < clip < 1, value_clip > 0, 0 <= lam <= 1 and 0 <= gamma <= 1")
+
+
+# A rollout "collapsed" when every answer is the same, or when most are empty.
+EMPTY_SHARE_ALARM = 0.9
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return a.hf.to_str() == b.hf.to_str()
+
+
+def frozen(model: GPT) -> GPT:
+    return model.eval().requires_grad_(False)
+
+
+def value_model_from(init: str, sft: GPT, reward_model: GPT) -> GPT:
+    """The value model V(x, y_<t): from the reward model (InstructGPT: it already judges answers), from the
+    SFT model with a zero head, or a trainable head on the reward model's own frozen body (shared, not
+    copied: the memory of three models instead of four)."""
+    if init == "sft":
+        return with_head(sft, "scalar")
+    if reward_model.config.head != "scalar":  # a classifier's body, a fresh scalar head
+        value = with_head(reward_model, "scalar")
+    else:
+        value = copy.deepcopy(reward_model)
+        value.config = dataclasses.replace(value.config, score_offset=0.0)
+    if init == "reward-head":
+        value.embed_tokens, value.layers, value.norm = reward_model.embed_tokens, reward_model.layers, reward_model.norm
+    return value.train().requires_grad_(True) if init != "reward-head" else value.train()
+
+
+def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str) -> Reward:
+    """A classifier's log-probability (or logit) of class `label` for each answer's text, read the way the
+    classifier was trained (<|bos|> text <|eos|>)."""
+    to_reward = reward_head(model, label, kind)
+
+    def score(batch: RolloutBatch) -> torch.Tensor:
+        answers = batch.ids[:, batch.prompt_width :]
+        texts = [tokenizer.decode(a[: int(n)].tolist(), skip_special=True).strip()
+                 for a, n in zip(answers, batch.mask.sum(1))]
+        sequences = [text_ids(t, tokenizer)[: model.config.max_seq_len] for t in texts]
+        return torch.tensor(score_sequences(model, sequences, tokenizer.pad_id, len(sequences), to_reward),
+                            device=batch.ids.device)
+
+    return score
+
+
+def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, Reward]:
+    model, reward_tokenizer, path = load_model(config.reward, device)
+    if model.config.head == "lm":
+        raise UserError(f"{path}: a language model, not a reward model (`reward train`) or a classifier")
+    if not same_tokenizer(tokenizer, reward_tokenizer):
+        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's ({config.policy}); "
+                        "train it from the same SFT model")
+    model = frozen(model)
+    if model.config.head == "classifier":
+        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind)
+    return model, model_reward(model)
+
+
+def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int = 1) -> list[list[int]]:
+    """Each prompt rendered for the assistant to answer; one that leaves less than `room` tokens of the
+    context for its answer is an error naming its file and line."""
+    out = []
+    for where, messages in prompts:
+        ids = render(messages, tokenizer, add_generation_prompt=True)
+        if len(ids) + room > context:
+            raise UserError(f"{where}: the prompt is {len(ids)} tokens, leaving no room for an answer in the "
+                            f"model's context ({context})")
+        out.append(ids)
+    return out
+
+
+def load_prompts(paths: list[str]) -> tuple[list[tuple[str, list[Message]]], int]:
+    return [p for path in paths for p in read_prompts(path)], 0
+
+
+def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, stop_id: int, seed: int,
+            temperature: float = 1.0) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+    """`n` answers to each prompt from the policy's own distribution (temperature 1: PPO's ratios and KL
+    are of that distribution), with the engine: (prompt of each answer, answers, finished)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    completions = generate_batch(policy, prompts, params, n=n, stop_ids=(stop_id,))
+    answers = [(p, c) for p, samples in zip(prompts, completions) for c in samples]
+    return [list(p) for p, _ in answers], [c.tokens for _, c in answers], [c.finish_reason == "stop" for _, c in answers]
+
+
+def answer_texts(tokenizer: Tokenizer, answers: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(a, skip_special=True).strip() for a in answers]
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; 0 when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else 0.0
+
+
+def collapse_alarm(texts: list[str]) -> str | None:
+    """A message when the answers collapsed: all the same, or mostly empty."""
+    empty = sum(not t for t in texts) / len(texts)
+    if empty >= EMPTY_SHARE_ALARM:
+        return f"answers collapsed: {empty:.0%} of them are empty"
+    if len(texts) > 1 and len(set(texts)) == 1:
+        return f"answers collapsed: all {len(texts)} are the same ({texts[0][:40]!r})"
+    return None
+
+
+def rollout_diagnostics(experience: Experience, texts: list[str]) -> dict[str, float]:
+    """What a PPO user watches in each rollout: reward, KL (per token and per answer), answer length, how
+    far the value model explains the returns, and whether the reward follows length (reward hacking)."""
+    mask = experience.batch.mask
+    lengths = mask.sum(1)
+    kl_per_answer = experience.kl.sum(1)
+    return {
+        "reward": float(experience.raw_scores.mean()), "reward_std": float(experience.raw_scores.std(correction=0)),
+        "score": float(experience.scores.mean()),
+        "kl": float(masked_mean(experience.kl, mask)), "kl_per_answer": float(kl_per_answer.mean()),
+        "answer_length": float(lengths.mean()), "finished": float(experience.finished.float().mean()),
+        "reward_length_corr": correlation(experience.raw_scores.tolist(), lengths.tolist()),
+        "explained_variance": explained_variance(experience.values, experience.returns, mask),
+        "distinct_answers": len(set(texts)) / len(texts), "empty_answers": sum(not t for t in texts) / len(texts),
+    }
+
+
+class PPOTask:
+    """PPO-ptx as the shared trainer's task: each step is one iteration (rollout, scoring, epochs of
+    minibatch updates). The step is the prompt position (prompts are drawn in a seeded order per pass) and
+    every random draw is seeded by (seed, step), so a resumed run continues exactly."""
+
+    progress_keys = ("reward", "kl_per_answer")
+
+    def __init__(self, config: PPOConfig, policy: GPT, reference: GPT, value_model: GPT, reward: Reward,
+                 tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device):
+        self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
+        self.tokenizer, self.train, self.val, self.device = tokenizer, train, val, device
+        self.stop_id = tokenizer.special[END_OF_TURN]
+        self.value_optimizer = make_optimizer(value_model, config, device)
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)
+        self.reward_stats = RunningMoments()
+        self.ptx = TokenWindows(config.ptx_data, "train", policy.config.max_seq_len, seed=config.seed) if config.ptx_data else None
+        mean_prompt = float(np.mean([len(p) for p in train]))
+        self.seq_len = round(mean_prompt + config.max_new_tokens / 2)
+        self.tokens_per_step = round(self.seq_len * config.batch_size)
+        self.last_eval: list[str] = []
+
+    # --- data -----------------------------------------------------------------------------------------
+
+    def prompts(self, step: int) -> list[list[int]]:
+        """The prompts of iteration `step`: positions step·P ... of a seeded permutation per pass."""
+        count = self.config.batch_size // self.config.samples_per_prompt
+        out = []
+        for position in range(step * count, (step + 1) * count):
+            epoch, index = divmod(position, len(self.train))
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.train))
+            out.append(self.train[order[index]])
+        return out
+
+    def ptx_batches(self, step: int):
+        updates = self.config.ppo_epochs * math.ceil(self.config.batch_size / self.config.micro_batch_size)
+        for k in itertools.count():
+            inputs, targets = self.ptx.batch(step * updates + k, self.config.ptx_batch_size)
+            yield inputs.to(self.device), targets.to(self.device)
+
+    # --- one iteration --------------------------------------------------------------------------------
+
+    def train_step(self, model, optimizer, step: int, lr: float) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        prompts, answers, finished = rollout(self.policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
+                                             self.stop_id, seed=c.seed * 100_003 + step)
+        t1 = time.perf_counter()
+        experience = make_experience(
+            self.policy, self.reference, self.value_model, self.reward, prompts, answers, finished,
+            self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
+            unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
+            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages)
+        t2 = time.perf_counter()
+        texts = answer_texts(self.tokenizer, answers)
+        tokens = int(experience.batch.mask.sum()) + sum(map(len, prompts))
+        record = {"lr": lr, "beta": self.kl_controller.beta, **rollout_diagnostics(experience, texts),
+                  "sample": f"{self.tokenizer.decode(prompts[0], skip_special=True).strip()} -> {texts[0]}"}
+        alarms = [a for a in [collapse_alarm(texts)] if a]
+        if not experience.finite:
+            alarms.append("non-finite rewards, log-probs or values in the rollout: step skipped, nothing applied")
+            return {**record, "skipped": True, "alarms": alarms, "tokens": tokens}
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for group in self.value_optimizer.param_groups:
+            group["lr"] = (c.value_lr or c.lr) * lr / c.lr
+        stats = ppo_epochs(
+            model, self.value_model, experience, [optimizer, self.value_optimizer], epochs=c.ppo_epochs,
+            minibatch_size=c.micro_batch_size, clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
+            entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef if self.ptx else 0.0,
+            ptx_batches=self.ptx_batches(step) if self.ptx else None, grad_clip=c.grad_clip,
+            generator=torch.Generator().manual_seed(c.seed * 100_003 + step))
+        t3 = time.perf_counter()
+        if stats["skipped_updates"]:
+            alarms.append(f"{stats['skipped_updates']} minibatch update(s) with a non-finite loss or gradient skipped")
+        if record["kl_per_answer"] > c.kl_bound:
+            alarms.append(f"KL to the reference {record['kl_per_answer']:.2f} nats per answer, past the bound {c.kl_bound:g}")
+        if c.kl_target:
+            self.kl_controller.update(record["kl_per_answer"], len(answers))
+        forward = self.policy.flops_per_token(self.seq_len) / 3  # one forward pass of one token
+        ptx_tokens = (stats.get("ptx_loss") is not None) * c.ppo_epochs * c.ptx_batch_size * self.policy.config.max_seq_len
+        flops = forward * (tokens * (1 + 4 + 6 * c.ppo_epochs) + 3 * ptx_tokens)
+        return {**record, **stats, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
+                "samples_per_s": len(answers) / (t3 - t0), "tokens": tokens, "flops": flops,
+                **({"alarms": alarms} if alarms else {})}
+
+    # --- evaluation -----------------------------------------------------------------------------------
+
+    def evaluate(self, model) -> dict[str, float]:
+        """The policy on held-out prompts (the same seed each time, so evaluations compare): mean reward,
+        KL to the reference per answer, answer length, and the share of answers that end."""
+        prompts = self.val[: self.config.eval_batches * self.config.batch_size]
+        if not prompts:
+            return {}
+        prompts, answers, finished = rollout(self.policy, prompts, 1, self.config.max_new_tokens, self.stop_id, self.config.seed)
+        batch, logprobs, ref_logprobs, scores = score_rollout(self.policy, self.reference, self.reward, prompts, answers,
+                                                              self.tokenizer.pad_id)
+        texts = answer_texts(self.tokenizer, answers)
+        self.last_eval = [f"{self.tokenizer.decode(p, skip_special=True).strip()} -> {t}"
+                          for p, t in zip(prompts, texts)][: self.config.sample_answers]
+        return {"val_reward": float(scores.mean()), "val_kl_per_answer": float((logprobs - ref_logprobs).sum(1).mean()),
+                "val_answer_length": float(batch.mask.sum(1).mean()), "val_finished": float(np.mean(finished))}
+
+    def samples(self, model: GPT) -> list[str]:
+        return self.last_eval
+
+    def plot(self, metrics: list[dict], run_dir: Path) -> None:
+        plot_ppo_curves(metrics, run_dir / PPO_CURVES_FILE, f"ppo: {run_dir}", self.config.kl_bound)
+
+    # --- resume ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+                "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value_model.load_state_dict(state["value_model"])
+        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
+
+
+def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[PPOConfig, Path | None]:
+    return resolve_run_config(PPOConfig, "ppo", preset, overrides, resume, needs={
+        "policy": "CHECKPOINT (the SFT model)", "reward": "CHECKPOINT (the reward model)", "prompts": "FILE [FILE ...]"})
+
+
+def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
+    """RLHF: the SFT policy learns to please the reward model with PPO-ptx; returns the run folder, whose
+    checkpoints are the policy (a normal language model: `chatforge chat RUN` talks to it)."""
+    if config.compile:
+        raise UserError("ppo does not support --compile: rollouts change shape every step")
+
+    def setup(device: torch.device, d: Dist):
+        if d.enabled:
+            raise UserError("ppo runs on one process: start it without torchrun")
+        sft, tokenizer, sft_path = load_model(config.policy, device)
+        if sft.config.head != "lm":
+            raise UserError(f"{sft_path}: the policy starts from a language model (SFT), this checkpoint has a {sft.config.head} head")
+        policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(sft)
+        policy.set_dropout(0.0)  # PPO's ratios must be 1 before any update (see ppo_epochs)
+        reward_model, reward = load_reward(config, tokenizer, device)
+        if reward_model.config.max_seq_len < sft.config.max_seq_len and reward_model.config.head == "scalar":
+            raise UserError(f"{config.reward}: the reward model's context ({reward_model.config.max_seq_len}) is "
+                            f"shorter than the policy's ({sft.config.max_seq_len})")
+        value_model = value_model_from(config.value_init, sft, reward_model)
+        value_model.set_dropout(0.0)
+        if config.ptx_data:
+            data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
+            if not same_tokenizer(tokenizer, data_tokenizer):
+                raise UserError(f"{config.ptx_data}: these shards were made with another tokenizer than the policy's")
+        context = sft.config.max_seq_len
+        train, val, _ = load_splits(load_prompts, config.prompts, config.val_prompts, config.val_fraction, config.seed,
+                                    key=lambda p: repr(p[1]))
+        train_ids, val_ids = prompt_ids(train, tokenizer, context), prompt_ids(val, tokenizer, context)
+        print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
+              + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
+        task = PPOTask(config, policy, frozen(sft), value_model, reward, tokenizer, train_ids, val_ids, device)
+        return policy, tokenizer, task
+
+    return run_stage(config, "ppo", setup, resume_from)
+
+
+# --- evaluation: the PPO policy against the SFT policy ----------------------------------------------------
+
+def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tokenizer, prompts: list[list[int]],
+                     max_new_tokens: int, seed: int, batch_size: int = 16) -> dict:
+    """Both policies answer every prompt (the same seed); the reward model scores each answer. Returns the
+    mean reward of each, the win rate of `policy` over `reference` under the reward model (a tie counts
+    half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over `policy`'s own answers, the
+    Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer."""
+    stop_id = tokenizer.special[END_OF_TURN]
+    results: dict[str, dict[str, list]] = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        columns: dict[str, list] = {"reward": [], "kl": [], "length": [], "finished": [], "answer": []}
+        for start in range(0, len(prompts), batch_size):
+            part = prompts[start : start + batch_size]
+            rows, answers, finished = rollout(model, part, 1, max_new_tokens, stop_id, seed + start)
+            batch, logprobs, ref_logprobs, scores = score_rollout(model, reference, reward, rows, answers, tokenizer.pad_id)
+            columns["reward"] += scores.tolist()
+            columns["kl"] += (logprobs - ref_logprobs).sum(1).tolist()
+            columns["length"] += batch.mask.sum(1).tolist()
+            columns["finished"] += finished
+            columns["answer"] += answer_texts(tokenizer, answers)
+        results[name] = columns
+    mine, theirs = np.array(results["policy"]["reward"]), np.array(results["reference"]["reward"])
+    summary = {"prompts": len(prompts), "win_rate": float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))}
+    for name, columns in results.items():
+        summary[name] = {"reward": float(np.mean(columns["reward"])), "length": float(np.mean(columns["length"])),
+                         "finished": float(np.mean(columns["finished"]))}
+    summary["kl_per_answer"] = float(np.mean(results["policy"]["kl"]))
+    summary["answers"] = [{"prompt": tokenizer.decode(p, skip_special=True).strip(), "policy": a, "reference": b,
+                           "policy_reward": ra, "reference_reward": rb}
+                          for p, a, b, ra, rb in zip(prompts, results["policy"]["answer"], results["reference"]["answer"],
+                                                     results["policy"]["reward"], results["reference"]["reward"])]
+    return summary

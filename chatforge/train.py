@@ -97,8 +97,14 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    # Optional: `finish(model)`, called on every process after the last step, before the final checkpoint
-    # (the reward model stores its score offset there).
+    # Optional hooks:
+    # - `finish(model)`, called on every process after the last step, before the final checkpoint (the
+    #   reward model stores its score offset there);
+    # - `train_step(model, optimizer, step, lr) -> metrics`, for a stage whose step is more than one gradient
+    #   step (PPO: a rollout, then epochs of minibatch updates); it may report "tokens", "flops" (for
+    #   tokens/s and MFU), "skipped" and "alarms" (messages; with a `strict` config the run stops);
+    # - `plot(metrics, run_dir)`, the stage's own pictures, drawn at each evaluation;
+    # - `progress_keys`, the metrics shown on the progress bar (default: loss).
 
 
 class StepDeterminedData:
@@ -291,7 +297,10 @@ class Trainer:
             _say(bar, f"step {self.step}: {text}")
             for s in samples:
                 _say(bar, f"  sample: {s!r}")
-            plot_training_curves(read_metrics(self.run_dir), self.run_dir / CURVES_FILE, f"{self.stage}: {self.run_dir}")
+            metrics = read_metrics(self.run_dir)
+            plot_training_curves(metrics, self.run_dir / CURVES_FILE, f"{self.stage}: {self.run_dir}")
+            if hasattr(self.task, "plot"):
+                self.task.plot(metrics, self.run_dir)
 
     def learning_rate(self) -> float:
         """The schedule is a function of the step alone, so a resumed run (even with a new max_steps or lr)
@@ -300,8 +309,19 @@ class Trainer:
         return c.lr * lr_factor(self.step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
 
     def train_step(self) -> dict:
-        """One optimizer step over `batch_size` sequences; returns its metrics."""
+        """One step (one optimizer step over `batch_size` sequences, or the task's own step); its metrics."""
         t0 = time.perf_counter()
+        if hasattr(self.task, "train_step"):
+            with autocast(self.device, self.dtype):
+                record = {"step": self.step + 1,
+                          **self.task.train_step(self.model, self.optimizer, self.step, self.learning_rate())}
+        else:
+            record = self._gradient_step()
+        self.step += 1
+        record["step_time"] = time.perf_counter() - t0
+        return record
+
+    def _gradient_step(self) -> dict:
         total = torch.zeros((), device=self.device)
         batches = list(self.task.micro_batches(self.step, self.accumulation))
         for i, batch in enumerate(batches):
@@ -324,9 +344,8 @@ class Trainer:
             self.optimizer.step()
         else:  # never let one bad batch poison the weights
             record["skipped"] = True
+            record["alarms"] = ["non-finite loss or gradient: update skipped"]
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        record["step_time"] = time.perf_counter() - t0
         return record
 
     def fit(self) -> None:
@@ -344,13 +363,19 @@ class Trainer:
         self.model.train()
         while self.step < c.max_steps:
             record = self.train_step()
-            tokens_per_s = self.task.tokens_per_step / record["step_time"]
-            record.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
+            tokens = record.pop("tokens", self.task.tokens_per_step)
+            flops = record.pop("flops", tokens * flops_per_token)
+            record.update(tokens_per_s=tokens / record["step_time"], mfu=flops / record["step_time"] / peak)
             self.metrics.write(record)
-            if record.get("skipped") and self.d.is_main:
-                _say(bar, f"step {self.step}: non-finite loss or gradient, update skipped")
+            alarms = record.get("alarms", [])
+            if self.d.is_main:
+                for alarm in alarms:
+                    _say(bar, f"step {self.step}: ALARM: {alarm}")
+            if alarms and getattr(c, "strict", False):
+                raise UserError(f"step {self.step}: stopped by --strict: {'; '.join(alarms)}")
             if bar:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}")
+                shown = {k: f"{record[k]:.3f}" for k in getattr(self.task, "progress_keys", ("loss",)) if k in record}
+                bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.0%}")
                 bar.update(1)
             if self.step % c.eval_every == 0 or self.step == c.max_steps:
                 self.evaluate(bar)

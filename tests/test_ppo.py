@@ -154,7 +154,7 @@ def test_experience_from_a_rollout():
     """Policy = reference: no KL, so each answer's only reward is its score on its last token; advantages
     and returns follow GAE; an answer cut off by the length limit pays the penalty."""
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import make_experience
+    from chatforge.ppo import make_experience, model_reward
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
@@ -165,9 +165,9 @@ def test_experience_from_a_rollout():
                                        stop_ids=tuple(range(2, 12)))]
     answers, finished = [c.tokens for c in out], [c.finish_reason == "stop" for c in out]
     assert not all(finished) and any(finished), finished  # both kinds (this seed)
-    plain = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+    plain = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
                             whiten_advantages=False)
-    penalised = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+    penalised = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
                                 unfinished_penalty=2.0, whiten_advantages=False)
     assert plain.kl.abs().max() == 0
     for row, answer in enumerate(answers):
@@ -179,9 +179,9 @@ def test_experience_from_a_rollout():
     advantages, returns = generalized_advantages(plain.rewards, plain.values, plain.batch.mask, 1.0, 0.95)
     torch.testing.assert_close(plain.advantages, advantages)
     torch.testing.assert_close(plain.returns, returns)
-    whitened = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1)
+    whitened = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1)
     assert masked_mean(whitened.advantages, whitened.batch.mask).abs() < 1e-5
-    clipped = make_experience(policy, policy, critic, critic, prompts, answers, finished, pad_id=0, beta=0.1,
+    clipped = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
                               reward_clip=0.01)
     assert clipped.scores.abs().max() <= 0.01 + 1e-7
 
@@ -203,7 +203,7 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     import copy
 
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import make_experience, ppo_epochs
+    from chatforge.ppo import make_experience, model_reward, ppo_epochs
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, max_seq_len=32))
@@ -217,7 +217,7 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     for step in range(12):  # ~2 s
         policy.eval()
         out = [c[0] for c in generate_batch(policy, prompts, SamplingParams(max_new_tokens=8, seed=step))]
-        experience = make_experience(policy, reference, value_model, reward, prompts, [c.tokens for c in out],
+        experience = make_experience(policy, reference, value_model, model_reward(reward), prompts, [c.tokens for c in out],
                                      [True] * len(out), pad_id=0, beta=0.02)
         history.append((experience.scores.mean().item(), masked_mean(experience.kl, experience.batch.mask).item()))
         policy.train()
