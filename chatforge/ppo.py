@@ -474,9 +474,10 @@ def value_model_from(init: str, sft: GPT, reward_model: GPT) -> GPT:
     else:
         value = copy.deepcopy(reward_model)
         value.config = dataclasses.replace(value.config, score_offset=0.0)
+    value.train().requires_grad_(True)
     if init == "reward-head":
         value.embed_tokens, value.layers, value.norm = reward_model.embed_tokens, reward_model.layers, reward_model.norm
-    return value.train().requires_grad_(True) if init != "reward-head" else value.train()
+    return value
 
 
 def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str) -> Reward:
@@ -698,6 +699,34 @@ def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> t
         "policy": "CHECKPOINT (the SFT model)", "reward": "CHECKPOINT (the reward model)", "prompts": "FILE [FILE ...]"})
 
 
+def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None = None) -> tuple[GPT, Tokenizer, PPOTask]:
+    """The policy (from SFT, or the checkpoint to resume), its tokenizer, and the task holding the frozen
+    reference and reward model, the value model and the prompts."""
+    sft, tokenizer, sft_path = load_model(config.policy, device)
+    if sft.config.head != "lm":
+        raise UserError(f"{sft_path}: the policy starts from a language model (SFT), this checkpoint has a {sft.config.head} head")
+    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(sft)
+    policy.set_dropout(0.0)  # PPO's ratios must be 1 before any update (see ppo_epochs)
+    reward_model, reward = load_reward(config, tokenizer, device)
+    if reward_model.config.max_seq_len < sft.config.max_seq_len and reward_model.config.head == "scalar":
+        raise UserError(f"{config.reward}: the reward model's context ({reward_model.config.max_seq_len}) is "
+                        f"shorter than the policy's ({sft.config.max_seq_len})")
+    value_model = value_model_from(config.value_init, sft, reward_model)
+    value_model.set_dropout(0.0)
+    if config.ptx_data:
+        data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
+        if not same_tokenizer(tokenizer, data_tokenizer):
+            raise UserError(f"{config.ptx_data}: these shards were made with another tokenizer than the policy's")
+    context = sft.config.max_seq_len
+    train, val, _ = load_splits(load_prompts, config.prompts, config.val_prompts, config.val_fraction, config.seed,
+                                key=lambda p: repr(p[1]))
+    train_ids, val_ids = prompt_ids(train, tokenizer, context), prompt_ids(val, tokenizer, context)
+    print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
+          + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
+    task = PPOTask(config, policy, frozen(sft), value_model, reward, tokenizer, train_ids, val_ids, device)
+    return policy, tokenizer, task
+
+
 def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
     """RLHF: the SFT policy learns to please the reward model with PPO-ptx; returns the run folder, whose
     checkpoints are the policy (a normal language model: `chatforge chat RUN` talks to it)."""
@@ -707,29 +736,7 @@ def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
     def setup(device: torch.device, d: Dist):
         if d.enabled:
             raise UserError("ppo runs on one process: start it without torchrun")
-        sft, tokenizer, sft_path = load_model(config.policy, device)
-        if sft.config.head != "lm":
-            raise UserError(f"{sft_path}: the policy starts from a language model (SFT), this checkpoint has a {sft.config.head} head")
-        policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(sft)
-        policy.set_dropout(0.0)  # PPO's ratios must be 1 before any update (see ppo_epochs)
-        reward_model, reward = load_reward(config, tokenizer, device)
-        if reward_model.config.max_seq_len < sft.config.max_seq_len and reward_model.config.head == "scalar":
-            raise UserError(f"{config.reward}: the reward model's context ({reward_model.config.max_seq_len}) is "
-                            f"shorter than the policy's ({sft.config.max_seq_len})")
-        value_model = value_model_from(config.value_init, sft, reward_model)
-        value_model.set_dropout(0.0)
-        if config.ptx_data:
-            data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
-            if not same_tokenizer(tokenizer, data_tokenizer):
-                raise UserError(f"{config.ptx_data}: these shards were made with another tokenizer than the policy's")
-        context = sft.config.max_seq_len
-        train, val, _ = load_splits(load_prompts, config.prompts, config.val_prompts, config.val_fraction, config.seed,
-                                    key=lambda p: repr(p[1]))
-        train_ids, val_ids = prompt_ids(train, tokenizer, context), prompt_ids(val, tokenizer, context)
-        print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
-              + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
-        task = PPOTask(config, policy, frozen(sft), value_model, reward, tokenizer, train_ids, val_ids, device)
-        return policy, tokenizer, task
+        return build_ppo(config, device, resume_from)
 
     return run_stage(config, "ppo", setup, resume_from)
 

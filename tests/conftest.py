@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,29 @@ QA = [
     ("Say hello.", "Hello there!"),
     ("What does len do?", "It counts items."),
 ]
+
+
+WORDS = "the a list of items value name file line code data text word number string loop set".split()
+
+
+def keyword_rankings(n: int, k: int, seed: int) -> list[dict]:
+    """K answers per prompt; an answer with more 'please' ranks higher (0 to K-1 of them)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        answers = []
+        for count in range(k):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+            for _ in range(count):
+                words.insert(rng.randrange(len(words) + 1), "please")
+            answers.append(" ".join(words))
+        order = list(range(k))
+        rng.shuffle(order)
+        shuffled = [answers[i] for i in order]
+        ranking = sorted(range(k), key=lambda i: -order[i])  # most 'please' first
+        records.append({"prompt": rng.choice(["Say something.", "Answer me.", "Talk."]),
+                        "completions": shuffled, "ranking": ranking})
+    return records
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

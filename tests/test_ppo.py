@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +227,215 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     first, last = history[0][0], sum(s for s, _ in history[-3:]) / 3
     assert first < 0.5 and last > first + 1.0, history
     assert all(abs(kl) < 2.0 for _, kl in history), history
+
+
+def test_running_moments_and_explained_variance_by_hand():
+    from chatforge.ppo import RunningMoments, explained_variance
+
+    stats = RunningMoments()
+    stats.update(torch.tensor([1.0, 2.0, float("nan")]))  # a non-finite score is left out
+    stats.update(torch.tensor([3.0, 4.0, 5.0]))
+    assert stats.count == 5 and stats.mean == pytest.approx(3.0) and stats.std == pytest.approx(2**0.5)
+    torch.testing.assert_close(stats.normalize(torch.tensor([3.0, 3.0 + 2**0.5])), torch.tensor([0.0, 1.0]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    # V = R − (0.5, −0.5, 0): Var[R − V] = 1/6 against Var[R] = 2/3
+    values = returns - torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]])
+    assert explained_variance(values, returns, mask) == pytest.approx(1 - (1 / 6) / (2 / 3))
+
+
+# --- the stage, end to end: a reward model that likes 'please' -----------------------------------------
+
+PLEASE_PROMPTS = ["Say something.", "Answer me.", "Talk.", "Tell me a thing.", "Speak.", "Give me words."]
+HELD_OUT_PROMPTS = ["Say a thing.", "Talk to me.", "Words, please.", "Tell me something.", "Speak to me.",
+                    "Answer this.", "Give words.", "Say words.", "Talk now.", "Tell me."]
+TIMING = ("generate_s", "score_s", "train_s", "samples_per_s", "step_time", "tokens_per_s", "mfu")
+
+
+@pytest.fixture(scope="module")
+def please(pretrained, tmp_path_factory):
+    """An SFT model that answers with a few words (now and then 'please'), a reward model trained from it
+    on rankings where more 'please' is better, and prompt files."""
+    import random
+
+    from conftest import WORDS, keyword_rankings, run_cli, write_jsonl
+
+    root = tmp_path_factory.mktemp("please")
+    rng = random.Random(0)
+    conversations = []
+    for _ in range(240):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words) + 1), "please")
+        conversations.append({"prompt": rng.choice(PLEASE_PROMPTS), "completion": " ".join(words)})
+    write_jsonl(root / "chat.jsonl", conversations)
+    run_cli("sft", "--preset", "tiny", "--init", pretrained, "--data", root / "chat.jsonl", "--out", root / "sft",
+            "--max-steps", 150, "--lr", 3e-3, "--warmup-steps", 10, "--eval-every", 150, "--checkpoint-every", 150,
+            "--no-progress")
+    write_jsonl(root / "rankings.jsonl", keyword_rankings(96, 3, seed=0))
+    run_cli("reward", "train", "--preset", "tiny", "--init", root / "sft", "--data", root / "rankings.jsonl",
+            "--val-fraction", 0, "--out", root / "rm", "--epochs", 6, "--no-progress")
+    (root / "prompts.txt").write_text("\n".join(PLEASE_PROMPTS) + "\n")
+    (root / "held_out.txt").write_text("\n".join(HELD_OUT_PROMPTS) + "\n")
+    return root
+
+
+def ppo_args(root, out, *extra):
+    return ["ppo", "--preset", "tiny", "--policy", root / "sft", "--reward", root / "rm", "--prompts",
+            root / "prompts.txt", "--val-prompts", root / "held_out.txt", "--out", out, "--no-progress", *extra]
+
+
+def test_ppo_raises_the_reward_and_the_rewarded_word_on_held_out_prompts_with_bounded_kl(please, tmp_path):
+    from chatforge.checkpoint import load_model
+    from chatforge.train import read_metrics
+    from conftest import run_cli
+
+    out = tmp_path / "ppo"
+    run_cli(*ppo_args(please, out))
+    metrics = read_metrics(out)
+    assert not [m for m in metrics if m.get("alarms")], "no alarm in a healthy run"
+    steps = [m for m in metrics if "kl_per_answer" in m]
+    assert len(steps) == 20 and all(m["kl_per_answer"] < 10 for m in steps)
+    for key in ("reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "explained_variance",
+                "answer_length", "reward_length_corr", "sample", "samples_per_s", "generate_s", "train_s"):
+        assert key in steps[-1], key
+    assert (out / "ppo.png").stat().st_size > 20_000
+    policy, _, _ = load_model(out)
+    assert policy.config.head == "lm"  # the run's checkpoints are plain language models
+
+    result = run_cli("ppo", "eval", "--policy", out, "--reference", please / "sft", "--reward", please / "rm",
+                     "--prompts", please / "held_out.txt", "--out", tmp_path / "eval", "--max-new-tokens", 16)
+    report = json.loads((tmp_path / "eval" / "ppo_eval.json").read_text())
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert report["prompts"] == len(answers) == len(HELD_OUT_PROMPTS)
+    assert report["policy"]["reward"] > report["reference"]["reward"] + 1.0, report
+    assert report["win_rate"] >= 0.6 and 0 < report["kl_per_answer"] < 10, report
+    said = {who: sum(a[who].count("please") for a in answers) for who in ("policy", "reference")}
+    assert said["policy"] >= 2 * said["reference"] + 3, said
+    assert "win rate of PPO over SFT" in result.stdout
+
+
+def test_kill_and_resume_continues_exactly(please, data_dir, tmp_path):
+    """SIGKILL mid-run, then --resume: the same metrics step for step as an uninterrupted run, with every
+    stateful option on (ptx batches, adaptive β, running reward statistics)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from chatforge.checkpoint import step_checkpoints
+    from chatforge.train import read_metrics
+    from conftest import run_cli
+
+    options = ["--ptx-data", data_dir, "--kl-target", 1, "--normalize-reward", "--max-steps", 8,
+               "--checkpoint-every", 3, "--eval-every", 4]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_cli(*ppo_args(please, reference, *options))
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, ppo_args(please, killed, *options))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not step_checkpoints(killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [step for step, _ in step_checkpoints(killed)]
+    assert done and done[-1] < 8, f"killed after {done}: the run should have been cut mid-way"
+    result = run_cli("ppo", "--resume", killed, "--no-progress")
+    assert f"resuming at step {done[-1]}" in result.stdout
+
+    def without_timing(run):
+        return [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run)]
+
+    expected, resumed = without_timing(reference), without_timing(killed)
+    assert len(resumed) == len(expected) and resumed == expected
+    assert any("ptx_loss" in m for m in expected) and len({m.get("beta") for m in expected if "beta" in m}) > 1
+
+
+def ppo_config(root, out, **overrides):
+    from chatforge import config as cfg
+    from chatforge.ppo import PPOConfig
+
+    return cfg.from_dict(PPOConfig, cfg.merge(cfg.load_preset("tiny", "ppo"), {
+        "policy": str(root / "sft"), "reward": str(root / "rm"), "prompts": [str(root / "prompts.txt")],
+        "val_prompts": [str(root / "held_out.txt")], "out": str(out), "progress": False, **overrides}))
+
+
+def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkeypatch):
+    import chatforge.ppo as ppo
+    from chatforge.errors import UserError
+    from chatforge.train import read_metrics
+
+    policy, _, task = ppo.build_ppo(ppo_config(please, tmp_path / "unit"), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    task.reward = lambda batch: torch.full((len(batch.ids),), float("nan"))
+    before = [p.clone() for m in (policy, task.value_model) for p in m.parameters()]
+    record = task.train_step(policy, optimizer, step=0, lr=1e-3)
+    assert record["skipped"] and "non-finite rewards" in record["alarms"][-1]
+    after = [p for m in (policy, task.value_model) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "nothing applied"
+    assert not optimizer.state and not task.value_optimizer.state
+
+    # in a run: step 2's rewards are NaN (call 0 is the evaluation before step 1); it is logged as skipped
+    # with its alarm, and the run goes on
+    load_reward = ppo.load_reward
+
+    def poisoned(config, tokenizer, device):
+        model, reward = load_reward(config, tokenizer, device)
+        calls = iter(range(1000))
+
+        def score(batch):
+            scores = reward(batch)
+            return scores * float("nan") if next(calls) == 2 else scores
+        return model, score
+
+    monkeypatch.setattr(ppo, "load_reward", poisoned)
+    out = ppo.train_ppo(ppo_config(please, tmp_path / "run", max_steps=3, eval_every=100, checkpoint_every=100,
+                                   val_prompts=[], val_fraction=0.0))
+    steps = [m for m in read_metrics(out) if "reward" in m]
+    assert [bool(m.get("skipped")) for m in steps] == [False, True, False]
+    assert "non-finite" in steps[1]["alarms"][0]
+    with pytest.raises(UserError, match="stopped by --strict: non-finite"):
+        ppo.train_ppo(ppo_config(please, tmp_path / "strict", max_steps=3, strict=True, val_prompts=[], val_fraction=0.0))
+
+
+def test_collapse_alarms():
+    from chatforge.ppo import collapse_alarm
+
+    assert collapse_alarm(["a b", "c", ""]) is None
+    assert "all 3 are the same" in collapse_alarm(["yes", "yes", "yes"])
+    assert "empty" in collapse_alarm(["", "", "", "", "", "", "", "", "", "x"])
+
+
+def test_value_model_choices(please):
+    """From the reward model: a trainable copy (offset dropped); from SFT: a zero head; 'reward-head': the
+    reward model's own (frozen) body under a trainable head, sharing its tensors."""
+    from chatforge.checkpoint import load_model
+    from chatforge.ppo import frozen, value_model_from
+
+    sft, _, _ = load_model(please / "sft")
+    rm = frozen(load_model(please / "rm")[0])
+    ids = torch.tensor([[1, 40, 41, 42]])
+    copied = value_model_from("reward", sft, rm)
+    assert copied.config.score_offset == 0 and all(p.requires_grad for p in copied.parameters())
+    torch.testing.assert_close(copied(ids), rm(ids) + rm.config.score_offset)
+    fresh = value_model_from("sft", sft, rm)
+    assert fresh(ids).abs().max() == 0
+    shared = value_model_from("reward-head", sft, rm)
+    assert shared.layers[0].mlp is rm.layers[0].mlp and shared.embed_tokens is rm.embed_tokens
+    trainable = [name for name, p in shared.named_parameters() if p.requires_grad]
+    assert trainable == ["score.weight"]
+
+
+def test_ppo_errors(please, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("ppo", "--preset", "tiny", "--policy", please / "sft", check=False), "--reward", "--prompts")
+    assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "a")[:5], "--reward", please / "sft", "--prompts",
+                                  please / "prompts.txt", "--out", tmp_path / "a", check=False), "not a reward model")
+    long = tmp_path / "long.txt"
+    long.write_text("Hi.\n" + "word " * 200 + "\n")
+    assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "b"), "--prompts", long, check=False),
+                          f"{long}:2", "no room for an answer")
+    assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "c"), "--value-init", "nope", check=False), "value_init")

@@ -1,6 +1,5 @@
 import itertools
 import json
-import random
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from chatforge.reward import (
 )
 from chatforge.runtime import Dist
 from chatforge.train import read_metrics
-from conftest import assert_one_line_error, run_cli, run_torchrun, write_jsonl
+from conftest import assert_one_line_error, keyword_rankings, run_cli, run_torchrun, write_jsonl
 
 SCALAR = GPTConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32, head="scalar")
 
@@ -133,29 +132,6 @@ def test_bad_records_name_file_and_line(tmp_path):
 
 
 # --- a tiny reward model learns a rule ---------------------------------------------------------------
-
-WORDS = "the a list of items value name file line code data text word number string loop set".split()
-
-
-def keyword_rankings(n: int, k: int, seed: int) -> list[dict]:
-    """K answers per prompt; an answer with more 'please' ranks higher (0 to K-1 of them)."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        answers = []
-        for count in range(k):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
-            for _ in range(count):
-                words.insert(rng.randrange(len(words) + 1), "please")
-            answers.append(" ".join(words))
-        order = list(range(k))
-        rng.shuffle(order)
-        shuffled = [answers[i] for i in order]
-        ranking = sorted(range(k), key=lambda i: -order[i])  # most 'please' first
-        records.append({"prompt": rng.choice(["Say something.", "Answer me.", "Talk."]),
-                        "completions": shuffled, "ranking": ranking})
-    return records
-
 
 @pytest.fixture(scope="module")
 def keyword_rm(pretrained, tmp_path_factory):
