@@ -40,9 +40,11 @@ demo: venv
 	$(CF) generate $(RUN)/pretrain --prompt "The for statement" --max-new-tokens 80 --temperature 0.7 --top-k 40 --seed 0
 
 bench: venv
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/reward_throughput.py
+	$(PY) bench/ppo_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
