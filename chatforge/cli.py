@@ -333,7 +333,7 @@ def _ppo_eval(args) -> None:
                        reward_kind=args.reward_kind)
     _, reward = load_reward(config, tokenizer, device)
     prompts, _ = load_prompts(args.prompts)
-    ids = prompt_ids(prompts, tokenizer, policy.config.max_seq_len)
+    ids = prompt_ids(prompts, tokenizer, policy.config.max_seq_len, args.max_new_tokens)
     report = compare_policies(frozen(policy), frozen(reference), reward, tokenizer, ids, args.max_new_tokens,
                               args.seed, args.batch_size)
     out = Path(args.out)

@@ -489,7 +489,9 @@ def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str) -
         answers = batch.ids[:, batch.prompt_width :]
         texts = [tokenizer.decode(a[: int(n)].tolist(), skip_special=True).strip()
                  for a, n in zip(answers, batch.mask.sum(1))]
-        sequences = [text_ids(t, tokenizer)[: model.config.max_seq_len] for t in texts]
+        sequences = [text_ids(t, tokenizer) for t in texts]  # cut to the context, keeping the <|eos|> it reads
+        sequences = [s if len(s) <= model.config.max_seq_len else [*s[: model.config.max_seq_len - 1], s[-1]]
+                     for s in sequences]
         return torch.tensor(score_sequences(model, sequences, tokenizer.pad_id, len(sequences), to_reward),
                             device=batch.ids.device)
 
@@ -509,15 +511,16 @@ def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -
     return model, model_reward(model)
 
 
-def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int = 1) -> list[list[int]]:
-    """Each prompt rendered for the assistant to answer; one that leaves less than `room` tokens of the
-    context for its answer is an error naming its file and line."""
+def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int) -> list[list[int]]:
+    """Each prompt rendered for the assistant to answer. A prompt must leave `room` tokens (the longest
+    answer) in the context: a batch is as wide as its longest prompt plus its longest answer, and every
+    model reads it whole. One that does not is an error naming its file and line."""
     out = []
     for where, messages in prompts:
         ids = render(messages, tokenizer, add_generation_prompt=True)
         if len(ids) + room > context:
-            raise UserError(f"{where}: the prompt is {len(ids)} tokens, leaving no room for an answer in the "
-                            f"model's context ({context})")
+            raise UserError(f"{where}: the prompt is {len(ids)} tokens, leaving less than max_new_tokens ({room}) "
+                            f"for an answer in the model's context ({context}): shorten it or lower --max-new-tokens")
         out.append(ids)
     return out
 
@@ -652,7 +655,8 @@ class PPOTask:
         if c.kl_target:
             self.kl_controller.update(record["kl_per_answer"], len(answers))
         forward = self.policy.flops_per_token(self.seq_len) / 3  # one forward pass of one token
-        ptx_tokens = (stats.get("ptx_loss") is not None) * c.ppo_epochs * c.ptx_batch_size * self.policy.config.max_seq_len
+        updates = c.ppo_epochs * math.ceil(len(answers) / c.micro_batch_size)
+        ptx_tokens = ("ptx_loss" in stats) * updates * c.ptx_batch_size * self.policy.config.max_seq_len
         flops = forward * (tokens * (1 + 4 + 6 * c.ppo_epochs) + 3 * ptx_tokens)
         return {**record, **stats, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                 "samples_per_s": len(answers) / (t3 - t0), "tokens": tokens, "flops": flops,
@@ -666,14 +670,12 @@ class PPOTask:
         prompts = self.val[: self.config.eval_batches * self.config.batch_size]
         if not prompts:
             return {}
-        prompts, answers, finished = rollout(self.policy, prompts, 1, self.config.max_new_tokens, self.stop_id, self.config.seed)
-        batch, logprobs, ref_logprobs, scores = score_rollout(self.policy, self.reference, self.reward, prompts, answers,
-                                                              self.tokenizer.pad_id)
-        texts = answer_texts(self.tokenizer, answers)
-        self.last_eval = [f"{self.tokenizer.decode(p, skip_special=True).strip()} -> {t}"
-                          for p, t in zip(prompts, texts)][: self.config.sample_answers]
-        return {"val_reward": float(scores.mean()), "val_kl_per_answer": float((logprobs - ref_logprobs).sum(1).mean()),
-                "val_answer_length": float(batch.mask.sum(1).mean()), "val_finished": float(np.mean(finished))}
+        report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
+                                  self.config.max_new_tokens, self.config.seed, self.config.batch_size, reference_too=False)
+        self.last_eval = [f"{a['prompt']} -> {a['policy']}" for a in report["answers"][: self.config.sample_answers]]
+        policy = report["policy"]
+        return {"val_reward": policy["reward"], "val_kl_per_answer": report["kl_per_answer"],
+                "val_answer_length": policy["length"], "val_finished": policy["finished"]}
 
     def samples(self, model: GPT) -> list[str]:
         return self.last_eval
@@ -712,6 +714,9 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
         raise UserError(f"{config.reward}: the reward model's context ({reward_model.config.max_seq_len}) is "
                         f"shorter than the policy's ({sft.config.max_seq_len})")
     value_model = value_model_from(config.value_init, sft, reward_model)
+    if value_model.config.max_seq_len < sft.config.max_seq_len:
+        raise UserError(f"{config.reward}: its context ({value_model.config.max_seq_len}) is shorter than the policy's "
+                        f"({sft.config.max_seq_len}), too short for the value model: use --value-init sft")
     value_model.set_dropout(0.0)
     if config.ptx_data:
         data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
@@ -720,7 +725,10 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
     context = sft.config.max_seq_len
     train, val, _ = load_splits(load_prompts, config.prompts, config.val_prompts, config.val_fraction, config.seed,
                                 key=lambda p: repr(p[1]))
-    train_ids, val_ids = prompt_ids(train, tokenizer, context), prompt_ids(val, tokenizer, context)
+    train_ids = prompt_ids(train, tokenizer, context, config.max_new_tokens)
+    val_ids = prompt_ids(val, tokenizer, context, config.max_new_tokens)
+    if not train_ids:
+        raise UserError(f"no training prompts left after holding out {len(val_ids)}: give --val-prompts or lower --val-fraction")
     print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
           + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
     task = PPOTask(config, policy, frozen(sft), value_model, reward, tokenizer, train_ids, val_ids, device)
@@ -744,14 +752,15 @@ def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
 # --- evaluation: the PPO policy against the SFT policy ----------------------------------------------------
 
 def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tokenizer, prompts: list[list[int]],
-                     max_new_tokens: int, seed: int, batch_size: int = 16) -> dict:
-    """Both policies answer every prompt (the same seed); the reward model scores each answer. Returns the
-    mean reward of each, the win rate of `policy` over `reference` under the reward model (a tie counts
-    half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over `policy`'s own answers, the
-    Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer."""
+                     max_new_tokens: int, seed: int, batch_size: int = 16, reference_too: bool = True) -> dict:
+    """Both policies answer every prompt (the same seed, `batch_size` prompts at a time); the reward model
+    scores each answer. Returns the mean reward of each, the win rate of `policy` over `reference` under the
+    reward model (a tie counts half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over
+    `policy`'s own answers, the Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer.
+    Without `reference_too`, only `policy` answers (its reward, KL and length)."""
     stop_id = tokenizer.special[END_OF_TURN]
     results: dict[str, dict[str, list]] = {}
-    for name, model in (("policy", policy), ("reference", reference)):
+    for name, model in (("policy", policy), ("reference", reference))[: 2 if reference_too else 1]:
         columns: dict[str, list] = {"reward": [], "kl": [], "length": [], "finished": [], "answer": []}
         for start in range(0, len(prompts), batch_size):
             part = prompts[start : start + batch_size]
@@ -763,14 +772,17 @@ def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tok
             columns["finished"] += finished
             columns["answer"] += answer_texts(tokenizer, answers)
         results[name] = columns
-    mine, theirs = np.array(results["policy"]["reward"]), np.array(results["reference"]["reward"])
-    summary = {"prompts": len(prompts), "win_rate": float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))}
+    summary: dict = {"prompts": len(prompts)}
     for name, columns in results.items():
         summary[name] = {"reward": float(np.mean(columns["reward"])), "length": float(np.mean(columns["length"])),
                          "finished": float(np.mean(columns["finished"]))}
     summary["kl_per_answer"] = float(np.mean(results["policy"]["kl"]))
-    summary["answers"] = [{"prompt": tokenizer.decode(p, skip_special=True).strip(), "policy": a, "reference": b,
-                           "policy_reward": ra, "reference_reward": rb}
-                          for p, a, b, ra, rb in zip(prompts, results["policy"]["answer"], results["reference"]["answer"],
-                                                     results["policy"]["reward"], results["reference"]["reward"])]
+    answers = [{"prompt": tokenizer.decode(p, skip_special=True).strip(), "policy": a, "policy_reward": r}
+               for p, a, r in zip(prompts, results["policy"]["answer"], results["policy"]["reward"])]
+    if reference_too:
+        mine, theirs = np.array(results["policy"]["reward"]), np.array(results["reference"]["reward"])
+        summary["win_rate"] = float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
+        for answer, text, score in zip(answers, results["reference"]["answer"], results["reference"]["reward"]):
+            answer.update(reference=text, reference_reward=score)
+    summary["answers"] = answers
     return summary

@@ -437,5 +437,5 @@ def test_ppo_errors(please, tmp_path):
     long = tmp_path / "long.txt"
     long.write_text("Hi.\n" + "word " * 200 + "\n")
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "b"), "--prompts", long, check=False),
-                          f"{long}:2", "no room for an answer")
+                          f"{long}:2", "leaving less than max_new_tokens (16)")
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "c"), "--value-init", "nope", check=False), "value_init")
