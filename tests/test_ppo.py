@@ -439,3 +439,23 @@ def test_ppo_errors(please, tmp_path):
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "b"), "--prompts", long, check=False),
                           f"{long}:2", "leaving less than max_new_tokens (16)")
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "c"), "--value-init", "nope", check=False), "value_init")
+
+
+def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):
+    from chatforge.chat_format import Message, render
+    from chatforge.ppo import RolloutBatch, classifier_reward
+    from chatforge.reward import text_ids
+    from chatforge.tokenizer import END_OF_TURN, Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    classifier = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=4, max_seq_len=32,
+                               head="classifier", num_labels=2, labels=["negative", "positive"])).eval()
+    end = tokenizer.special[END_OF_TURN]
+    prompts = [render([Message("user", q)], tokenizer, add_generation_prompt=True) for q in ("Hi.", "How are you today?")]
+    texts = ["a good day", "bad"]
+    batch = RolloutBatch.build(prompts, [[*tokenizer.encode(t), end] for t in texts], tokenizer.pad_id)
+    got = classifier_reward(classifier, tokenizer, "positive", "logprob")(batch)
+    with torch.no_grad():
+        expected = [classifier(torch.tensor([text_ids(t, tokenizer)]))[0, -1].log_softmax(-1)[1] for t in texts]
+    torch.testing.assert_close(got, torch.stack(expected))
