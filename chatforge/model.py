@@ -305,7 +305,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                last_only: bool = False, pad: torch.Tensor | None = None):
+                last_only: bool = False, pad: torch.Tensor | None = None, head_from: int = 0):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, values (B, T) for the scalar head,
         or (B, T, num_labels) logits for the classifier head.
 
@@ -314,7 +314,8 @@ class GPT(nn.Module):
         counted in positions, so every row computes exactly what it would alone.
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
-        With `last_only`, only the last position goes through the head (prefilling a prompt for generation).
+        With `last_only`, only the last position goes through the head (prefilling a prompt for generation);
+        with `head_from`, only the positions from there on (the answers of a PPO batch, not their prompts).
         """
         T = idx.shape[1]
         if cache is not None:
@@ -336,7 +337,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length += T
-        x = self.norm(x[:, -1:] if last_only else x)
+        x = self.norm(x[:, -1:] if last_only else x[:, head_from:])
         if self.config.head == "lm" and targets is not None:
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if self.config.head == "lm":

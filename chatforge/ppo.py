@@ -69,15 +69,15 @@ class RolloutBatch:
 
     def answer_logits(self, model: torch.nn.Module) -> torch.Tensor:
         """(B, T, vocab): the logits that predicted each answer token (positions P − 1 ... P + T − 2)."""
-        return model(self.ids[:, :-1], pad=self.pad)[:, self.prompt_width - 1 :]
+        return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1)
 
     def answer_values(self, model: torch.nn.Module) -> torch.Tensor:
         """(B, T): a scalar-head model's value of the state before each answer token, V(x, y_<t)."""
-        return model(self.ids[:, :-1], pad=self.pad)[:, self.prompt_width - 1 :] * self.mask
+        return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1) * self.mask
 
     def answer_scores(self, model: torch.nn.Module) -> torch.Tensor:
         """(B,): a scalar-head model's output at each answer's last token (the reward model's score)."""
-        values = model(self.ids, pad=self.pad)[:, self.prompt_width :]
+        values = model(self.ids, pad=self.pad, head_from=self.prompt_width)
         last = (self.mask.sum(1).long() - 1).clamp(min=0)
         return values.gather(1, last[:, None]).squeeze(1)
 
