@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 DATA   ?= $(RUN)/data
 
-.PHONY: demo test venv browser bench clean
+.PHONY: demo test venv browser demo-data bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ browser:
 	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "install Debian's chromium for the browser tests" >&2; exit 1; fi; }
+
+# The demo's real data: WordNet 3.0 and the Python 3.11 documentation, from Debian's packages (installed when
+# missing and we are root on Debian; otherwise a message saying what to install).
+demo-data:
+	@missing=""; [ -f /usr/share/wordnet/data.noun ] || missing="wordnet-base"; \
+	[ -d /usr/share/doc/python3.11/html/_sources ] || missing="$$missing python3.11-doc"; \
+	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "the demo needs Debian's$$missing: apt-get install$$missing" >&2; exit 1; fi; fi
 
 # The demo so far: zero-install corpus -> BPE tokenizer -> token shards -> pretrain the cpu preset -> generate.
 # Steps already done are skipped; an interrupted pretraining run is resumed.
