@@ -44,6 +44,7 @@ class Entry:
     word: str
     pos: str
     senses: list[Synset]
+    tagged: int = 0  # senses seen in WordNet's sense-tagged corpus: how common the word is, roughly
 
     def synonyms(self, sense: int = 0) -> list[str]:
         return [w for w in self.senses[sense].words if w.lower() != self.word.lower()]
@@ -101,7 +102,8 @@ def read_wordnet(directory: str | Path) -> list[Entry]:
             try:
                 senses = int(fields[2])
                 offsets = [int(o) for o in fields[-senses:]]
-                entries.append(Entry(fields[0].replace("_", " "), pos, [synsets[o] for o in offsets]))
+                entries.append(Entry(fields[0].replace("_", " "), pos, [synsets[o] for o in offsets],
+                                     tagged=int(fields[-senses - 1])))
             except (ValueError, IndexError, KeyError) as e:
                 raise UserError(f"{index}:{lineno}: not a WordNet index line ({e.__class__.__name__}: {e})") from None
     return entries

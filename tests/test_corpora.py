@@ -37,7 +37,7 @@ def wordnet():
 def test_wordnet_reader_against_known_entries(wordnet):
     assert len(wordnet) > 140_000  # WordNet 3.0: 155,287 (word, part of speech) entries
     dog = wordnet["dog", "noun"]
-    assert len(dog.senses) == 7
+    assert len(dog.senses) == 7 and dog.tagged == 1
     first = dog.senses[0]
     assert first.definition.startswith("a member of the genus Canis (probably descended from the common wolf)")
     assert first.examples == ["the dog barked all night"]
