@@ -312,6 +312,14 @@ def _plot(args) -> None:
         print(f"PPO curves -> {plot_ppo_curves(metrics, out.with_name(PPO_CURVES_FILE), str(run_dir))}")
 
 
+def _run(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.pipeline import RunConfig, run_pipeline
+
+    base = cfg.load_preset(args.preset, "run")
+    run_pipeline(cfg.from_dict(RunConfig, cfg.merge(base, cfg.overrides_from_args(args)), "run config"), args.preset)
+
+
 def _ppo_eval(args) -> None:
     from pathlib import Path
 
@@ -377,7 +385,9 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chatforge import config as cfg
     from chatforge.classify import ClassifyConfig
+    from chatforge.pipeline import RunConfig
     from chatforge.ppo import PPOConfig
     from chatforge.pretrain import PretrainConfig
     from chatforge.reward import RewardConfig
@@ -558,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="answer this one message and exit (for scripts)")
     _add_prompting_arguments(p, max_new_tokens=256)
     p.set_defaults(func=_chat)
+
+    p = commands.add_parser(
+        "run", help="the whole pipeline on WordNet, the Python docs and chatterbot, with a report card",
+        description="corpus -> tokenizer -> pretrain -> SFT -> ranked answers (simulated annotator) -> reward "
+                    "model -> PPO-ptx -> evaluation on held-out words -> RUN/report.md and report.html. "
+                    "Stages already done are skipped; an interrupted one resumes from its checkpoint. Stage "
+                    "settings come from the preset's tables, the pipeline's from its [run] table.")
+    p.add_argument("--preset", default="cpu", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file (default: cpu)")
+    cfg.add_config_arguments(p, RunConfig)
+    p.set_defaults(func=_run)
 
     p = commands.add_parser("plot", help="draw a run's training curves",
                             description="Plot loss, validation metrics, tokens/s and learning rate from a run's "

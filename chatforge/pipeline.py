@@ -1,0 +1,311 @@
+"""`chatforge run`: the whole InstructGPT pipeline on real data, as one resumable command.
+
+    corpus (Python docs + WordNet as prose) -> tokenizer -> shards -> pretrain -> SFT (dictionary conversations
+    about the training words + chatterbot) -> K answers per prompt, ranked by the simulated annotator ->
+    reward model -> PPO-ptx -> evaluation on the held-out words -> report.md / report.html
+
+Each stage writes into its own folder of the run and finishes by writing `done.json` (what it measured);
+a stage with one is skipped when the run is started again, and an interrupted training stage resumes from
+its last checkpoint. The stages' settings come from the preset's tables ([pretrain], [sft], [reward], [ppo])
+and the pipeline's own from its [run] table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chatforge import config as cfg
+from chatforge.checkpoint import step_checkpoints
+from chatforge.errors import UserError
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class RunConfig:
+    out: str = field(default="runs/demo", metadata={"help": "run folder: every stage's folder, report.md and report.html"})
+    data_dir: str = field(default="", metadata={"help": "folder with copies of wordnet/, python-docs/ and chatterbot/ "
+                                                        "(default: where the packages install them)"})
+    words: int = field(default=600, metadata={"help": "WordNet words of the dictionary, the most common first"})
+    held_out_fraction: float = field(default=0.2, metadata={"help": "share of the words never in a conversation (evaluated)"})
+    docs_chars: int = field(default=1_000_000, metadata={"help": "characters of the Python documentation in the pretraining text"})
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
+    chatterbot: bool = field(default=True, metadata={"help": "add chatterbot-corpus's conversations to SFT"})
+    preference_words: int = field(default=300, metadata={"help": "training words whose definition answers are ranked"})
+    k: int = field(default=4, metadata={"help": "answers per prompt the simulated annotator ranks"})
+    answer_tokens: int = field(default=48, metadata={"help": "longest answer when sampling and evaluating"})
+    eval_words: int = field(default=120, metadata={"help": "held-out words evaluated (at most)"})
+    shots: int = field(default=3, metadata={"help": "solved examples in the few-shot multiple-choice test"})
+    seed: int = field(default=0, metadata={"help": "seed of the word split and of every stage"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+@dataclass
+class Context:
+    """What the stages share: the config, the preset, the run folder and the dictionary words."""
+
+    config: RunConfig
+    preset: str
+    run: Path
+    data: dict[str, Path]
+    train_words: list = field(default_factory=list)
+    held_out_words: list = field(default_factory=list)
+
+    def stage_config(self, cls, stage: str, **values):
+        """A stage's config: the preset's table < the pipeline's values (folders, seed, progress)."""
+        base = cfg.load_preset(self.preset, stage)
+        return cfg.from_dict(cls, cfg.merge(base, {"seed": self.config.seed, "progress": self.config.progress, **values}),
+                             f"{stage} config")
+
+
+def _write_json_atomic(value: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _train(run_fn, resolve, config, stage_dir: Path) -> Path:
+    """Run a training stage, resuming it when an earlier attempt left checkpoints."""
+    if step_checkpoints(stage_dir):
+        resumed, checkpoint = resolve(None, {}, str(stage_dir))
+        return run_fn(resumed, resume_from=checkpoint)
+    return run_fn(config)
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    from chatforge.train import read_metrics
+
+    metrics = read_metrics(run_dir)
+    steps = [m for m in metrics if "tokens_per_s" in m]
+    evals = [m for m in metrics if any(k.startswith("val_") for k in m)]
+    out = {"steps": len(steps), "tokens_per_s": float(np.median([m["tokens_per_s"] for m in steps])) if steps else 0.0}
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
+    return out
+
+
+# --- the stages -------------------------------------------------------------------------------------------
+
+def stage_corpus(ctx: Context, out: Path) -> dict:
+    """The pretraining text (documentation + every dictionary word's WordNet entry as prose), the
+    tokenizer and the token shards."""
+    from chatforge.corpora import python_docs, read_wordnet, wordnet_prose
+    from chatforge.data import prepare
+    from chatforge.tokenizer import train_bpe
+
+    entries = {(e.word, e.pos): e for e in read_wordnet(ctx.data["wordnet"])}
+    documents = []
+    for word in ctx.train_words + ctx.held_out_words:
+        documents.append({"text": wordnet_prose(entries[word.word, word.pos])})
+    chars = 0
+    for _, text in python_docs(ctx.data["python_docs"]):
+        if chars >= ctx.config.docs_chars:
+            break
+        documents.append({"text": text[: ctx.config.docs_chars - chars]})
+        chars += len(documents[-1]["text"])
+    random.Random(ctx.config.seed).shuffle(documents)
+    corpus = out / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in documents))
+    tokenizer = train_bpe((d["text"] for d in documents), ctx.config.vocab_size)
+    tokenizer.save(out / "tokenizer")
+    result = prepare([corpus], out / "tokenizer", out / "shards", val_fraction=0.05, progress=ctx.config.progress,
+                     seed=ctx.config.seed)
+    return {"documents": len(documents), "characters": sum(len(d["text"]) for d in documents),
+            "docs_characters": chars, "tokens": {s: i["tokens"] for s, i in result.meta["splits"].items()}}
+
+
+def stage_pretrain(ctx: Context, out: Path) -> dict:
+    from chatforge.pretrain import PretrainConfig, pretrain, resolve_config
+
+    config = ctx.stage_config(PretrainConfig, "pretrain", data=str(ctx.run / "corpus" / "shards"), out=str(out))
+    return _last_metrics(_train(pretrain, resolve_config, config, out))
+
+
+def stage_sft(ctx: Context, out: Path) -> dict:
+    from chatforge.corpora import chatterbot_conversations
+    from chatforge.dictionary import conversations
+    from chatforge.sft import SFTConfig, resolve_config, sft
+
+    records = conversations(ctx.train_words)
+    chit_chat = 0
+    if ctx.config.chatterbot:
+        for _, turns in chatterbot_conversations(ctx.data.get("chatterbot")):
+            roles = ["user", "assistant"] * len(turns)
+            if len(turns) % 2 == 0:
+                records.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]})
+                chit_chat += 1
+    random.Random(ctx.config.seed).shuffle(records)
+    data = out.parent / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = ctx.stage_config(SFTConfig, "sft", init=str(ctx.run / "pretrain"), data=[str(data)], out=str(out),
+                              skip_invalid=True, sample_prompts=[ctx.held_out_words[0].question("define")])
+    result = _last_metrics(_train(sft, resolve_config, config, out))
+    return {**result, "conversations": len(records), "chatterbot": chit_chat}
+
+
+def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) -> Path:
+    """K sampled answers to "What does X mean?" for each word, ranked by the simulated annotator."""
+    from chatforge.checkpoint import load_model
+    from chatforge.chat_format import Message
+    from chatforge.dictionary import DEFINE, rank_answers
+    from chatforge.engine import SamplingParams
+    from chatforge.sample import sample_candidates, write_jsonl_atomic
+
+    model, tokenizer, _ = load_model(model_dir)
+    prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
+    params = SamplingParams(max_new_tokens=ctx.config.answer_tokens, temperature=1.0, seed=seed)
+    records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=[0.7, 1.0],
+                                progress=ctx.config.progress)
+    for record, word in zip(records, words):
+        record["ranking"] = rank_answers(record["completions"], word)
+    return write_jsonl_atomic(records, out)
+
+
+def stage_reward(ctx: Context, out: Path) -> dict:
+    from chatforge.checkpoint import load_model
+    from chatforge.reward import RewardConfig, evaluate_rankings, load_groups, resolve_config, train_reward_model
+
+    train = _ranked(ctx, ctx.train_words[: ctx.config.preference_words], ctx.run / "sft", out.parent / "rankings.jsonl",
+                    ctx.config.seed)
+    held_out = _ranked(ctx, ctx.held_out_words[: ctx.config.eval_words], ctx.run / "sft",
+                       out.parent / "rankings-held-out.jsonl", ctx.config.seed + 1)
+    config = ctx.stage_config(RewardConfig, "reward", init=str(ctx.run / "sft"), data=[str(train)],
+                              val_data=[str(held_out)], out=str(out))
+    result = _last_metrics(_train(train_reward_model, resolve_config, config, out))
+    model, tokenizer, _ = load_model(out)
+    groups, _ = load_groups([str(held_out)], tokenizer, model.config.max_seq_len, skip_invalid=True)
+    report = evaluate_rankings(model, groups, tokenizer.pad_id)
+    from chatforge.plots import plot_calibration
+
+    plot_calibration(report["calibration"], out / "calibration.png", "reward model calibration (held-out words)")
+    return {**result, **{k: v for k, v in report.items() if k != "calibration"}}
+
+
+def stage_ppo(ctx: Context, out: Path) -> dict:
+    from chatforge.dictionary import DEFINE
+    from chatforge.ppo import PPOConfig, resolve_config, train_ppo
+
+    prompts = out.parent / "ppo-prompts.txt"
+    prompts.write_text("".join(w.question(DEFINE) + "\n" for w in ctx.train_words))
+    held_out = out.parent / "ppo-held-out.txt"
+    held_out.write_text("".join(w.question(DEFINE) + "\n" for w in ctx.held_out_words[: ctx.config.eval_words]))
+    config = ctx.stage_config(PPOConfig, "ppo", policy=str(ctx.run / "sft"), reward=str(ctx.run / "reward"),
+                              prompts=[str(prompts)], val_prompts=[str(held_out)],
+                              ptx_data=str(ctx.run / "corpus" / "shards"), out=str(out))
+    run_dir = _train(train_ppo, resolve_config, config, out)
+    from chatforge.train import read_metrics
+
+    metrics = read_metrics(run_dir)
+    steps = [m for m in metrics if "kl_per_answer" in m]
+    alarms = [a for m in metrics for a in m.get("alarms", [])]
+    return {"iterations": len(steps), "samples_per_s": float(np.median([m["samples_per_s"] for m in steps])),
+            "kl_per_answer": steps[-1]["kl_per_answer"], "kl_bound": config.kl_bound, "alarms": alarms,
+            "reward_first": steps[0]["reward"], "reward_last": float(np.mean([m["reward"] for m in steps[-5:]]))}
+
+
+def stage_evaluate(ctx: Context, out: Path) -> dict:
+    """Pretrained, SFT and PPO side by side on the held-out words."""
+    from chatforge.chat_format import Message
+    from chatforge.checkpoint import load_model
+    from chatforge.dictionary import DEFINE, definition_f1, part_of_speech
+    from chatforge.evaluate import MultipleChoice, answer_questions, bits_per_byte, multiple_choice_accuracy
+    from chatforge.ppo import compare_policies, frozen, model_reward, prompt_ids
+    from chatforge.reward import answer_ids, score_sequences
+
+    c = ctx.config
+    words = ctx.held_out_words[: c.eval_words]
+    questions = [w.question(DEFINE) for w in words]
+    reward_model, tokenizer, _ = load_model(ctx.run / "reward")
+    rng = random.Random(c.seed)
+
+    def choice(word, pool) -> MultipleChoice:
+        distractors = rng.sample([w.definition for w in pool if w.word != word.word], 3)
+        answer = rng.randrange(4)
+        return MultipleChoice(f'Which definition fits "{word.word}"?', distractors[:answer] + [word.definition] + distractors[answer:], answer)
+
+    items = [choice(w, words) for w in words]
+    shots = [choice(w, ctx.train_words) for w in ctx.train_words[: c.shots]]
+    table, answers = {}, {}
+    for name in ("pretrain", "sft", "ppo"):
+        model, _, _ = load_model(ctx.run / name)
+        model = frozen(model)
+        replies = answer_questions(model, tokenizer, questions, c.answer_tokens)
+        rewards = score_sequences(reward_model, [answer_ids([Message("user", q)], r, tokenizer)[: reward_model.config.max_seq_len]
+                                                 for q, r in zip(questions, replies)], tokenizer.pad_id)
+        f1 = [definition_f1(r, w) for r, w in zip(replies, words)]
+        table[name] = {
+            "definition_f1": float(np.mean(f1)),
+            "pos_accuracy": float(np.mean([part_of_speech(r) == w.pos for r, w in zip(replies, words)])),
+            "reward": float(np.mean(rewards)),
+            "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4),
+            "zero_shot_mc": multiple_choice_accuracy(model, tokenizer, items),
+            "few_shot_mc": multiple_choice_accuracy(model, tokenizer, items, shots),
+        }
+        answers[name] = {"replies": replies, "f1": f1, "rewards": rewards}
+    ppo, sft = answers["ppo"], answers["sft"]
+    win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
+    sft_model, ppo_model = frozen(load_model(ctx.run / "sft")[0]), frozen(load_model(ctx.run / "ppo")[0])
+    sampled = compare_policies(ppo_model, sft_model, model_reward(reward_model), tokenizer,
+                               prompt_ids([(q, [Message("user", q)]) for q in questions], tokenizer,
+                                          sft_model.config.max_seq_len, c.answer_tokens), c.answer_tokens, c.seed)
+    samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}
+               for i, q in enumerate(questions[:6])]
+    (out / "answers.jsonl").write_text("".join(json.dumps({"question": q, "gold": w.definition, "pos": w.pos,
+                                                           **{n: answers[n]["replies"][i] for n in answers}}) + "\n"
+                                               for i, (q, w) in enumerate(zip(questions, words))))
+    return {"words": len(words), "models": table, "ppo_vs_sft": {
+        "win_rate_reward": win(ppo["rewards"], sft["rewards"]), "win_rate_f1": win(ppo["f1"], sft["f1"]),
+        "kl_per_answer": sampled["kl_per_answer"]}, "samples": samples}
+
+
+STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
+    ("corpus", stage_corpus), ("pretrain", stage_pretrain), ("sft", stage_sft), ("reward", stage_reward),
+    ("ppo", stage_ppo), ("evaluate", stage_evaluate),
+]
+
+
+def run_pipeline(config: RunConfig, preset: str) -> Path:
+    """Every stage not yet done, then the report; returns the run folder."""
+    from chatforge.corpora import find_data, read_wordnet
+    from chatforge.dictionary import demo_words, split_words
+    from chatforge.report import write_report
+
+    run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "run.json"
+    settings = {"preset": preset, "run": dataclasses.asdict(config)}
+    if saved.is_file() and {k: v for k, v in json.loads(saved.read_text())["run"].items() if k != "progress"} != \
+            {k: v for k, v in settings["run"].items() if k != "progress"}:
+        raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
+    _write_json_atomic(settings, saved)
+    ctx = Context(config, preset, run, find_data(config.data_dir or None))
+    words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words)
+    ctx.train_words, ctx.held_out_words = split_words(words, config.held_out_fraction, config.seed)
+    if not ctx.train_words or not ctx.held_out_words:
+        raise UserError(f"{len(words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
+                        "held-out: use more --words")
+    print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words -> {run}")
+    results = {}
+    for name, stage in STAGES:
+        folder = run / name
+        done = folder / DONE_FILE
+        if done.is_file():
+            results[name] = json.loads(done.read_text())
+            print(f"run: {name} already done ({results[name]['seconds']:.0f} s), skipped")
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"run: {name} ...")
+        t0 = time.perf_counter()
+        results[name] = {**stage(ctx, folder), "seconds": time.perf_counter() - t0}
+        _write_json_atomic(results[name], done)
+    report = write_report(run, settings, results)
+    print(f"run: report -> {report}, {report.with_suffix('.html')}")
+    return run

@@ -1,0 +1,63 @@
+"""`chatforge run`: every stage end to end on the real demo data (tiny preset), the report, and resuming."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chatforge.checkpoint import step_checkpoints
+from chatforge.corpora import PYTHON_DOCS_DIRS, WORDNET_DIRS
+from conftest import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.skipif(
+    not all(__import__("pathlib").Path(d).is_dir() for d in (*WORDNET_DIRS, *PYTHON_DOCS_DIRS)),
+    reason="the demo data is not installed (make demo-data: Debian's wordnet-base and python3.11-doc)")
+
+STAGES = ("corpus", "pretrain", "sft", "reward", "ppo", "evaluate")
+
+
+def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "chatforge", "run", "--preset", "tiny", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not step_checkpoints(out / "sft") and time.monotonic() < deadline:  # killed during SFT
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "pretrain" / "done.json").is_file() and not (out / "sft" / "done.json").is_file()
+    pretrain_done = (out / "pretrain" / "done.json").read_text()
+
+    result = run_cli("run", "--preset", "tiny", "--out", out, "--no-progress")
+    for stage in ("corpus", "pretrain"):
+        assert f"run: {stage} already done" in result.stdout
+    assert re.search(r"sft: .*resuming at step \d+", result.stdout)
+    assert (out / "pretrain" / "done.json").read_text() == pretrain_done  # not redone
+    assert all((out / stage / "done.json").is_file() for stage in STAGES)
+
+    evaluation = json.loads((out / "evaluate" / "done.json").read_text())
+    assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
+    for metrics in evaluation["models"].values():
+        assert 0 <= metrics["definition_f1"] <= 1 and 0 <= metrics["zero_shot_mc"] <= 1
+        assert 0 < metrics["bits_per_byte"] < 10
+    reward = json.loads((out / "reward" / "done.json").read_text())
+    assert reward["pairs"] == 6 * reward["prompts"]  # K = 4: all C(4, 2) pairs of each ranking
+    report = (out / "report.md").read_text()
+    assert "| definition accuracy (token F1 with WordNet, greedy) |" in report
+    assert f"{evaluation['models']['sft']['bits_per_byte']:.3f}" in report  # filled from the measurements
+    assert "![PPO-ptx" in report and (out / "ppo" / "ppo.png").is_file()
+    assert "<table>" in (out / "report.html").read_text()
+
+    again = run_cli("run", "--preset", "tiny", "--out", out, "--no-progress")
+    assert all(f"run: {stage} already done" in again.stdout for stage in STAGES)
+    changed = run_cli("run", "--preset", "tiny", "--out", out, "--words", 50, check=False)
+    assert_one_line_error(changed, "other settings")
+
+
+def test_missing_demo_data_says_what_to_install(tmp_path):
+    assert_one_line_error(run_cli("run", "--preset", "tiny", "--out", tmp_path / "run", "--data-dir", tmp_path / "nothing",
+                                  check=False), "wordnet-base", "python3.11-doc")
