@@ -272,6 +272,11 @@ STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
 ]
 
 
+def _comparable(settings: dict) -> dict:
+    """What must not change between attempts of one run (showing progress bars may)."""
+    return {**settings, "run": {k: v for k, v in settings["run"].items() if k != "progress"}}
+
+
 def run_pipeline(config: RunConfig, preset: str) -> Path:
     """Every stage not yet done, then the report; returns the run folder."""
     from chatforge.corpora import find_data, read_wordnet
@@ -282,8 +287,7 @@ def run_pipeline(config: RunConfig, preset: str) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "run.json"
     settings = {"preset": preset, "run": dataclasses.asdict(config)}
-    if saved.is_file() and {k: v for k, v in json.loads(saved.read_text())["run"].items() if k != "progress"} != \
-            {k: v for k, v in settings["run"].items() if k != "progress"}:
+    if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(settings):
         raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
     _write_json_atomic(settings, saved)
     ctx = Context(config, preset, run, find_data(config.data_dir or None))
