@@ -317,7 +317,9 @@ def _run(args) -> None:
     from chatforge.pipeline import RunConfig, run_pipeline
 
     base = cfg.load_preset(args.preset, "run")
-    run_pipeline(cfg.from_dict(RunConfig, cfg.merge(base, cfg.overrides_from_args(args)), "run config"), args.preset)
+    stages = {name: base.pop(name) for name in list(base) if isinstance(base[name], dict)}  # [run.<stage>] tables
+    config = cfg.from_dict(RunConfig, cfg.merge(base, cfg.overrides_from_args(args)), "run config")
+    run_pipeline(config, args.preset, stages)
 
 
 def _ppo_eval(args) -> None:

@@ -118,11 +118,20 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+HEAD = re.compile(r"\s*(.+?)\s*\(([a-z]+)\)\s*:\s*(.*)", re.DOTALL)  # "word (pos): definition"
+
+
+def head_word(answer: str) -> str | None:
+    """The word an answer "word (pos): definition." defines (None when it has no such head)."""
+    match = HEAD.match(answer)
+    return match.group(1) if match else None
+
+
 def definition_part(answer: str, word: str) -> str:
     """The definition in an answer "word (pos): definition.", or the whole answer when it has no such head
     (the word and the part of speech are not counted as matching the definition)."""
-    match = re.match(rf"\s*{re.escape(word)}\s*\(([a-z]+)\)\s*:\s*(.*)", answer, re.IGNORECASE | re.DOTALL)
-    return match.group(2) if match else answer
+    match = HEAD.match(answer)
+    return match.group(3) if match else answer
 
 
 def definition_f1(answer: str, word: Word) -> float:
@@ -146,21 +155,33 @@ def repetition(answer: str) -> float:
 def annotator_score(answer: str, word: Word) -> float:
     """The simulated annotator's rule for an answer to "What does X mean?", higher is better:
 
-        token F1 with WordNet's definition
-        − 0.5 if it names a part of speech other than the word's (a wrong fact)
+        token F1 of its definition with WordNet's
+        − 1   if it defines another word (a wrong fact), − 0.5 if it names no word (not a dictionary answer)
+        − 0.5 if it states a part of speech other than the word's (a wrong fact)
         − 0.5 × the share of repeated bigrams (repetition)
-        − 1   if it says nothing
+        = −2  if it says nothing
     """
     if not tokens(answer):
-        return -1.0
+        return -2.0
     score = definition_f1(answer, word)
+    defined = head_word(answer)
+    if defined is None:
+        score -= 0.5
+    elif defined.lower() != word.word.lower():
+        score -= 1.0
     stated = part_of_speech(answer)
     if stated is not None and stated != word.pos:
         score -= 0.5
     return score - 0.5 * repetition(answer)
 
 
-def rank_answers(answers: list[str], word: Word) -> list[int]:
-    """Answer indices best first by `annotator_score`; ties keep the sampled order."""
+def rank_answers(answers: list[str], word: Word) -> tuple[list[int], list[int]]:
+    """(answer indices best first by `annotator_score`, the ones left out): of answers that score exactly
+    the same only the first is ranked, since the rule cannot tell them apart."""
     scores = [annotator_score(a, word) for a in answers]
-    return sorted(range(len(answers)), key=lambda i: (-scores[i], i))
+    kept, seen = [], set()
+    for i in sorted(range(len(answers)), key=lambda i: (-scores[i], i)):
+        if scores[i] not in seen:
+            kept.append(i)
+            seen.add(scores[i])
+    return kept, sorted(set(range(len(answers))) - set(kept))

@@ -82,21 +82,66 @@ class MultipleChoice:
             "\nAnswer with a letter."
 
 
+    def reply(self, index: int) -> str:
+        return f"{LETTERS[index]}) {self.options[index]}"
+
+
+@torch.no_grad()
+def continuation_logprobs(model: GPT, prefix: list[int], continuations: Sequence[list[int]]) -> list[float]:
+    """Mean log-probability per token of each continuation after `prefix`, all in one batch (the prefix
+    is cut from the left when a sequence would not fit the context)."""
+    context = model.config.max_seq_len
+    prefix = prefix[-(context - max(map(len, continuations))):]
+    width = len(prefix) + max(map(len, continuations))
+    ids = torch.zeros(len(continuations), width, dtype=torch.long)
+    for row, continuation in enumerate(continuations):
+        ids[row, : len(prefix) + len(continuation)] = torch.tensor(prefix + continuation)
+    device = model.embed_tokens.weight.device
+    logits = model(ids[:, :-1].to(device), head_from=len(prefix) - 1).float()
+    logprobs = logits.log_softmax(-1).gather(2, ids[:, len(prefix):, None].to(device)).squeeze(-1)
+    return [float(logprobs[row, : len(c)].mean()) for row, c in enumerate(continuations)]
+
+
 @torch.no_grad()
 def multiple_choice_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[MultipleChoice],
                              shots: Sequence[MultipleChoice] = ()) -> float:
-    """The share of items whose right letter is the most likely first token of the reply, with `shots`
-    solved items as earlier turns of the conversation (few-shot; none: zero-shot)."""
-    letters = [tokenizer.encode(letter)[0] for letter in LETTERS]
-    examples = [m for shot in shots for m in (Message("user", shot.text()), Message("assistant", LETTERS[shot.answer]))]
-    device = model.embed_tokens.weight.device
-    context = model.config.max_seq_len
+    """The share of items whose right option is the most likely reply ("B) the option's text", by mean
+    log-likelihood per token), with `shots` solved items as earlier turns of the conversation (few-shot;
+    none: zero-shot)."""
+    examples = [m for shot in shots for m in (Message("user", shot.text()), Message("assistant", shot.reply(shot.answer)))]
+    end = tokenizer.special[END_OF_TURN]
     was_training = model.training
     model.eval()
     right = 0
     for item in items:
-        ids = render([*examples, Message("user", item.text())], tokenizer, add_generation_prompt=True)[-context:]
-        logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
-        right += int(logits[letters].argmax()) == item.answer
+        prefix = render([*examples, Message("user", item.text())], tokenizer, add_generation_prompt=True)
+        replies = [[*tokenizer.encode(item.reply(i)), end] for i in range(len(item.options))]
+        scores = continuation_logprobs(model, prefix, replies)
+        right += max(range(len(scores)), key=scores.__getitem__) == item.answer
+    model.train(was_training)
+    return right / max(len(items), 1)
+
+
+@dataclass
+class Cloze:
+    """A text to complete with one of several continuations, `answer` the index of the right one."""
+
+    context: str
+    options: list[str]
+    answer: int
+
+
+@torch.no_grad()
+def cloze_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[Cloze], shots: str = "") -> float:
+    """The share of items whose right continuation is the most likely (mean log-likelihood per token) after
+    <|bos|> `shots` context: plain text, as in pretraining, so it measures what the model knows whatever
+    it was fine-tuned to do; `shots` holds solved examples (few-shot) or nothing (zero-shot)."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    for item in items:
+        prefix = [tokenizer.bos_id, *tokenizer.encode(shots + item.context)]
+        scores = continuation_logprobs(model, prefix, [tokenizer.encode(option) for option in item.options])
+        right += max(range(len(scores)), key=scores.__getitem__) == item.answer
     model.train(was_training)
     return right / max(len(items), 1)

@@ -56,12 +56,14 @@ class Context:
     preset: str
     run: Path
     data: dict[str, Path]
+    stage_overrides: dict[str, dict] = field(default_factory=dict)  # the preset's [run.<stage>] tables
     train_words: list = field(default_factory=list)
     held_out_words: list = field(default_factory=list)
 
     def stage_config(self, cls, stage: str, **values):
-        """A stage's config: the preset's table < the pipeline's values (folders, seed, progress)."""
-        base = cfg.load_preset(self.preset, stage)
+        """A stage's config: the preset's [stage] table < its [run.<stage>] table (the pipeline's own
+        settings for the stage) < the pipeline's values (folders, seed, progress)."""
+        base = cfg.merge(cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {}))
         return cfg.from_dict(cls, cfg.merge(base, {"seed": self.config.seed, "progress": self.config.progress, **values}),
                              f"{stage} config")
 
@@ -164,9 +166,16 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     params = SamplingParams(max_new_tokens=ctx.config.answer_tokens, temperature=1.0, seed=seed)
     records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=[0.7, 1.0],
                                 progress=ctx.config.progress)
+    ranked = []
     for record, word in zip(records, words):
-        record["ranking"] = rank_answers(record["completions"], word)
-    return write_jsonl_atomic(records, out)
+        ranking, left_out = rank_answers(record["completions"], word)
+        if len(ranking) < 2:  # every answer the same to the rule: nothing to learn from this prompt
+            continue
+        keep = sorted(ranking)
+        ranked.append({**record, "completions": [record["completions"][i] for i in keep],
+                       "finish_reasons": [record["finish_reasons"][i] for i in keep],
+                       "ranking": [keep.index(i) for i in ranking], "tied_left_out": len(left_out)})
+    return write_jsonl_atomic(ranked, out)
 
 
 def stage_reward(ctx: Context, out: Path) -> dict:
@@ -216,7 +225,9 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     from chatforge.chat_format import Message
     from chatforge.checkpoint import load_model
     from chatforge.dictionary import DEFINE, definition_f1, part_of_speech
-    from chatforge.evaluate import MultipleChoice, answer_questions, bits_per_byte, multiple_choice_accuracy
+    from chatforge.evaluate import (
+        Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy,
+    )
     from chatforge.ppo import compare_policies, frozen, model_reward, prompt_ids
     from chatforge.reward import answer_ids, score_sequences
 
@@ -233,6 +244,9 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
 
     items = [choice(w, words) for w in words]
     shots = [choice(w, ctx.train_words) for w in ctx.train_words[: c.shots]]
+    # the same four definitions as a dictionary line to complete: "word (pos):" + " definition."
+    clozes = [Cloze(f"{w.word} ({w.pos}):", [f" {o}." for o in item.options], item.answer) for w, item in zip(words, items)]
+    cloze_shots = "".join(f"{w.word} ({w.pos}): {w.definition}.\n" for w in ctx.train_words[: c.shots])
     table, answers = {}, {}
     for name in ("pretrain", "sft", "ppo"):
         model, _, _ = load_model(ctx.run / name)
@@ -248,6 +262,8 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
             "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4),
             "zero_shot_mc": multiple_choice_accuracy(model, tokenizer, items),
             "few_shot_mc": multiple_choice_accuracy(model, tokenizer, items, shots),
+            "zero_shot_cloze": cloze_accuracy(model, tokenizer, clozes),
+            "few_shot_cloze": cloze_accuracy(model, tokenizer, clozes, cloze_shots),
         }
         answers[name] = {"replies": replies, "f1": f1, "rewards": rewards}
     ppo, sft = answers["ppo"], answers["sft"]
@@ -277,8 +293,9 @@ def _comparable(settings: dict) -> dict:
     return {**settings, "run": {k: v for k, v in settings["run"].items() if k != "progress"}}
 
 
-def run_pipeline(config: RunConfig, preset: str) -> Path:
-    """Every stage not yet done, then the report; returns the run folder."""
+def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Path:
+    """Every stage not yet done, then the report; returns the run folder. `stage_overrides` are the
+    preset's [run.<stage>] tables."""
     from chatforge.corpora import find_data, read_wordnet
     from chatforge.dictionary import demo_words, split_words
     from chatforge.report import write_report
@@ -286,11 +303,12 @@ def run_pipeline(config: RunConfig, preset: str) -> Path:
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "run.json"
-    settings = {"preset": preset, "run": dataclasses.asdict(config)}
+    stage_overrides = stage_overrides or {}
+    settings = {"preset": preset, "run": dataclasses.asdict(config), "stages": stage_overrides}
     if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(settings):
         raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
     _write_json_atomic(settings, saved)
-    ctx = Context(config, preset, run, find_data(config.data_dir or None))
+    ctx = Context(config, preset, run, find_data(config.data_dir or None), stage_overrides)
     words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words)
     ctx.train_words, ctx.held_out_words = split_words(words, config.held_out_fraction, config.seed)
     if not ctx.train_words or not ctx.held_out_words:

@@ -37,8 +37,10 @@ def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
                            ("definition_f1", "definition accuracy (token F1 with WordNet, greedy)"),
                            ("pos_accuracy", "part of speech exact match"),
                            ("reward", "reward-model score"),
-                           ("zero_shot_mc", "multiple choice, zero-shot (chance 0.25)"),
-                           ("few_shot_mc", "multiple choice, few-shot"),
+                           ("zero_shot_mc", "\"Which definition fits X? A-D\", zero-shot (chance 0.25)"),
+                           ("few_shot_mc", "\"Which definition fits X? A-D\", few-shot"),
+                           ("zero_shot_cloze", "the same 4 definitions completing \"X (pos):\", zero-shot"),
+                           ("few_shot_cloze", "the same, few-shot"),
                            ("bits_per_byte", "validation bits per byte"))]),
                    ("table", ["PPO-ptx against SFT", "value"], [
                        ["win rate under the reward model", _number(evaluation["ppo_vs_sft"]["win_rate_reward"])],

@@ -4,8 +4,8 @@ import pytest
 
 from chatforge.corpora import Entry, Synset
 from chatforge.dictionary import (
-    DEFINE, SYNONYM, USE, Word, annotator_score, conversations, definition_f1, demo_words, part_of_speech,
-    rank_answers, repetition, split_words, token_f1,
+    DEFINE, SYNONYM, USE, Word, annotator_score, conversations, definition_f1, demo_words, head_word,
+    part_of_speech, rank_answers, repetition, split_words, token_f1,
 )
 
 DOG = Word("dog", "noun", "a domesticated member of the genus Canis", ("the dog barked all night",), ("domestic dog",))
@@ -38,12 +38,20 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
         "dog (verb): a domesticated member of the genus Canis.",       # wrong part of speech
         "dog (noun): a member a member a member of the genus.",        # repeats itself
         "dog (noun): a domesticated member of the genus Canis.",       # right
-        "dog (noun): a kind of tree.",                                 # mostly wrong
+        "cat (noun): a domesticated member of the genus Felis.",       # defines another word
+        "a domesticated member of the genus Canis",                    # no dictionary head
+        "dog (noun): a domesticated member of the genus Canis.",       # the same as answer 3
     ]
     assert annotator_score(answers[3], DOG) == 1.0
     assert annotator_score(answers[1], DOG) == pytest.approx(0.5)
-    assert annotator_score(answers[0], DOG) == -1.0
-    assert rank_answers(answers, DOG) == [3, 1, 2, 4, 0]
+    assert annotator_score(answers[5], DOG) == pytest.approx(0.5)
+    assert annotator_score(answers[0], DOG) == -2.0
+    # "cat": 6 of 7 tokens in common both ways, F1 6/7, minus 1 for the wrong word
+    assert annotator_score(answers[4], DOG) == pytest.approx(6 / 7 - 1)
+    # repetition (0.475) between the wrong part of speech (0.5) and the wrong word; answers 5 and 6 score
+    # exactly as 1 and 3 do, and the rule cannot tell them apart: they are left out
+    assert rank_answers(answers, DOG) == ([3, 1, 2, 4, 0], [5, 6])
+    assert head_word(answers[4]) == "cat" and head_word(answers[5]) is None
 
 
 def entry(word, pos, definition, tagged=1, examples=(), words=None):
