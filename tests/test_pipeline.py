@@ -1,6 +1,7 @@
 """`chatforge run`: every stage end to end on the real demo data (tiny preset), the report, and resuming."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -45,7 +46,9 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
         assert 0 <= metrics["definition_f1"] <= 1 and 0 <= metrics["zero_shot_mc"] <= 1
         assert 0 < metrics["bits_per_byte"] < 10
     reward = json.loads((out / "reward" / "done.json").read_text())
-    assert reward["pairs"] == 6 * reward["prompts"]  # K = 4: all C(4, 2) pairs of each ranking
+    held_out = [json.loads(line) for line in (out / "rankings-held-out.jsonl").read_text().splitlines()]
+    assert reward["prompts"] == len(held_out) > 0  # every pair of each ranking (ties left out by the annotator)
+    assert reward["pairs"] == sum(math.comb(len(r["completions"]), 2) for r in held_out)
     report = (out / "report.md").read_text()
     assert "| definition accuracy (token F1 with WordNet, greedy) |" in report
     assert f"{evaluation['models']['sft']['bits_per_byte']:.3f}" in report  # filled from the measurements
