@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
-DATA   ?= $(RUN)/data
 
 .PHONY: demo test venv browser demo-data bench clean
 
@@ -37,16 +36,13 @@ demo-data:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else echo "the demo needs Debian's$$missing: apt-get install$$missing" >&2; exit 1; fi; fi
 
-# The demo so far: zero-install corpus -> BPE tokenizer -> token shards -> pretrain the cpu preset -> generate.
-# Steps already done are skipped; an interrupted pretraining run is resumed.
+# The main job: the whole InstructGPT pipeline on WordNet, the Python docs and chatterbot-corpus (cpu preset),
+# ending in RUN/report.md and report.html; finished stages are skipped when it is run again, an interrupted
+# one resumes. Then a chat with the result (or the command for it, when there is no terminal).
 CF := $(VENV)/bin/chatforge
-demo: venv
-	test -f $(DATA)/corpus.jsonl || $(CF) data sample-corpus --out $(DATA)/corpus.jsonl
-	test -f $(DATA)/tokenizer/tokenizer.json || $(CF) tokenizer train $(DATA)/corpus.jsonl --vocab-size 4096 --out $(DATA)/tokenizer
-	test -f $(DATA)/shards/meta.json || $(CF) data prepare $(DATA)/corpus.jsonl --tokenizer $(DATA)/tokenizer --out $(DATA)/shards --val-fraction 0.05
-	if [ -d $(RUN)/pretrain/checkpoints ]; then $(CF) pretrain --resume $(RUN)/pretrain; \
-	else $(CF) pretrain --preset cpu --data $(DATA)/shards --out $(RUN)/pretrain; fi
-	$(CF) generate $(RUN)/pretrain --prompt "The for statement" --max-new-tokens 80 --temperature 0.7 --top-k 40 --seed 0
+demo: venv demo-data
+	$(CF) run --preset cpu --out $(RUN)
+	@if [ -t 0 ] && [ -t 1 ]; then $(CF) chat $(RUN)/ppo; else echo "talk to it: $(CF) chat $(RUN)/ppo"; fi
 
 bench: venv
 	$(PY) -m pip install --quiet -e ".[test,bench]"
