@@ -14,6 +14,7 @@ annotator ranks answers by a rule anyone can read (`annotator_score`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections import Counter
@@ -84,9 +85,18 @@ def is_held_out(word: str, fraction: float, seed: int = 0) -> bool:
 
 
 def split_words(words: list[Word], held_out_fraction: float, seed: int = 0) -> tuple[list[Word], list[Word]]:
-    """(training words, held-out words)."""
+    """(training words, held-out words). Synonyms share a sense, so nothing of a held-out word may reach a
+    conversation through a training word: a training word with a held-out word's definition is dropped, and
+    held-out words are taken out of the training words' synonyms and example sentences."""
     held = [is_held_out(w.word, held_out_fraction, seed) for w in words]
-    return [w for w, h in zip(words, held) if not h], [w for w, h in zip(words, held) if h]
+    held_out = [w for w, h in zip(words, held) if h]
+    definitions = {w.definition for w in held_out}
+    names = {w.word for w in held_out}
+    examples = {e for w in held_out for e in w.examples}
+    train = [dataclasses.replace(w, synonyms=tuple(s for s in w.synonyms if s not in names),
+                                 examples=tuple(e for e in w.examples if e not in examples))
+             for w, h in zip(words, held) if not h and w.definition not in definitions]
+    return train, held_out
 
 
 def conversations(words: list[Word], kinds: tuple[str, ...] = (DEFINE, USE, SYNONYM)) -> list[dict]:

@@ -49,7 +49,8 @@ def bits_per_byte(model: GPT, tokenizer: Tokenizer, data_dir: str, batches: int 
         inputs, targets = windows.batch(i, batch_size)
         logits = model(inputs.to(device)).float()
         losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
-        nats += float(losses.sum())
+        text = (sizes[targets] > 0).flatten().to(device)  # predicting <|bos|> is not predicting text
+        nats += float(losses[text].sum())
         size += int(sizes[targets].sum())
     model.train(was_training)
     return nats / (math.log(2) * max(size, 1))
@@ -91,7 +92,10 @@ def continuation_logprobs(model: GPT, prefix: list[int], continuations: Sequence
     """Mean log-probability per token of each continuation after `prefix`, all in one batch (the prefix
     is cut from the left when a sequence would not fit the context)."""
     context = model.config.max_seq_len
-    prefix = prefix[-(context - max(map(len, continuations))):]
+    longest = max(map(len, continuations))
+    if longest >= context:
+        raise ValueError(f"a continuation of {longest} tokens leaves no room for its context ({context} tokens)")
+    prefix = prefix[-(context - longest):]
     width = len(prefix) + max(map(len, continuations))
     ids = torch.zeros(len(continuations), width, dtype=torch.long)
     for row, continuation in enumerate(continuations):

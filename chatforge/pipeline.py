@@ -154,7 +154,10 @@ def stage_sft(ctx: Context, out: Path) -> dict:
 
 
 def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) -> Path:
-    """K sampled answers to "What does X mean?" for each word, ranked by the simulated annotator."""
+    """K sampled answers to "What does X mean?" for each word, ranked by the simulated annotator (kept
+    when an earlier attempt wrote them: a resumed reward model trains on the same rankings)."""
+    if out.is_file():  # written atomically: complete
+        return out
     from chatforge.checkpoint import load_model
     from chatforge.chat_format import Message
     from chatforge.dictionary import DEFINE, rank_answers
@@ -238,7 +241,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     rng = random.Random(c.seed)
 
     def choice(word, pool) -> MultipleChoice:
-        distractors = rng.sample([w.definition for w in pool if w.word != word.word], 3)
+        distractors = rng.sample(sorted({w.definition for w in pool} - {word.definition}), 3)
         answer = rng.randrange(4)
         return MultipleChoice(f'Which definition fits "{word.word}"?', distractors[:answer] + [word.definition] + distractors[answer:], answer)
 

@@ -4,7 +4,7 @@ import pytest
 
 from chatforge.corpora import Entry, Synset
 from chatforge.dictionary import (
-    DEFINE, SYNONYM, USE, Word, annotator_score, conversations, definition_f1, demo_words, head_word,
+    DEFINE, SYNONYM, USE, Word, annotator_score, conversations, definition_f1, demo_words, head_word, is_held_out,
     part_of_speech, rank_answers, repetition, split_words, token_f1,
 )
 
@@ -79,3 +79,16 @@ def test_demo_words_and_their_split():
     train, held_out = split_words(many, 0.2, seed=0)
     assert 150 < len(held_out) < 250 and not {w.word for w in train} & {w.word for w in held_out}
     assert split_words(many, 0.2, seed=0) == (train, held_out)  # the same split every run
+
+
+def test_nothing_of_a_held_out_word_reaches_a_conversation():
+    """Synonyms share a sense: a training word must not carry a held-out word's definition, name or example."""
+    words = [Word(f"word{i}", "noun", f"sense {i}", (f"example {i}",), ()) for i in range(200)]
+    held = next(w for w in words if is_held_out(w.word, 0.2))
+    trained = [f"other{i}" for i in range(50) if not is_held_out(f"other{i}", 0.2)]
+    twin = Word(trained[0], "noun", held.definition, (), ())  # the same sense as the held-out word
+    namer = Word(trained[1], "noun", "names it", (held.examples[0], "its own"), (held.word, "other"))
+    train, held_out = split_words([*words, twin, namer], 0.2)
+    kept = {w.word: w for w in train}
+    assert held in held_out and twin.word not in kept
+    assert kept[namer.word].synonyms == ("other",) and kept[namer.word].examples == ("its own",)

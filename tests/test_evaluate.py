@@ -1,0 +1,37 @@
+"""Evaluation helpers against computations done the slow way."""
+
+import math
+
+import torch
+
+from chatforge.data import TokenWindows
+from chatforge.evaluate import bits_per_byte, continuation_logprobs, token_bytes
+from chatforge.model import GPT, GPTConfig
+from chatforge.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def test_continuation_logprobs_equal_each_sequence_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=60, n_layer=2, d_model=32, n_head=4, max_seq_len=32)).eval()
+    prefix, continuations = [1, 5, 9, 13], [[20, 21, 22], [30], [40, 41]]
+    got = continuation_logprobs(model, prefix, continuations)
+    for score, continuation in zip(got, continuations):
+        ids = torch.tensor([prefix + continuation])
+        logprobs = model(ids).log_softmax(-1)[0, len(prefix) - 1 : -1].gather(1, torch.tensor(continuation)[:, None])
+        assert math.isclose(score, float(logprobs.mean()), rel_tol=0, abs_tol=1e-5)
+
+
+@torch.no_grad()
+def test_bits_per_byte_counts_the_text_predicted(data_dir):
+    tokenizer = Tokenizer.load(data_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=4, max_seq_len=16)).eval()
+    sizes = token_bytes(tokenizer)
+    assert sizes[tokenizer.bos_id] == 0 and sizes[tokenizer.encode("hello")].sum() == 5
+    inputs, targets = TokenWindows(data_dir, "val", 16, mode="sequential").batch(0, 4)
+    nats = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+    text = sizes[targets.flatten()] > 0
+    expected = float(nats[text].sum()) / math.log(2) / int(sizes[targets].sum())
+    assert math.isclose(bits_per_byte(model, tokenizer, str(data_dir), batches=1, batch_size=4, seq_len=16), expected,
+                        rel_tol=1e-5)
