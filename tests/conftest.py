@@ -126,6 +126,20 @@ def run_cli(*args, check: bool = True, env: dict | None = None, timeout: float =
     return result
 
 
+def kill_when(*args, ready, timeout: float = 240) -> None:
+    """Start `chatforge ARGS`, wait (polling) until `ready()` holds, then SIGKILL it, as a crash would."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def run_torchrun(*args, processes: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node PROCESSES -m chatforge ARGS` (gloo on CPU), one thread per process."""
     result = subprocess.run(

@@ -3,16 +3,12 @@
 import json
 import math
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from chatforge.checkpoint import step_checkpoints
 from chatforge.corpora import PYTHON_DOCS_DIRS, WORDNET_DIRS
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, kill_when, run_cli
 
 pytestmark = pytest.mark.skipif(
     not all(__import__("pathlib").Path(d).is_dir() for d in (*WORDNET_DIRS, *PYTHON_DOCS_DIRS)),
@@ -23,13 +19,7 @@ STAGES = ("corpus", "pretrain", "sft", "reward", "ppo", "evaluate")
 
 def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "chatforge", "run", "--preset", "tiny", "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not step_checkpoints(out / "sft") and time.monotonic() < deadline:  # killed during SFT
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("run", "--preset", "tiny", "--out", out, "--no-progress", ready=lambda: step_checkpoints(out / "sft"))
     assert (out / "pretrain" / "done.json").is_file() and not (out / "sft" / "done.json").is_file()
     pretrain_done = (out / "pretrain" / "done.json").read_text()
 

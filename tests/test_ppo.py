@@ -320,26 +320,15 @@ def test_ppo_raises_the_reward_and_the_rewarded_word_on_held_out_prompts_with_bo
 def test_kill_and_resume_continues_exactly(please, data_dir, tmp_path):
     """SIGKILL mid-run, then --resume: the same metrics step for step as an uninterrupted run, with every
     stateful option on (ptx batches, adaptive β, running reward statistics)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from chatforge.checkpoint import step_checkpoints
     from chatforge.train import read_metrics
-    from conftest import run_cli
+    from conftest import kill_when, run_cli
 
     options = ["--ptx-data", data_dir, "--kl-target", 1, "--normalize-reward", "--max-steps", 8,
                "--checkpoint-every", 3, "--eval-every", 4]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_cli(*ppo_args(please, reference, *options))
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, ppo_args(please, killed, *options))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not step_checkpoints(killed) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(*ppo_args(please, killed, *options), ready=lambda: step_checkpoints(killed))
     done = [step for step, _ in step_checkpoints(killed)]
     assert done and done[-1] < 8, f"killed after {done}: the run should have been cut mid-way"
     result = run_cli("ppo", "--resume", killed, "--no-progress")

@@ -1,10 +1,8 @@
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from chatforge.runtime import Dist
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import Trainer, lr_factor, read_metrics
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, kill_when, run_cli
 
 # Tiny but not trivial: GQA, 2 micro-batches per step, checkpoints every 10 steps.
 TINY = ["--preset", "tiny", "--max-steps", 30, "--checkpoint-every", 10, "--eval-every", 10, "--keep-checkpoints", 5,
@@ -104,13 +102,7 @@ def test_kill_and_resume_gives_exactly_the_uninterrupted_losses(data_dir, tmp_pa
     run_cli("pretrain", *TINY_DROPOUT, "--data", data_dir, "--out", reference)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "pretrain", *map(str, TINY_DROPOUT), "--data", str(data_dir),
-                             "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not step_checkpoints(killed) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("pretrain", *TINY_DROPOUT, "--data", data_dir, "--out", killed, ready=lambda: step_checkpoints(killed))
     done = [step for step, _ in step_checkpoints(killed)]
     assert done and done[-1] < 30, f"killed after {done}: the run should have been cut mid-way"
     # a crash during a checkpoint write leaves only a temporary folder, which resume ignores
