@@ -290,6 +290,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="SOURCE",
                         help=".txt/.md/.rst files, folders of them, .jsonl or .parquet files")
@@ -374,7 +378,7 @@ def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int, pr
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide the logits of tokens already present by this; 1 is off (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_device_argument(p)
 
 
 def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: str) -> None:
@@ -471,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="held-out comparison files (formats as for `reward train`)")
     p.add_argument("--out", default="reward-eval", help="folder for reward_eval.json and calibration.png (default: reward-eval)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_device_argument(p)
     p.set_defaults(func=_reward_eval)
     p = reward_commands.add_parser(
         "score", help="score answers to prompts",
@@ -485,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["logprob", "logit"], default="logprob",
                    help="with a classifier: reward = log-probability or logit of --label (default: logprob)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_device_argument(p)
     p.set_defaults(func=_reward_score)
 
     p = commands.add_parser(
@@ -514,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both policies (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts answered together (default: 16)")
     p.add_argument("--out", default="ppo-eval", help="folder for ppo_eval.json and answers.jsonl (default: ppo-eval)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_device_argument(p)
     p.set_defaults(func=_ppo_eval)
 
     classify = commands.add_parser("classify", help="fine-tune and evaluate a text classifier")
@@ -535,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", default="label", help="field holding the class (default: label)")
     p.add_argument("--out", help="also write the report as JSON here")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    _add_device_argument(p)
     p.set_defaults(func=_classify_eval)
 
     p = commands.add_parser(
