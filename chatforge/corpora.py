@@ -126,8 +126,7 @@ def wordnet_prose(entry: Entry, senses: int = 3) -> str:
 
 # --- the Python documentation ----------------------------------------------------------------------------
 
-DIRECTIVE = re.compile(r"^\s*\.\. [\w:-]+::")
-COMMENT_OR_TARGET = re.compile(r"^\s*\.\.( |$)")
+BLOCK_START = re.compile(r"^\s*\.\.( |$)")  # ".. note::", ".. code-block:: python", ".. _label:", ".. comment"
 FIELD_OPTION = re.compile(r"^\s+:[\w -]+:")
 UNDERLINE = re.compile(r"^\s*([=\-~^\"'`#*+.:_])\1{2,}\s*$")
 TABLE_LINE = re.compile(r"^\s*[+|]")  # grid tables and line blocks
@@ -173,12 +172,10 @@ def rst_to_text(source: str) -> str:
             if not line.strip() or indent > skip_indent:
                 continue
             skip_indent = None
-        if DIRECTIVE.match(line):  # a directive and its body: code, tables, index entries, API signatures
+        if BLOCK_START.match(line):  # a directive, comment or link target, with its indented body
             skip_indent = indent
             continue
-        if COMMENT_OR_TARGET.match(line) or FIELD_OPTION.match(line) or UNDERLINE.match(line) or TABLE_LINE.match(line):
-            if COMMENT_OR_TARGET.match(line):
-                skip_indent = indent
+        if FIELD_OPTION.match(line) or UNDERLINE.match(line) or TABLE_LINE.match(line):
             continue
         if line.rstrip().endswith("::"):  # "text::" introduces a literal (code) block
             line = line.rstrip()[:-1].rstrip(":") + ("." if line.rstrip() != "::" else "")

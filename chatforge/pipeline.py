@@ -68,12 +68,6 @@ class Context:
                              f"{stage} config")
 
 
-def _write_json_atomic(value: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _train(run_fn, resolve, config, stage_dir: Path) -> Path:
     """Run a training stage, resuming it when an earlier attempt left checkpoints."""
     if step_checkpoints(stage_dir):
@@ -310,7 +304,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
     settings = {"preset": preset, "run": dataclasses.asdict(config), "stages": stage_overrides}
     if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(settings):
         raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
-    _write_json_atomic(settings, saved)
+    cfg.save_json(settings, saved)
     ctx = Context(config, preset, run, find_data(config.data_dir or None), stage_overrides)
     words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words)
     ctx.train_words, ctx.held_out_words = split_words(words, config.held_out_fraction, config.seed)
@@ -330,7 +324,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
         print(f"run: {name} ...")
         t0 = time.perf_counter()
         results[name] = {**stage(ctx, folder), "seconds": time.perf_counter() - t0}
-        _write_json_atomic(results[name], done)
+        cfg.save_json(results[name], done)
     report = write_report(run, settings, results)
     print(f"run: report -> {report}, {report.with_suffix('.html')}")
     return run

@@ -609,10 +609,14 @@ class PPOTask:
             out.append(self.train[order[index]])
         return out
 
+    @property
+    def updates_per_step(self) -> int:
+        """Minibatch updates in one iteration (each takes one ptx batch)."""
+        return self.config.ppo_epochs * math.ceil(self.config.batch_size / self.config.micro_batch_size)
+
     def ptx_batches(self, step: int):
-        updates = self.config.ppo_epochs * math.ceil(self.config.batch_size / self.config.micro_batch_size)
         for k in itertools.count():
-            inputs, targets = self.ptx.batch(step * updates + k, self.config.ptx_batch_size)
+            inputs, targets = self.ptx.batch(step * self.updates_per_step + k, self.config.ptx_batch_size)
             yield inputs.to(self.device), targets.to(self.device)
 
     # --- one iteration --------------------------------------------------------------------------------
@@ -655,8 +659,7 @@ class PPOTask:
         if c.kl_target:
             self.kl_controller.update(record["kl_per_answer"], len(answers))
         forward = self.policy.flops_per_token(self.seq_len) / 3  # one forward pass of one token
-        updates = c.ppo_epochs * math.ceil(len(answers) / c.micro_batch_size)
-        ptx_tokens = ("ptx_loss" in stats) * updates * c.ptx_batch_size * self.policy.config.max_seq_len
+        ptx_tokens = ("ptx_loss" in stats) * self.updates_per_step * c.ptx_batch_size * self.policy.config.max_seq_len
         flops = forward * (tokens * (1 + 4 + 6 * c.ppo_epochs) + 3 * ptx_tokens)
         return {**record, **stats, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                 "samples_per_s": len(answers) / (t3 - t0), "tokens": tokens, "flops": flops,
