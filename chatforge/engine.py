@@ -1,11 +1,12 @@
 """The generation engine that chat, serving, evaluation and PPO rollouts all use.
 
-One batched loop over prompts of different lengths with the KV cache: one forward pass over all the
-(left-padded) prompts, then one token per step for every unfinished sequence. Sequences that finish
-leave the batch, so they stop costing compute; `n` samples of a prompt share its prefill. Logits become
-tokens in one place, `sample_next_token` (greedy, temperature, top-k, top-p), after the repetition
-penalty. Per-token log-probabilities (of the model's own distribution, before any sampling transform)
-come back on request, as PPO needs them. `beam_search` is the deterministic alternative.
+One batched loop over prompts of different lengths with the KV cache (`DecodeBatch`): one forward pass
+over the (left-padded) prompts, then one token per step for every unfinished sequence. Sequences that
+finish leave the batch, so they stop costing compute, and new ones may join between steps (continuous
+batching, as the server does); `n` samples of a prompt share its prefill. Logits become tokens in one
+place, `sample_next_token` (greedy, temperature, top-k, top-p), after the repetition penalty. Per-token
+log-probabilities (of the model's own distribution, before any sampling transform) come back on request,
+as PPO needs them. `beam_search` is the deterministic alternative.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chatforge.model import GPT
+from chatforge.model import GPT, KVCache
 
 
 @dataclass
@@ -106,6 +107,148 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), pad
 
 
+class Group:
+    """Prompts that join a `DecodeBatch` together and share their sampling settings: one `generate_stream`
+    call, or one request to the server. Its live rows (n per prompt) sit next to each other in the batch."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, stop_ids: Sequence[int],
+                 stop_strings: Sequence[str], tokenizer, logprobs: bool, context: int):
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer to decode the text")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt must hold at least one token")
+        self.prompts = [fit_context(p, context) for p in prompts]
+        self.params, self.stop_strings, self.tokenizer, self.logprobs = params, list(stop_strings), tokenizer, logprobs
+        self.stop_ids = sorted(set(stop_ids))
+        self.budgets = [min(params.max_new_tokens, context - len(p)) for p in self.prompts]
+        self.rows = [(p, s) for p in range(len(prompts)) for s in range(n)]  # (prompt, sample) of each live row
+        self.made = [0] * len(self.rows)
+        self.generated: list[list[int]] = [[] for _ in self.rows]  # only kept for stop strings
+        self.tail_tokens = max((len(s) for s in stop_strings), default=0) + 8  # a token holds at least one character
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # (rows, vocab): tokens present, for the repetition penalty
+        self.stop: torch.Tensor | None = None  # stop_ids on the model's device
+
+    def remaining(self) -> int:
+        """The most tokens any of its live rows may still make."""
+        return max((self.budgets[p] - made for (p, _), made in zip(self.rows, self.made)), default=0)
+
+    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenEvent], list[int]]:
+        """The next token of each live row from its logits: (tokens of the rows that go on, events, which
+        rows go on). Rows that finish leave the group."""
+        penalised = logits if self.seen is None else apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        tokens = sample_next_token(penalised, self.params, self.generator)
+        logprobs = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1).tolist() if self.logprobs else None
+        is_stop = torch.isin(tokens, self.stop).tolist() if self.stop_ids else [False] * len(self.rows)
+        events, keep = [], []
+        for r, ((p, s), token) in enumerate(zip(self.rows, tokens.tolist())):
+            self.made[r] += 1
+            if self.stop_strings:  # only the tail can hold a stop string that the last token completed
+                self.generated[r].append(token)
+                tail = self.tokenizer.decode(self.generated[r][-self.tail_tokens:], skip_special=True)
+                is_stop[r] = is_stop[r] or cut_at_stop(tail, self.stop_strings)[1]
+            finish = "stop" if is_stop[r] else "length" if self.made[r] >= self.budgets[p] else None
+            events.append(TokenEvent(p, s, token, logprobs[r] if logprobs else None, finish))
+            if finish is None:
+                keep.append(r)
+        if len(keep) < len(self.rows):
+            self.rows, self.made, self.generated = ([x[r] for r in keep] for x in (self.rows, self.made, self.generated))
+            tokens = tokens[keep]
+            self.seen = self.seen[keep] if self.seen is not None else None
+        if self.seen is not None:
+            self.seen[torch.arange(len(keep), device=tokens.device), tokens] = True
+        return tokens, events, keep
+
+
+class DecodeBatch:
+    """Sequences that decode together, one token each per step, in one KV cache: continuous batching.
+
+    `add` prefills a group of prompts (left-padded among themselves) and joins their rows to the running
+    ones (`KVCache.join` right-aligns the two caches); `step` makes one token for every row, and rows that
+    finish or are cancelled leave. Groups join and leave between any two steps, so a server's requests
+    share the model instead of waiting in line; a static batch (`generate_stream`) is one group joining at
+    the start. Every row computes what it would alone: padding is never attended to, rotary positions
+    count from each row's first real token, and each group samples with its own settings and generator.
+    The model must be in eval mode.
+    """
+
+    def __init__(self, model: GPT):
+        if model.training:
+            raise ValueError("decode with the model in eval mode (model.eval())")
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.context = model.config.max_seq_len
+        self.groups: list[Group] = []
+        self.cache: KVCache | None = None
+        self.last_logits: torch.Tensor | None = None  # (rows, vocab): each live row's next-token logits
+
+    def __len__(self) -> int:
+        return sum(len(g.rows) for g in self.groups)
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, n: int = 1, stop_ids: Sequence[int] = (),
+            stop_strings: Sequence[str] = (), tokenizer=None, logprobs: bool = False) -> Group:
+        """Prefill `prompts` and join `n` rows for each to the batch (see `generate_stream` for the rest)."""
+        group = Group(prompts, params, n, stop_ids, stop_strings, tokenizer, logprobs, self.context)
+        group.stop = torch.tensor(group.stop_ids, dtype=torch.long, device=self.device)
+        if params.seed is not None:
+            group.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        ids, pad = _left_pad(group.prompts, pad_id=0, device=self.device)
+        room = max([group.remaining()] + [g.remaining() for g in self.groups])
+        cache = self.model.new_cache(len(group.prompts), ids.shape[1] + (room if self.cache is None else 0), pad=pad)
+        logits = self.model(ids, cache, last_only=True)[:, -1]
+        if n > 1:  # the samples of a prompt share its prefill
+            index = torch.arange(len(group.prompts), device=self.device).repeat_interleave(n)
+            cache.keep(index)
+            logits = logits.index_select(0, index)
+        if params.repetition_penalty != 1:
+            group.seen = torch.zeros(len(group.rows), logits.shape[-1], dtype=torch.bool, device=self.device)
+            for r, (p, _) in enumerate(group.rows):
+                group.seen[r, torch.tensor(group.prompts[p], device=self.device)] = True
+        if self.cache is None:
+            self.cache, self.last_logits = cache, logits
+        else:
+            self.cache, self.last_logits = self.cache.join(cache, room), torch.cat([self.last_logits, logits])
+        self.groups.append(group)
+        return group
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Group, TokenEvent]]:
+        """One token for every live row: its event (with `finish_reason` on a row's last token) and group."""
+        events, tokens, keep, start = [], [], [], 0
+        for group in self.groups:
+            rows = len(group.rows)
+            group_tokens, group_events, group_keep = group.sample(self.last_logits[start:start + rows])
+            events += [(group, e) for e in group_events]
+            tokens.append(group_tokens)
+            keep += [start + r for r in group_keep]
+            start += rows
+        self._keep(keep)
+        if self.cache is not None:
+            self.last_logits = self.model(torch.cat(tokens)[:, None], self.cache)[:, -1]
+        return events
+
+    def cancel(self, group: Group) -> None:
+        """Drop a group's rows between steps (a client that went away frees its slots)."""
+        keep, start = [], 0
+        for g in self.groups:
+            if g is not group:
+                keep += range(start, start + len(g.rows))
+            start += len(g.rows)
+        group.rows = []
+        self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep these batch rows (all of them still live in their groups); groups left empty leave."""
+        self.groups = [g for g in self.groups if g.rows]
+        if not self.groups:
+            self.cache = self.last_logits = None
+        elif len(rows) < self.last_logits.shape[0]:  # finished rows stop costing compute
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            self.cache.keep(index)
+            self.last_logits = self.last_logits.index_select(0, index)
+
+
 @torch.inference_mode()
 def generate_stream(
     model: GPT,
@@ -124,65 +267,15 @@ def generate_stream(
 
     A prompt longer than the context is truncated from the left to leave room for one new token.
     """
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop strings need the tokenizer to decode the text")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
-    device = model.embed_tokens.weight.device
-    context = model.config.max_seq_len
-    prompts = [fit_context(p, context) for p in prompts]
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    ids, pad = _left_pad(prompts, pad_id=0, device=device)
-    budgets = [min(params.max_new_tokens, context - len(p)) for p in prompts]
-    cache = model.new_cache(len(prompts), ids.shape[1] + max(budgets), pad=pad)
     was_training = model.training
     model.eval()
     try:
-        last_logits = model(ids, cache, last_only=True)[:, -1]
-        # rows: one per (prompt, sample); n samples share their prompt's prefill
-        rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
-        if n > 1:
-            index = torch.arange(len(prompts), device=device).repeat_interleave(n)
-            cache.keep(index)
-            last_logits = last_logits.index_select(0, index)
-        seen = None
-        if params.repetition_penalty != 1:
-            seen = torch.zeros(len(rows), last_logits.shape[-1], dtype=torch.bool, device=device)
-            for r, (p, _) in enumerate(rows):
-                seen[r, torch.tensor(prompts[p], device=device)] = True
-        made = [0] * len(rows)
-        generated: list[list[int]] = [[] for _ in rows]  # only kept for stop strings
-        tail_tokens = max((len(s) for s in stop_strings), default=0) + 8  # a token holds at least one character
-        while rows:
-            logits = last_logits if seen is None else apply_repetition_penalty(last_logits, seen, params.repetition_penalty)
-            tokens = sample_next_token(logits, params, generator)
-            token_logprobs = None
-            if logprobs:
-                token_logprobs = last_logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1).tolist()
-            is_stop = torch.isin(tokens, stop).tolist() if len(stop) else [False] * len(rows)
-            keep = []
-            for r, ((p, s), token) in enumerate(zip(rows, tokens.tolist())):
-                made[r] += 1
-                if stop_strings:  # only the tail can hold a stop string that the last token completed
-                    generated[r].append(token)
-                    tail = tokenizer.decode(generated[r][-tail_tokens:], skip_special=True)
-                    is_stop[r] = is_stop[r] or cut_at_stop(tail, stop_strings)[1]
-                finish = "stop" if is_stop[r] else "length" if made[r] >= budgets[p] else None
-                yield TokenEvent(p, s, token, token_logprobs[r] if logprobs else None, finish)
-                if finish is None:
-                    keep.append(r)
-            if len(keep) < len(rows):  # finished sequences leave the batch
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.keep(index)
-                tokens = tokens.index_select(0, index)
-                seen = seen.index_select(0, index) if seen is not None else None
-                rows, made, generated = [rows[r] for r in keep], [made[r] for r in keep], [generated[r] for r in keep]
-            if not rows:
-                break
-            if seen is not None:
-                seen[torch.arange(len(rows), device=device), tokens] = True
-            last_logits = model(tokens[:, None], cache)[:, -1]
+        batch = DecodeBatch(model)
+        batch.add(prompts, params, n=n, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                  logprobs=logprobs)
+        while len(batch):
+            for _, event in batch.step():
+                yield event
     finally:
         model.train(was_training)
 

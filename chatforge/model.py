@@ -157,6 +157,32 @@ class KVCache:
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
 
+    def join(self, other: "KVCache", room: int) -> "KVCache":
+        """A cache holding this one's rows and then `other`'s, right-aligned so that all rows end at the
+        same slot (the shorter side gets more left padding), with `room` free slots after it. Leading
+        slots that are padding in every row are dropped, so a cache that rows keep joining stays short.
+        This is how a new sequence joins a running batch (continuous batching)."""
+        length = max(self.length, other.length)
+        pads = torch.cat([self._pads() + (length - self.length), other._pads() + (length - other.length)])
+        drop = int(pads.min())
+        length, pads = length - drop, pads - drop
+        joined = object.__new__(KVCache)
+        joined.max_len, joined.length = length + room, length
+        joined.pad = pads if bool(pads.any()) else None
+        joined.keys, joined.values = [], []
+        for mine, theirs, out in ((self.keys, other.keys, joined.keys), (self.values, other.values, joined.values)):
+            for a, b in zip(mine, theirs):
+                t = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], joined.max_len, a.shape[3])
+                for rows, source, used in ((slice(0, a.shape[0]), a, self.length), (slice(a.shape[0], None), b, other.length)):
+                    shift = length - used  # where the source's slot 0 lands (negative: its first slots are dropped)
+                    t[rows, :, max(0, shift):length] = source[:, :, max(0, -shift):used]
+                out.append(t)
+        return joined
+
+    def _pads(self) -> torch.Tensor:
+        rows = self.keys[0].shape[0]
+        return self.pad if self.pad is not None else torch.zeros(rows, dtype=torch.long, device=self.keys[0].device)
+
     def positions(self, new_tokens: int) -> torch.Tensor:
         return rotary_positions(self.length, new_tokens, self.pad, self.keys[0].device)
 

@@ -175,3 +175,59 @@ def test_stop_strings_end_the_text(tokenizer_dir):
     assert stop in tokenizer.decode(stopped.tokens) and stop not in tokenizer.decode(stopped.tokens[:-1])
     with pytest.raises(ValueError, match="need the tokenizer"):
         list(generate_stream(m, [prompt], params, stop_strings=["x"]))
+
+
+# --- continuous batching ------------------------------------------------------------------------------
+
+from chatforge.engine import DecodeBatch  # noqa: E402
+
+
+def run_to_end(batch, joins):
+    """Step `batch`, adding each (step, prompts, params, n) of `joins` before that step; the tokens of
+    every row by (group number, prompt, sample)."""
+    out, groups, step = {}, [], 0
+    while len(batch) or joins:
+        while joins and joins[0][0] == step:
+            _, prompts, params, n = joins.pop(0)
+            groups.append(batch.add(prompts, params, n=n))
+        for group, event in batch.step():
+            out.setdefault((groups.index(group), event.prompt, event.sample), []).append(event.token)
+        step += 1
+    return out
+
+
+def test_sequences_joining_a_running_batch_get_what_they_get_alone(model):
+    """Rows join while others decode (longer and shorter prompts than the running ones, so the cache is
+    right-aligned both ways), with their own sampling settings; each row's tokens equal its solo run."""
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    seeded = SamplingParams(max_new_tokens=9, temperature=1.3, top_p=0.9, seed=7)
+    joins = [(0, [PROMPTS[0]], greedy, 1), (3, [PROMPTS[3], PROMPTS[2]], greedy, 1), (5, [PROMPTS[1]], seeded, 3),
+             (14, [PROMPTS[2]], greedy, 1)]
+    expected = {}
+    for g, (_, prompts, params, n) in enumerate(joins):
+        for p, samples in enumerate(generate_batch(model, prompts, params, n=n)) if n > 1 else \
+                ((p, generate_batch(model, [prompt], params)[0]) for p, prompt in enumerate(prompts)):
+            for s, completion in enumerate(samples):
+                expected[(g, p, s)] = completion.tokens
+    assert run_to_end(DecodeBatch(model), list(joins)) == expected
+
+
+def test_the_cache_stays_short_and_cancelled_rows_leave(model):
+    greedy = SamplingParams(max_new_tokens=30, temperature=0)
+    batch = DecodeBatch(model)
+    first = batch.add([PROMPTS[3]], greedy)  # 14 prompt tokens, 26 to make at most
+    for _ in range(10):
+        batch.step()
+    second = batch.add([PROMPTS[2]], greedy, n=2)  # joins at slot 24, right-aligned: 23 slots of padding
+    assert batch.cache.length == 24 and batch.cache.pad.tolist() == [0, 23, 23]
+    alone = generate(model, PROMPTS[2], greedy)
+    made = [e.token for g, e in batch.step() if g is second and e.sample == 0]
+    batch.cancel(first)  # its rows leave; the padding every remaining row has is dropped at the next join
+    assert len(batch) == 2 and batch.groups == [second] and batch.cache.keys[0].shape[0] == 2
+    third = batch.add([PROMPTS[0]], greedy)
+    assert batch.cache.length == 3 and batch.cache.pad.tolist() == [1, 1, 0]  # 2 slots used by each sample, 3 by the prompt
+    while len(batch):
+        made += [e.token for g, e in batch.step() if g is second and e.sample == 0]
+    assert made == alone and third not in batch.groups
+    with pytest.raises(ValueError, match="eval mode"):
+        DecodeBatch(GPT(model.config))
