@@ -326,6 +326,16 @@ def _run(args) -> None:
     run_pipeline(config, args.preset, stages)
 
 
+def _serve(args) -> None:
+    from chatforge import config as cfg
+    from chatforge.serve import ServeConfig, serve
+
+    overrides = cfg.overrides_from_args(args)
+    if "api_key" not in overrides and os.environ.get("CHATFORGE_API_KEY"):  # keys kept out of `ps`
+        overrides["api_key"] = [k.strip() for k in os.environ["CHATFORGE_API_KEY"].split(",") if k.strip()]
+    serve(args.checkpoint, cfg.from_dict(ServeConfig, overrides, "serve config"))
+
+
 def _ppo_eval(args) -> None:
     from pathlib import Path
 
@@ -397,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.ppo import PPOConfig
     from chatforge.pretrain import PretrainConfig
     from chatforge.reward import RewardConfig
+    from chatforge.serve import ServeConfig
     from chatforge.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="chatforge", description="Build a ChatGPT-style assistant end to end: "
@@ -584,6 +595,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help=f"preset name ({', '.join(cfg.preset_names())}) or a TOML file (default: cpu)")
     cfg.add_config_arguments(p, RunConfig)
     p.set_defaults(func=_run)
+
+    p = commands.add_parser(
+        "serve", help="an OpenAI-compatible API and a web chat page",
+        description="Serve CHECKPOINT: POST /v1/chat/completions and /v1/completions (streaming with stream: true), "
+                    "GET /v1/models, /health, /metrics (Prometheus) and /openapi.json, and the chat page at /. "
+                    "Concurrent requests share the model by continuous batching. Keys may also come from the "
+                    "CHATFORGE_API_KEY environment variable (comma-separated), which keeps them out of `ps`.")
+    p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
+    cfg.add_config_arguments(p, ServeConfig)
+    p.set_defaults(func=_serve)
 
     p = commands.add_parser("plot", help="draw a run's training curves",
                             description="Plot loss, validation metrics, tokens/s and learning rate from a run's "

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import secrets
-import socket
 import sqlite3
 import sys
 from collections import defaultdict
@@ -42,6 +41,7 @@ from starlette.routing import Route
 from chatforge.chat_format import check_text, prompt_messages
 from chatforge.data import parse_records
 from chatforge.errors import UserError
+from chatforge.runtime import listen
 
 RATING_ASPECTS = ("helpful", "honest", "harmless")
 RATING_MIN, RATING_MAX = 1, 7
@@ -598,17 +598,6 @@ def create_app(db: str | Path, per_prompt: int = 1) -> Starlette:
     return app
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """Bind before starting the server, so that a taken port is a one-line error."""
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
 def serve(db: str | Path, candidates_file: str | Path | None = None, per_prompt: int = 1,
           host: str = "127.0.0.1", port: int = 8001) -> None:
     """Load the candidates (all checked first: bad input writes nothing), then serve until interrupted."""
@@ -618,7 +607,7 @@ def serve(db: str | Path, candidates_file: str | Path | None = None, per_prompt:
     candidates = load_candidates(candidates_file) if candidates_file is not None else []
     if candidates_file is None and not db.is_file():
         raise UserError(f"{db}: no such database; pass --input FILE with the candidates to rank")
-    sock = _listen(host, port)
+    sock = listen(host, port)
     init_database(db)
     with connect(db) as conn:
         added = add_prompts(conn, candidates)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -138,3 +139,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if model in name and table_dtype == dtype:
                 return flops
     return measure_matmul_flops(device, dtype)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before starting the server, so that a taken port is a one-line error."""
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

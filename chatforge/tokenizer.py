@@ -98,6 +98,12 @@ class IncrementalDecoder:
         piece, self.text = text[len(self.text):], text
         return piece
 
+    def flush(self) -> str:
+        """What is still held back when the sequence ends (an incomplete character, as U+FFFD)."""
+        text = self.tokenizer.decode(self.tokens, skip_special=self.skip_special)
+        piece, self.text = text[len(self.text):], text
+        return piece
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 bytes included)."""

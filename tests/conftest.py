@@ -38,6 +38,12 @@ def data_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
 
 
 # Four questions a tiny model can learn to answer word for word, in the three conversation formats.
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright (no browser download)
+# No internet here: without these Chromium tries to reach Google's services.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-proxy-server"]
+
+
 QA = [
     ("What is a tuple?", "An immutable sequence."),
     ("Name a loop.", "The for loop."),

@@ -21,12 +21,8 @@ from chatforge.label import (add_annotator, agreement, check_submission, kendall
                              pairwise_agreement, serve)
 from chatforge.reward import comparison_from_record
 
-from conftest import assert_one_line_error, run_cli, write_jsonl
+from conftest import CHROMIUM, CHROMIUM_FLAGS, assert_one_line_error, run_cli, write_jsonl
 
-CHROMIUM = "/usr/bin/chromium"
-# No internet here: without these Chromium tries to reach Google's services.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-proxy-server"]
 
 CANDIDATES = [
     {"prompt": "What is a tuple?", "completions": ["An immutable sequence.", "A list.", "A fish."],

@@ -1,0 +1,765 @@
+"""Serve the assistant: an OpenAI-compatible API with continuous batching, and a web chat page.
+
+    chatforge serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
+
+`POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events or not),
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text) and the chat page at `/`; the OpenAPI
+schema at `/openapi.json` is generated from the same pydantic models that validate the requests.
+
+One `Scheduler` thread owns the model. Requests wait in a bounded queue, join the running `DecodeBatch`
+between decoding steps as soon as there is room (continuous batching), and leave it when they finish or
+their client goes away, so concurrent users share the model instead of waiting in line. Tokens travel
+from the scheduler thread to each request's asyncio queue.
+
+Safe by default: it listens on 127.0.0.1, checks `Authorization: Bearer KEY` on every API call when keys
+are given, bounds the body size, `max_tokens`, `n` and the queue, and answers errors in OpenAI's shape
+without stack traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from chatforge.chat_format import Message, check_conversation, render
+from chatforge.engine import DecodeBatch, Group, SamplingParams, TokenEvent, cut_at_stop
+from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
+
+log = logging.getLogger("chatforge.serve")
+WEB = Path(__file__).parent / "web"
+
+
+@dataclass
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface; put HTTPS in front)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)"})
+    api_key: list[str] = field(default_factory=list, metadata={"help": "accept these bearer keys: --api-key K1 K2 ... (none: no key needed)"})
+    model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: the name of the folder given)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n)"})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting for room; more get 429"})
+    max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
+    max_n: int = field(default=8, metadata={"help": "largest n (answers per request)"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; more gets 413"})
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+# --- requests and responses: validated by pydantic, documented in /openapi.json -------------------------
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What both completion endpoints accept. Types are strict ("yes" is no boolean); unknown fields are
+    ignored, as OpenAI's clients send some."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: whatever the context leaves")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end an answer (not included)")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] = Field(description="text to continue; a list gives one choice per prompt")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chatforge"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading"]
+
+
+class ApiError(Exception):
+    """An error for the client, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, code=code, param=param), headers
+
+
+class QueueFull(Exception):
+    pass
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts, self.sum, self.count = [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        out += [f'{self.name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
+                      f"{self.name}_count {self.count}"]
+
+
+class Metrics:
+    SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self):
+        self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> count
+        self.prompt_tokens = self.completion_tokens = 0  # of answered requests
+        self.generated_tokens = self.cancelled = 0  # every token made, answered or not; requests cancelled
+        self.latency = Histogram("chatforge_request_seconds", "time from request to last token", self.SECONDS)
+        self.first_token = Histogram("chatforge_time_to_first_token_seconds", "time from request to first token", self.SECONDS)
+        self.lock = threading.Lock()
+
+    def render(self, queue_depth: int, running: int) -> str:
+        with self.lock:
+            out = ["# HELP chatforge_requests_total API requests answered, by endpoint and status",
+                   "# TYPE chatforge_requests_total counter"]
+            out += [f'chatforge_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            out += ["# HELP chatforge_prompt_tokens_total prompt tokens read", "# TYPE chatforge_prompt_tokens_total counter",
+                    f"chatforge_prompt_tokens_total {self.prompt_tokens}",
+                    "# HELP chatforge_completion_tokens_total tokens generated", "# TYPE chatforge_completion_tokens_total counter",
+                    f"chatforge_completion_tokens_total {self.completion_tokens}",
+                    "# HELP chatforge_generated_tokens_total tokens generated, including for requests cancelled",
+                    "# TYPE chatforge_generated_tokens_total counter", f"chatforge_generated_tokens_total {self.generated_tokens}",
+                    "# HELP chatforge_cancelled_requests_total requests whose client went away before the end",
+                    "# TYPE chatforge_cancelled_requests_total counter", f"chatforge_cancelled_requests_total {self.cancelled}",
+                    "# HELP chatforge_queue_depth requests waiting for room in the batch", "# TYPE chatforge_queue_depth gauge",
+                    f"chatforge_queue_depth {queue_depth}",
+                    "# HELP chatforge_running_sequences sequences decoding now", "# TYPE chatforge_running_sequences gauge",
+                    f"chatforge_running_sequences {running}"]
+            out += self.latency.lines() + self.first_token.lines()
+        return "\n".join(out) + "\n"
+
+
+# --- the scheduler: one thread owns the model ----------------------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: prompts (token ids), n samples each; its events go to `queue` in `loop`."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stop_ids: list[int]
+    stop_strings: list[str]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    group: Group | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def send(self, item) -> None:
+        """Hand events (a list), an exception or None (done) to the request's coroutine."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Scheduler:
+    """Admits waiting jobs into the running batch between decoding steps, steps it, routes the tokens."""
+
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics: Metrics):
+        self.batch, self.tokenizer, self.metrics = DecodeBatch(model), tokenizer, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="chatforge-scheduler", daemon=True)
+        self.thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: free the job's rows at the next step."""
+        job.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that fit beside the running rows (one that is alone fits whatever its size)."""
+        with self.wake:
+            while not self.stopped and not self.waiting and not self.running:
+                self.wake.wait()
+            admitted, rows = [], len(self.batch)
+            while self.waiting:
+                job = self.waiting[0]
+                if not job.cancelled and rows + job.rows > self.max_batch and (rows or admitted):
+                    break
+                self.waiting.popleft()
+                if not job.cancelled:
+                    admitted.append(job)
+                    rows += job.rows
+            return admitted
+
+    def _loop(self) -> None:
+        while not self.stopped:
+            admitted = self._admit()
+            for job in [j for j in self.running if j.cancelled]:
+                self.batch.cancel(job.group)
+                self.running.remove(job)
+                with self.metrics.lock:
+                    self.metrics.cancelled += 1
+            for job in admitted:
+                try:
+                    job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
+                                               stop_strings=job.stop_strings, tokenizer=self.tokenizer)
+                    self.running.append(job)
+                except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+                    log.exception("prefill failed")
+                    job.send(e)
+            if not self.running:
+                continue
+            try:
+                events = self.batch.step()
+            except Exception as e:  # noqa: BLE001 - every running request fails, the server goes on
+                log.exception("decoding step failed")
+                for job in self.running:
+                    job.send(e)
+                    self.batch.cancel(job.group)
+                self.running = []
+                continue
+            with self.metrics.lock:
+                self.metrics.generated_tokens += len(events)
+            by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
+            for group, event in events:
+                by_group[id(group)].append(event)
+            for job in list(self.running):
+                if by_group.get(id(job.group)):
+                    job.send(by_group[id(job.group)])
+                if not job.group.rows:
+                    job.send(None)
+                    self.running.remove(job)
+
+
+# --- answers: text per choice, streamed or not ---------------------------------------------------------
+
+class ChoiceText:
+    """One choice's text as its tokens arrive. Text that might be the start of a stop string is held back
+    until it is clear it is not; the answer ends before the stop string."""
+
+    def __init__(self, tokenizer, stop_strings: list[str]):
+        self.decoder, self.stop_strings = IncrementalDecoder(tokenizer), stop_strings
+        self.text, self.sent, self.tokens, self.finish_reason = "", 0, 0, None
+
+    def push(self, event: TokenEvent) -> str:
+        """The text that can be shown now (a delta)."""
+        self.tokens += 1
+        self.text += self.decoder.push(event.token)
+        if event.finish_reason:
+            self.finish_reason = event.finish_reason
+            self.text += self.decoder.flush()
+        text, stopped = cut_at_stop(self.text, self.stop_strings)
+        if not stopped and not event.finish_reason:
+            held = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - held]
+        delta, self.sent = text[self.sent:], max(self.sent, len(text))
+        return delta
+
+    @property
+    def answer(self) -> str:
+        return cut_at_stop(self.text, self.stop_strings)[0]
+
+
+@dataclass
+class Prepared:
+    """A validated request turned into the scheduler's terms."""
+
+    kind: Literal["chat", "completion"]
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stop_ids: list[int]
+    stop_strings: list[str]
+    stream: bool
+    include_usage: bool
+
+
+class Server:
+    """The app's state: config, model (once loaded), scheduler and metrics."""
+
+    def __init__(self, config: ServeConfig, checkpoint: str | Path):
+        self.config, self.checkpoint = config, Path(checkpoint)
+        self.model_name = config.model_name or self.checkpoint.resolve().name
+        self.created = int(time.time())
+        self.scheduler: Scheduler | None = None
+        self.tokenizer = self.context = None
+        self.load_error: str | None = None
+        self.metrics = Metrics()
+
+    def load(self) -> None:
+        from chatforge.checkpoint import load_model
+        from chatforge.runtime import pick_device
+
+        try:
+            model, self.tokenizer, _ = load_model(self.checkpoint, pick_device(self.config.device))
+            model.eval()
+            self.context = model.config.max_seq_len
+            self.scheduler = Scheduler(model, self.tokenizer, self.config.max_batch, self.config.max_queue, self.metrics)
+            log.warning("model %s loaded: %s parameters, context %d", self.model_name, f"{model.num_params():,}", self.context)
+        except Exception as e:  # noqa: BLE001 - reported by /health and every API call
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("cannot load %s: %s", self.checkpoint, self.load_error)
+
+    def ready(self) -> Scheduler:
+        if self.load_error:
+            raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
+        if self.scheduler is None:
+            raise ApiError(503, "the model is loading; try again in a few seconds", "service_unavailable",
+                           headers={"Retry-After": "2"})
+        return self.scheduler
+
+    def prepare(self, body: SamplingRequest) -> Prepared:
+        """Check the request against the model and the server's limits; tokenize it."""
+        self.ready()
+        if body.model != self.model_name:
+            raise ApiError(404, f"the model '{body.model}' does not exist (this server has '{self.model_name}')",
+                           code="model_not_found", param="model")
+        limits = self.config
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens > limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}", param="max_tokens")
+        if body.n > limits.max_n:
+            raise ApiError(400, f"n is {body.n}, this server allows at most {limits.max_n}", param="n")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
+        tok = self.tokenizer
+        if isinstance(body, ChatCompletionRequest):
+            messages = [Message(m.role, m.content) for m in body.messages]
+            try:
+                check_conversation(messages, final_assistant=False)
+                if messages[-1].role != "user":
+                    raise ValueError("the last message must be the user's (the answer replies to it)")
+            except ValueError as e:
+                raise ApiError(400, f"messages: {e}", param="messages") from None
+            kind, prompts, stop_ids = "chat", [render(messages, tok, add_generation_prompt=True)], [tok.special[END_OF_TURN]]
+        else:
+            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not texts:
+                raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+            kind, prompts, stop_ids = "completion", [[tok.bos_id, *tok.encode(t)] for t in texts], [tok.bos_id, tok.eos_id]
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context:
+            raise ApiError(400, f"the prompt is {longest} tokens; the model's context is {self.context} tokens, "
+                           "with room for at least one new token", code="context_length_exceeded", param="messages" if kind == "chat" else "prompt")
+        params = SamplingParams(max_new_tokens=min(max_tokens or self.context, limits.max_tokens),
+                                temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Prepared(kind, prompts, params, body.n, stop_ids, stop, body.stream, include_usage)
+
+    def submit(self, prepared: Prepared) -> Job:
+        job = Job(prepared.prompts, prepared.params, prepared.n, prepared.stop_ids, prepared.stop_strings,
+                  asyncio.get_running_loop())
+        try:
+            self.ready().submit(job)
+        except QueueFull:
+            raise ApiError(429, f"the server is busy: {self.config.max_queue} requests are waiting; retry later",
+                           "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        return job
+
+
+async def events_of(job: Job, server: Server, request: Request) -> AsyncIterator[list[TokenEvent]]:
+    """The job's token events as they come; cancels the job if the consumer stops early (a client gone)."""
+    done = False
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(job.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if item is None:
+                done = True
+                return
+            if isinstance(item, Exception):
+                done = True
+                raise ApiError(500, "generation failed (see the server's log)", "server_error")
+            yield item
+    finally:
+        if not done:
+            server.scheduler.cancel(job)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: bool = True) -> FastAPI:
+    """The API and the page; the model loads in a thread (the API answers 503 until it is ready)."""
+    server = Server(config, checkpoint)
+
+    async def lifespan(app: FastAPI):
+        if load_in_background:
+            threading.Thread(target=server.load, name="chatforge-load", daemon=True).start()
+        else:
+            server.load()
+        yield
+        if server.scheduler:
+            server.scheduler.stop()
+
+    app = FastAPI(title="chatforge", version="0.1.0", lifespan=lifespan,
+                  description="An OpenAI-compatible API for a chatforge model.")
+    app.state.server = server
+    errors = {400: {"model": ErrorResponse, "description": "bad request"},
+              401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+              404: {"model": ErrorResponse, "description": "unknown model"},
+              413: {"model": ErrorResponse, "description": "request body too large"},
+              429: {"model": ErrorResponse, "description": "queue full"},
+              500: {"model": ErrorResponse, "description": "the model failed to load, or generation failed"},
+              503: {"model": ErrorResponse, "description": "the model is loading"}}
+
+    def authorize(request: Request) -> None:
+        if not config.api_key:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in config.api_key):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    api = [Depends(authorize)]
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}, 500: {"model": ErrorResponse}})
+    def health():
+        if server.load_error:
+            raise ApiError(500, f"the model failed to load: {server.load_error}", "server_error")
+        if server.scheduler is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=api, responses=errors)
+    def models():
+        return ModelList(data=[ModelCard(id=server.model_name, created=server.created)])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=api, responses=errors)
+    def model_card(model: str):
+        if model != server.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist", code="model_not_found", param="model")
+        return ModelCard(id=server.model_name, created=server.created)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=api, responses={
+        **errors, 200: {"content": {"text/event-stream": {}}, "description": "a completion, or with stream: "
+                        "server-sent chat.completion.chunk events ending with [DONE]"}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await complete(server, server.prepare(body), request, "/v1/chat/completions")
+
+    @app.post("/v1/completions", response_model=Completion, dependencies=api, responses={
+        **errors, 200: {"content": {"text/event-stream": {}}, "description": "a completion, or with stream: "
+                        "server-sent text_completion events ending with [DONE]"}})
+    async def completions(body: CompletionRequest, request: Request):
+        return await complete(server, server.prepare(body), request, "/v1/completions")
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        scheduler = server.scheduler
+        return server.metrics.render(scheduler.queue_depth if scheduler else 0, len(scheduler.batch) if scheduler else 0)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        # everything the page needs is in it: no script, style or request may go anywhere else
+        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        return HTMLResponse((WEB / "chat.html").read_text(encoding="utf-8"), headers={
+            "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(server, request, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(server, request, ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(server, request, ApiError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return error_response(server, request, ApiError(500, "internal server error", "server_error"))
+
+    def openapi():  # requests that fail validation get 400 in OpenAI's shape, not FastAPI's 422
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return BodyLimit(app, config.max_body_bytes, server)
+
+
+def error_response(server: Server, request: Request, e: ApiError) -> JSONResponse:
+    with server.metrics.lock:
+        server.metrics.requests[(request.url.path, e.status)] += 1
+    return JSONResponse({"error": e.body.model_dump()}, status_code=e.status, headers=e.headers)
+
+
+async def complete(server: Server, prepared: Prepared, request: Request, endpoint: str):
+    start = time.monotonic()
+    job = server.submit(prepared)
+    request_id = ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    created, model = int(time.time()), server.model_name
+    choices = [ChoiceText(server.tokenizer, prepared.stop_strings) for _ in range(job.rows)]
+    prompt_tokens = sum(len(p) for p in prepared.prompts)
+
+    def finished(status: int = 200) -> Usage:
+        completion_tokens = sum(c.tokens for c in choices)
+        with server.metrics.lock:
+            metrics = server.metrics
+            metrics.requests[(endpoint, status)] += 1
+            metrics.prompt_tokens += prompt_tokens
+            metrics.completion_tokens += completion_tokens
+            metrics.latency.observe(time.monotonic() - start)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+    first_token = True
+
+    def deltas(events: list[TokenEvent]) -> list[tuple[int, str, str | None]]:
+        nonlocal first_token
+        if first_token:
+            first_token = False
+            with server.metrics.lock:
+                server.metrics.first_token.observe(time.monotonic() - start)
+        out = []
+        for e in events:
+            index = e.prompt * prepared.n + e.sample
+            out.append((index, choices[index].push(e), e.finish_reason))
+        return out
+
+    if not prepared.stream:
+        async for events in events_of(job, server, request):
+            deltas(events)
+        usage = finished()
+        if prepared.kind == "chat":
+            return ChatCompletion(id=request_id, created=created, model=model, usage=usage, choices=[
+                ChatChoice(index=i, message=ChatMessage(role="assistant", content=c.answer.strip()), finish_reason=c.finish_reason)
+                for i, c in enumerate(choices)])
+        return Completion(id=request_id, created=created, model=model, usage=usage, choices=[
+            CompletionChoice(index=i, text=c.answer, finish_reason=c.finish_reason) for i, c in enumerate(choices)])
+
+    def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        if prepared.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+    async def stream() -> AsyncIterator[str]:
+        leading = [True] * len(choices)  # chat answers start without the space the model may put first
+        if prepared.kind == "chat":
+            for i in range(len(choices)):
+                yield sse(chunk(i, None, None, role=True))
+        async for events in events_of(job, server, request):
+            for index, text, finish_reason in deltas(events):
+                if leading[index] and prepared.kind == "chat":
+                    text = text.lstrip()
+                    leading[index] = not text
+                if text:
+                    yield sse(chunk(index, text, None))
+                if finish_reason:
+                    yield sse(chunk(index, None, finish_reason))
+        usage = finished()
+        if prepared.include_usage:
+            yield sse({"id": request_id, "object": "chat.completion.chunk" if prepared.kind == "chat" else "text_completion",
+                       "created": created, "model": model, "choices": [], "usage": usage.model_dump()})
+        yield sse("[DONE]")
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes with 413 before they are read into memory (ASGI middleware)."""
+
+    def __init__(self, app: FastAPI, limit: int, server: Server):
+        self.app, self.limit, self.server = app, limit, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge:
+            await self._refuse(scope, send)
+
+    async def _refuse(self, scope, send):
+        with self.server.metrics.lock:
+            self.server.metrics.requests[(scope.get("path", ""), 413)] += 1
+        body = json.dumps({"error": ErrorBody(message=f"the request body is larger than {self.limit} bytes",
+                                              type="invalid_request_error", code="request_too_large").model_dump()}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def serve(checkpoint: str | Path, config: ServeConfig) -> None:
+    """Serve until interrupted; the port is bound first, so that a taken port is a one-line error."""
+    import uvicorn
+
+    from chatforge.checkpoint import resolve_checkpoint
+    from chatforge.runtime import listen
+
+    if not config.model_name:
+        config = dataclasses.replace(config, model_name=Path(checkpoint).resolve().name)
+    checkpoint = resolve_checkpoint(checkpoint)
+    sock = listen(config.host, config.port)
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {config.host}: requests travel unencrypted; put HTTPS in front of it", flush=True)
+    if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: no --api-key: anyone who can reach this address can use the model", flush=True)
+    host, port = sock.getsockname()[:2]
+    print(f"chatforge serving {checkpoint} on http://{host}:{port}/ (API: /v1, docs: /docs); Ctrl-C stops", flush=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    app = create_app(checkpoint, config)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                  lifespan="on")).run(sockets=[sock])
+
