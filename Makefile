@@ -50,6 +50,7 @@ bench: venv
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/reward_throughput.py
 	$(PY) bench/ppo_throughput.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -442,6 +442,10 @@ class Server:
             raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}", param="max_tokens")
         if body.n > limits.max_n:
             raise ApiError(400, f"n is {body.n}, this server allows at most {limits.max_n}", param="n")
+        prompts_given = len(body.prompt) if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) else 1
+        if prompts_given * body.n > limits.max_batch:
+            raise ApiError(400, f"{prompts_given} prompts x n = {body.n} answers; this server makes at most "
+                           f"{limits.max_batch} at once", param="n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
@@ -676,20 +680,31 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
+    leading = [prepared.kind == "chat"] * len(choices)  # chat answers start without the model's leading space
+
+    def events_as_sse(events: list[TokenEvent]) -> list[str]:
+        out = []
+        for index, text, finish_reason in deltas(events):
+            if leading[index]:
+                text = text.lstrip()
+                leading[index] = not text
+            if text:
+                out.append(sse(chunk(index, text, None)))
+            if finish_reason:
+                out.append(sse(chunk(index, None, finish_reason)))
+        return out
+
     async def stream() -> AsyncIterator[str]:
-        leading = [True] * len(choices)  # chat answers start without the space the model may put first
         if prepared.kind == "chat":
             for i in range(len(choices)):
                 yield sse(chunk(i, None, None, role=True))
-        async for events in events_of(job, server, request):
-            for index, text, finish_reason in deltas(events):
-                if leading[index] and prepared.kind == "chat":
-                    text = text.lstrip()
-                    leading[index] = not text
-                if text:
-                    yield sse(chunk(index, text, None))
-                if finish_reason:
-                    yield sse(chunk(index, None, finish_reason))
+        try:
+            async for events in events_of(job, server, request):
+                if data := "".join(events_as_sse(events)):  # nothing while text is held back
+                    yield data
+        except ApiError as e:  # the status line is sent already: the error travels as an event
+            yield sse({"error": e.body.model_dump()})
+            return
         usage = finished()
         if prepared.include_usage:
             yield sse({"id": request_id, "object": "chat.completion.chunk" if prepared.kind == "chat" else "text_completion",

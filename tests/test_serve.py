@@ -277,6 +277,8 @@ def test_every_error_has_its_status_and_openai_shape(chat_server):
         assert status == 400, (body, message)
     assert error_of(call(url, "POST", "/v1/chat/completions", raw=b"{not json"))[0] == 400
     assert error_of(call(url, "POST", "/v1/completions", {"model": "tiny-chat", "prompt": []}))[0] == 400
+    many = {"model": "tiny-chat", "prompt": ["a"] * 20, "n": 4}  # 80 answers at once, more than --max-batch 64
+    assert error_of(call(url, "POST", "/v1/completions", many))[0] == 400
     long_prompt = {**ok, "messages": [{"role": "user", "content": "word " * 2000}]}
     assert error_of(call(url, "POST", "/v1/chat/completions", long_prompt))[:2] == (400, "context_length_exceeded")
     assert error_of(call(url, "POST", "/v1/chat/completions", {**ok, "model": "gpt-4"}))[:2] == (404, "model_not_found")
