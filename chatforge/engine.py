@@ -63,8 +63,8 @@ class TokenEvent:
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    if params.temperature == 0:
+    """logits (B, V) -> token ids (B,). Temperatures below 1e-5 are greedy (dividing by them overflows)."""
+    if params.temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
     if params.top_k:

@@ -35,7 +35,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -45,6 +45,8 @@ from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
 
 log = logging.getLogger("chatforge.serve")
 WEB = Path(__file__).parent / "web"
+API_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_STOP_CHARS = 100  # every token is checked against every stop string's prefixes
 
 
 @dataclass
@@ -315,42 +317,44 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self.stopped:
-            admitted = self._admit()
-            for job in [j for j in self.running if j.cancelled]:
-                self.batch.cancel(job.group)
-                self.running.remove(job)
-                with self.metrics.lock:
-                    self.metrics.cancelled += 1
-            for job in admitted:
-                try:
-                    job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
-                                               stop_strings=job.stop_strings, tokenizer=self.tokenizer)
-                    self.running.append(job)
-                except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
-                    log.exception("prefill failed")
-                    job.send(e)
-            if not self.running:
-                continue
             try:
-                events = self.batch.step()
-            except Exception as e:  # noqa: BLE001 - every running request fails, the server goes on
-                log.exception("decoding step failed")
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - the running requests fail, the server goes on
+                log.exception("the scheduler failed; its running requests get an error")
                 for job in self.running:
                     job.send(e)
-                    self.batch.cancel(job.group)
                 self.running = []
-                continue
+                self.batch = DecodeBatch(self.batch.model)
+
+    def _iteration(self) -> None:
+        """Free the slots of cancelled jobs, admit waiting ones, make one token for every running row."""
+        for job in [j for j in self.running if j.cancelled]:
+            self.batch.cancel(job.group)
+            self.running.remove(job)
             with self.metrics.lock:
-                self.metrics.generated_tokens += len(events)
-            by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
-            for group, event in events:
-                by_group[id(group)].append(event)
-            for job in list(self.running):
-                if by_group.get(id(job.group)):
-                    job.send(by_group[id(job.group)])
-                if not job.group.rows:
-                    job.send(None)
-                    self.running.remove(job)
+                self.metrics.cancelled += 1
+        for job in self._admit():
+            try:
+                job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
+                                           stop_strings=job.stop_strings, tokenizer=self.tokenizer)
+                self.running.append(job)
+            except Exception as e:  # noqa: BLE001 - that request fails, the others go on
+                log.exception("prefill failed")
+                job.send(e)
+        if not self.running:
+            return
+        events = self.batch.step()
+        with self.metrics.lock:
+            self.metrics.generated_tokens += len(events)
+        by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
+        for group, event in events:
+            by_group[id(group)].append(event)
+        for job in list(self.running):
+            if by_group.get(id(job.group)):
+                job.send(by_group[id(job.group)])
+            if not job.group.rows:
+                job.send(None)
+                self.running.remove(job)
 
 
 # --- answers: text per choice, streamed or not ---------------------------------------------------------
@@ -447,8 +451,8 @@ class Server:
             raise ApiError(400, f"{prompts_given} prompts x n = {body.n} answers; this server makes at most "
                            f"{limits.max_batch} at once", param="n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
+        if len(stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"stop must be up to 4 strings of 1 to {MAX_STOP_CHARS} characters", param="stop")
         tok = self.tokenizer
         if isinstance(body, ChatCompletionRequest):
             messages = [Message(m.role, m.content) for m in body.messages]
@@ -484,24 +488,32 @@ class Server:
         return job
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
+
+
 async def events_of(job: Job, server: Server, request: Request) -> AsyncIterator[list[TokenEvent]]:
-    """The job's token events as they come; cancels the job if the consumer stops early (a client gone)."""
-    done = False
+    """The job's token events as they come. Whether the client is still there is checked twice a second
+    whatever the tokens do (ClientGone); the job is cancelled if the consumer stops early."""
+    done, checked = False, time.monotonic()
     try:
         while True:
             try:
-                item = await asyncio.wait_for(job.queue.get(), timeout=1.0)
+                item = await asyncio.wait_for(job.queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                item = ()
+            if time.monotonic() - checked >= 0.5:
+                checked = time.monotonic()
                 if await request.is_disconnected():
-                    return
-                continue
+                    raise ClientGone
             if item is None:
                 done = True
                 return
             if isinstance(item, Exception):
                 done = True
                 raise ApiError(500, "generation failed (see the server's log)", "server_error")
-            yield item
+            if item:
+                yield item
     finally:
         if not done:
             server.scheduler.cancel(job)
@@ -549,6 +561,8 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     def health():
         if server.load_error:
             raise ApiError(500, f"the model failed to load: {server.load_error}", "server_error")
+        if server.scheduler is not None and not server.scheduler.thread.is_alive():
+            raise ApiError(500, "the scheduler thread has stopped (see the server's log)", "server_error")
         if server.scheduler is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok"}
@@ -601,7 +615,8 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(server, request, ApiError(e.status_code, str(e.detail), kind))
+        code = "request_too_large" if e.status_code == 413 else None
+        return error_response(server, request, ApiError(e.status_code, str(e.detail), kind, code=code))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
@@ -622,9 +637,23 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     return BodyLimit(app, config.max_body_bytes, server)
 
 
+def endpoint_label(scope) -> str:
+    """The metrics label of a request: its route's template, never the raw path (no label injection, and
+    no new series per unknown path)."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "other"
+
+
+def client_gone(server: Server, endpoint: str) -> Response:
+    """Count a request whose client left (nginx's 499); the response goes nowhere."""
+    with server.metrics.lock:
+        server.metrics.requests[(endpoint, 499)] += 1
+    return Response(status_code=499)
+
+
 def error_response(server: Server, request: Request, e: ApiError) -> JSONResponse:
     with server.metrics.lock:
-        server.metrics.requests[(request.url.path, e.status)] += 1
+        server.metrics.requests[(endpoint_label(request.scope), e.status)] += 1
     return JSONResponse({"error": e.body.model_dump()}, status_code=e.status, headers=e.headers)
 
 
@@ -662,8 +691,11 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
         return out
 
     if not prepared.stream:
-        async for events in events_of(job, server, request):
-            deltas(events)
+        try:
+            async for events in events_of(job, server, request):
+                deltas(events)
+        except ClientGone:
+            return client_gone(server, endpoint)
         usage = finished()
         if prepared.kind == "chat":
             return ChatCompletion(id=request_id, created=created, model=model, usage=usage, choices=[
@@ -705,6 +737,9 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
         except ApiError as e:  # the status line is sent already: the error travels as an event
             yield sse({"error": e.body.model_dump()})
             return
+        except ClientGone:
+            client_gone(server, endpoint)
+            return
         usage = finished()
         if prepared.include_usage:
             yield sse({"id": request_id, "object": "chat.completion.chunk" if prepared.kind == "chat" else "text_completion",
@@ -733,27 +768,22 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge
+                if seen > self.limit:  # FastAPI passes an HTTPException raised while reading the body on
+                    raise HTTPException(413, f"the request body is larger than {self.limit} bytes")
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self._refuse(scope, send)
+        await self.app(scope, limited_receive, send)
 
     async def _refuse(self, scope, send):
+        path = scope.get("path", "")
         with self.server.metrics.lock:
-            self.server.metrics.requests[(scope.get("path", ""), 413)] += 1
+            self.server.metrics.requests[(path if path in API_PATHS else "other", 413)] += 1
         body = json.dumps({"error": ErrorBody(message=f"the request body is larger than {self.limit} bytes",
                                               type="invalid_request_error", code="request_too_large").model_dump()}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def serve(checkpoint: str | Path, config: ServeConfig) -> None:

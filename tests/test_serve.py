@@ -216,21 +216,27 @@ def test_concurrent_streams_each_get_what_they_would_alone(long_server, long_che
     assert long_server.metric("chatforge_running_sequences") == 0
 
 
-def test_a_client_that_disconnects_frees_its_slot(long_server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(long_server, stream):
     made_before = long_server.metric("chatforge_generated_tokens_total")
+    cancelled_before = long_server.metric("chatforge_cancelled_requests_total")
     body = json.dumps({"model": "long", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
-                       "stream": True}).encode()
+                       "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", int(long_server.url.rsplit(":", 1)[1]))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while received.count(b"data: ") < 5:
-            received += sock.recv(65536)
+        if stream:
+            received = b""
+            while received.count(b"data: ") < 5:
+                received += sock.recv(65536)
+        else:  # leave once it is decoding
+            while long_server.metric("chatforge_running_sequences") == 0:
+                time.sleep(0.01)
     deadline = time.monotonic() + 20
     while long_server.metric("chatforge_running_sequences") > 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert long_server.metric("chatforge_running_sequences") == 0
-    assert long_server.metric("chatforge_cancelled_requests_total") >= 1
+    assert long_server.metric("chatforge_cancelled_requests_total") == cancelled_before + 1
     made = long_server.metric("chatforge_generated_tokens_total") - made_before
     assert made < 4000  # stopped long before its 4000 tokens
 
@@ -289,13 +295,19 @@ def test_every_error_has_its_status_and_openai_shape(chat_server):
         assert (status, code) == (401, "invalid_api_key")
     assert error_of(call(url, "GET", "/v1/models", key=None))[0] == 401
     assert call(url, "GET", "/health", key=None)[:2] == (200, {"status": "ok"})  # no key needed
+    assert error_of(call(url, "POST", "/v1/chat/completions", {**ok, "stop": ["x" * 101]}))[0] == 400
+    assert call(url, "POST", "/v1/chat/completions", {**ok, "temperature": 1e-39})[0] == 200  # greedy, not inf
     huge = {**ok, "messages": [{"role": "user", "content": "x" * 30000}]}
     assert error_of(call(url, "POST", "/v1/chat/completions", huge))[:2] == (413, "request_too_large")
+    chunked = iter([json.dumps(huge).encode()[i:i + 4096] for i in range(0, 30100, 4096)])  # no Content-Length
+    assert error_of(call(url, "POST", "/v1/chat/completions", raw=chunked))[:2] == (413, "request_too_large")
+    assert error_of(call(url, "GET", '/x"} 1\nfake_metric{a="'.replace(" ", "%20").replace("\n", "%0A")))[0] == 404
     metrics = call(url, "GET", "/metrics", key=None)[1]
     for name in ("chatforge_requests_total", "chatforge_prompt_tokens_total", "chatforge_completion_tokens_total",
                  "chatforge_queue_depth", "chatforge_request_seconds_bucket", "chatforge_time_to_first_token_seconds_count"):
         assert name in metrics
     assert 'chatforge_requests_total{endpoint="/v1/chat/completions",status="401"} 2' in metrics
+    assert "fake_metric" not in metrics and 'endpoint="other",status="404"' in metrics  # no label injection
 
 
 def test_503_while_the_model_loads(chat_model, monkeypatch):
