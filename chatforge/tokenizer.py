@@ -83,26 +83,27 @@ class Tokenizer:
 
 class IncrementalDecoder:
     """Text of a growing token sequence, piece by piece, for streaming: a piece is released only once its
-    bytes form whole UTF-8 characters (a character may span several byte-level tokens)."""
+    bytes form whole UTF-8 characters (a character may span several byte-level tokens). Each token costs
+    the decoding of the few tokens since the last released piece, not of the whole sequence."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
         self.tokens: list[int] = []
-        self.text = ""
+        self.released = 0  # tokens whose text is out; the pending ones follow
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special=self.skip_special)
+        text = self.tokenizer.decode(self.tokens[self.released:], skip_special=self.skip_special)
         if text.endswith("\ufffd"):  # an incomplete character: wait for its remaining bytes
             return ""
-        piece, self.text = text[len(self.text):], text
-        return piece
+        self.released = len(self.tokens)
+        return text
 
     def flush(self) -> str:
         """What is still held back when the sequence ends (an incomplete character, as U+FFFD)."""
-        text = self.tokenizer.decode(self.tokens, skip_special=self.skip_special)
-        piece, self.text = text[len(self.text):], text
-        return piece
+        text = self.tokenizer.decode(self.tokens[self.released:], skip_special=self.skip_special)
+        self.released = len(self.tokens)
+        return text
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, progress: bool = False) -> Tokenizer:

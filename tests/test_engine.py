@@ -231,3 +231,17 @@ def test_the_cache_stays_short_and_cancelled_rows_leave(model):
     assert made == alone and third not in batch.groups
     with pytest.raises(ValueError, match="eval mode"):
         DecodeBatch(GPT(model.config))
+
+
+def test_sampling_by_the_inverse_cdf_follows_the_distribution_and_never_picks_a_zero():
+    from chatforge.engine import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    draws = sample_categorical(probs, g)
+    counts = draws.bincount(minlength=6) / len(draws)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)
+    one_hot = torch.zeros(3, 50)
+    one_hot[torch.arange(3), torch.tensor([0, 17, 49])] = 1  # the first and last entries are reachable
+    assert sample_categorical(one_hot, g).tolist() == [0, 17, 49]

@@ -59,3 +59,24 @@ def test_cli_trains_and_rejects_a_too_small_vocab(corpus, tmp_path):
     result = run_cli("tokenizer", "train", corpus, "--vocab-size", 100, "--out", tmp_path / "bad", check=False)
     assert_one_line_error(result, "vocab size 100 is too small", str(MIN_VOCAB_SIZE))
     assert not (tmp_path / "bad").exists()
+
+
+def test_streamed_pieces_add_up_to_the_decoded_text(tokenizer):
+    """Pieces are released only at whole characters (é, 日本, emoji span several byte tokens), each token
+    decoding only what is pending; together with the flush they are exactly the full decode, also for
+    random token soup with broken UTF-8 and special tokens."""
+    import random
+
+    from chatforge.tokenizer import IncrementalDecoder
+
+    rng = random.Random(0)
+    sequences = [tokenizer.encode(text) for text in ("café 日本語 🙂 naïve", "a\u00e9b\U0001F600c", "plain words")]
+    sequences += [[rng.randrange(tokenizer.vocab_size) for _ in range(60)] for _ in range(20)]
+    for ids in sequences:
+        decoder = IncrementalDecoder(tokenizer)
+        pieces = [decoder.push(t) for t in ids]
+        assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids, skip_special=True)
+        assert all(not p.endswith("\ufffd") for p in pieces)
+    decoder = IncrementalDecoder(tokenizer)
+    emoji = tokenizer.encode("🙂")
+    assert len(emoji) > 1 and [decoder.push(t) for t in emoji] == [""] * (len(emoji) - 1) + ["🙂"]
