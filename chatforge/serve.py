@@ -493,28 +493,29 @@ class ClientGone(Exception):
 
 
 async def events_of(job: Job, server: Server, request: Request) -> AsyncIterator[list[TokenEvent]]:
-    """The job's token events as they come. Whether the client is still there is checked twice a second
-    whatever the tokens do (ClientGone); the job is cancelled if the consumer stops early."""
-    done, checked = False, time.monotonic()
+    """The job's token events as they come. A watcher asks twice a second whether the client is still
+    there, whatever the tokens do (ClientGone); the job is cancelled if the consumer stops early."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        job.queue.put_nowait(ClientGone())
+
+    watcher, done = asyncio.create_task(watch()), False
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(job.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                item = ()
-            if time.monotonic() - checked >= 0.5:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    raise ClientGone
+            item = await job.queue.get()
             if item is None:
                 done = True
                 return
+            if isinstance(item, ClientGone):
+                raise item
             if isinstance(item, Exception):
                 done = True
                 raise ApiError(500, "generation failed (see the server's log)", "server_error")
-            if item:
-                yield item
+            yield item
     finally:
+        watcher.cancel()
         if not done:
             server.scheduler.cancel(job)
 
@@ -713,6 +714,8 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
         return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
     leading = [prepared.kind == "chat"] * len(choices)  # chat answers start without the model's leading space
+    # a text chunk is the same JSON each time but for its text: built once, filled per token
+    templates = [sse(chunk(i, "\0", None)).split('"\\u0000"') for i in range(len(choices))]
 
     def events_as_sse(events: list[TokenEvent]) -> list[str]:
         out = []
@@ -721,7 +724,8 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
                 text = text.lstrip()
                 leading[index] = not text
             if text:
-                out.append(sse(chunk(index, text, None)))
+                head, tail = templates[index]
+                out.append(head + json.dumps(text, ensure_ascii=False) + tail)
             if finish_reason:
                 out.append(sse(chunk(index, None, finish_reason)))
         return out
