@@ -42,6 +42,7 @@ demo-data:
 CF := $(VENV)/bin/chatforge
 demo: venv demo-data
 	$(CF) run --preset cpu --out $(RUN)
+	@echo "in a browser or through the OpenAI API: $(CF) serve $(RUN)/ppo  (then http://127.0.0.1:8000/)"
 	@if [ -t 0 ] && [ -t 1 ]; then $(CF) chat $(RUN)/ppo; else echo "talk to it: $(CF) chat $(RUN)/ppo"; fi
 
 bench: venv
