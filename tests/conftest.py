@@ -165,3 +165,38 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+class ServerProcess:
+    """`chatforge ARGS --port P` on a free loopback port, up once GET /health answers 200 (a real server in a
+    subprocess, for the labeling app and the API server)."""
+
+    def __init__(self, log: Path, *args):
+        import socket
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.log = f"http://127.0.0.1:{port}", log
+        with log.open("a") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, args), "--port", str(port)],
+                                            stdout=out, stderr=subprocess.STDOUT)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with opener.open(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"chatforge {' '.join(map(str, args))} did not come up:\n{log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)

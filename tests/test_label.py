@@ -4,10 +4,7 @@ driven by Playwright, concurrent clients, SIGKILL and restart, and the database 
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +18,7 @@ from chatforge.label import (add_annotator, agreement, check_submission, kendall
                              pairwise_agreement, serve)
 from chatforge.reward import comparison_from_record
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS, assert_one_line_error, run_cli, write_jsonl
+from conftest import CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_error, run_cli, write_jsonl
 
 
 CANDIDATES = [
@@ -58,34 +55,9 @@ def call(url: str, path: str, token: str | None = None, body=None) -> tuple[int,
         return e.code, json.loads(e.read())
 
 
-class Server:
-    """`chatforge label serve` on a free loopback port, up once /health answers."""
-
-    def __init__(self, db: Path, log: Path, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        with log.open("a") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "chatforge", "label", "serve", "--db", str(db), "--port", str(port), *args],
-                stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"label server did not come up:\n{log.read_text()}")
-            time.sleep(0.05)
-
-    def _healthy(self) -> bool:
-        try:
-            return call(self.url, "/health") == (200, {"status": "ok"})
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=30)
+def Server(db: Path, log: Path, *args: str) -> ServerProcess:
+    """`chatforge label serve` on its database, up once /health answers."""
+    return ServerProcess(log, "label", "serve", "--db", db, *args)
 
 
 def rankings_in(db: Path) -> list[dict]:

@@ -23,33 +23,17 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS, QA, assert_one_line_error, run_cli
+from conftest import CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, run_cli
 
 KEY = "sk-test-key"
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class Server:
-    """`chatforge serve CHECKPOINT ARGS` on a free loopback port, up once /health says ok."""
+class Server(ServerProcess):
+    """`chatforge serve CHECKPOINT ARGS` on a free loopback port, and its metrics."""
 
     def __init__(self, checkpoint: Path, log: Path, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        with log.open("a") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", str(checkpoint), "--port",
-                                             str(port), *args], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while call(self.url, "GET", "/health")[0] != 200:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not come up:\n{log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=30)
+        super().__init__(log, "serve", checkpoint, *args)
 
     def metric(self, name: str) -> float:
         text = call(self.url, "GET", "/metrics")[1]
