@@ -263,6 +263,11 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class Scheduler:
     """Admits waiting jobs into the running batch between decoding steps, steps it, routes the tokens."""
 
@@ -348,12 +353,15 @@ class Scheduler:
         by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
         for group, event in events:
             by_group[id(group)].append(event)
+        deliveries = collections.defaultdict(list)  # one wake-up of each event loop per step, not one per job
         for job in list(self.running):
             if by_group.get(id(job.group)):
-                job.send(by_group[id(job.group)])
+                deliveries[job.loop].append((job.queue, by_group[id(job.group)]))
             if not job.group.rows:
-                job.send(None)
+                deliveries[job.loop].append((job.queue, None))
                 self.running.remove(job)
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
 
 # --- answers: text per choice, streamed or not ---------------------------------------------------------
