@@ -7,8 +7,9 @@ Starts `chatforge serve` on a loopback port (by default on a model with the `cpu
 random weights: speed does not depend on the weights, and a random model's answers run to max_tokens, so
 every request asks for the same work). For each concurrency level, that many client threads each send
 streaming chat requests one after another (a bounded count, and a time bound) and measure time to the
-first token, latency and output tokens (the usage the server reports). Prints a table and writes
-bench/results/serve_load.json.
+first token, latency and output tokens (the usage the server reports). The levels run in turns for
+--rounds rounds; throughput is the median over rounds, times are percentiles over every request. Prints a
+table and writes bench/results/serve_load.json.
 
 Targets (cpu preset model): at 16 clients, output tokens/s >= 5x that of 1 client, and p99 time to first
 token < 1 s.
@@ -73,6 +74,7 @@ def one_request(port: int, body: bytes) -> tuple[float, float, int]:
 
 
 def load(port: int, model: str, clients: int, requests_per_client: int, max_tokens: int, time_limit: float) -> dict:
+    """One round at one concurrency level: its throughput, and each request's (TTFT, latency, tokens)."""
     results, errors = [], []
     deadline = time.perf_counter() + time_limit
 
@@ -95,11 +97,21 @@ def load(port: int, model: str, clients: int, requests_per_client: int, max_toke
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ttft, latency = [r[0] for r in results], [r[1] for r in results]
     for message in sorted(set(errors)):
         print(f"  error ({errors.count(message)}x): {message}")
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "seconds": round(wall, 2),
-            "requests_per_s": len(results) / wall, "output_tokens_per_s": sum(r[2] for r in results) / wall,
+    return {"requests": results, "errors": len(errors), "requests_per_s": len(results) / wall,
+            "output_tokens_per_s": sum(r[2] for r in results) / wall}
+
+
+def summary(clients: int, rounds: list[dict]) -> dict:
+    """Medians over the rounds for throughput; percentiles over every request of every round for times."""
+    requests = [r for one in rounds for r in one["requests"]]
+    ttft, latency = [r[0] for r in requests], [r[1] for r in requests]
+    return {"clients": clients, "rounds": len(rounds), "requests": len(requests),
+            "errors": sum(one["errors"] for one in rounds),
+            "requests_per_s": statistics.median(one["requests_per_s"] for one in rounds),
+            "output_tokens_per_s": statistics.median(one["output_tokens_per_s"] for one in rounds),
+            "output_tokens_per_s_rounds": [round(one["output_tokens_per_s"], 1) for one in rounds],
             "ttft_p50": statistics.median(ttft), "ttft_p99": percentile(ttft, 99),
             "latency_p50": statistics.median(latency), "latency_p99": percentile(latency, 99)}
 
@@ -112,7 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=64, help="requests per level (split among its clients, at least 2 each)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
-    parser.add_argument("--time-limit", type=float, default=120, help="seconds per level at most")
+    parser.add_argument("--time-limit", type=float, default=120, help="seconds per level and round at most")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all levels, taken in turns (medians)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = parser.parse_args(argv)
@@ -138,13 +151,16 @@ def main(argv=None) -> None:
                     raise SystemExit("the server did not come up")
                 time.sleep(0.1)
             load(port, "bench", 2, 1, args.max_tokens, 30)  # warm-up: first calls, allocations
-            rows = []
+            rounds = {clients: [] for clients in args.clients}
+            for _ in range(args.rounds):  # the levels in turns, so that the machine's drift hits all alike
+                for clients in args.clients:
+                    rounds[clients].append(load(port, "bench", clients, max(2, args.requests // clients),
+                                                args.max_tokens, args.time_limit))
+            rows = [summary(clients, rounds[clients]) for clients in args.clients]
             print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
                   f"{'lat p50':>8} {'lat p99':>8} {'errors':>6}")
-            for clients in args.clients:
-                row = load(port, "bench", clients, max(2, args.requests // clients), args.max_tokens, args.time_limit)
-                rows.append(row)
-                print(f"{clients:>7} {row['requests']:>8} {row['requests_per_s']:>7.2f} {row['output_tokens_per_s']:>10.1f} "
+            for row in rows:
+                print(f"{row['clients']:>7} {row['requests']:>8} {row['requests_per_s']:>7.2f} {row['output_tokens_per_s']:>10.1f} "
                       f"{row['ttft_p50']:>8.3f}s {row['ttft_p99']:>8.3f}s {row['latency_p50']:>7.2f}s "
                       f"{row['latency_p99']:>7.2f}s {row['errors']:>6}")
         finally:
@@ -154,10 +170,10 @@ def main(argv=None) -> None:
     if 1 in by_clients and 16 in by_clients:
         ratio = by_clients[16]["output_tokens_per_s"] / by_clients[1]["output_tokens_per_s"]
         ttft = by_clients[16]["ttft_p99"]
-        print(f"16 clients: {ratio:.2f}x the output tokens/s of 1 client (target >= 5x); "
+        print(f"16 clients: {ratio:.2f}x the output tokens/s of 1 client, medians of {args.rounds} rounds (target >= 5x); "
               f"p99 time to first token {ttft:.3f} s (target < 1 s)")
     write_report(args.out, rows, checkpoint=args.checkpoint or f"random {args.preset} preset",
-                 max_tokens=args.max_tokens, device=args.device)
+                 max_tokens=args.max_tokens, device=args.device, rounds=args.rounds)
 
 
 if __name__ == "__main__":
