@@ -121,7 +121,7 @@ class Group:
     call, or one request to the server. Its live rows (n per prompt) sit next to each other in the batch."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, stop_ids: Sequence[int],
-                 stop_strings: Sequence[str], tokenizer, logprobs: bool, context: int):
+                 stop_strings: Sequence[str], tokenizer, logprobs: bool, context: int, device):
         if stop_strings and tokenizer is None:
             raise ValueError("stop strings need the tokenizer to decode the text")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -134,9 +134,10 @@ class Group:
         self.made = [0] * len(self.rows)
         self.generated: list[list[int]] = [[] for _ in self.rows]  # only kept for stop strings
         self.tail_tokens = max((len(s) for s in stop_strings), default=0) + 8  # a token holds at least one character
-        self.generator: torch.Generator | None = None
+        self.stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        # seeded groups draw from their own generator, so that their answers do not depend on the batch
+        self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         self.seen: torch.Tensor | None = None  # (rows, vocab): tokens present, for the repetition penalty
-        self.stop: torch.Tensor | None = None  # stop_ids on the model's device
 
     def remaining(self) -> int:
         """The most tokens any of its live rows may still make."""
@@ -209,10 +210,7 @@ class DecodeBatch:
     def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, n: int = 1, stop_ids: Sequence[int] = (),
             stop_strings: Sequence[str] = (), tokenizer=None, logprobs: bool = False) -> Group:
         """Prefill `prompts` and join `n` rows for each to the batch (see `generate_stream` for the rest)."""
-        group = Group(prompts, params, n, stop_ids, stop_strings, tokenizer, logprobs, self.context)
-        group.stop = torch.tensor(group.stop_ids, dtype=torch.long, device=self.device)
-        if params.seed is not None:
-            group.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        group = Group(prompts, params, n, stop_ids, stop_strings, tokenizer, logprobs, self.context, self.device)
         ids, pad = _left_pad(group.prompts, pad_id=0, device=self.device)
         room = max([group.remaining()] + [g.remaining() for g in self.groups])
         cache = self.model.new_cache(len(group.prompts), ids.shape[1] + (room if self.cache is None else 0), pad=pad)
