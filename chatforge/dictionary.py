@@ -2,7 +2,9 @@
 
 Words are split once, by a seeded hash, into training words (their conversations are in SFT, their prompts
 in the preferences and in PPO) and held-out words (their WordNet entries are in the pretraining text, but
-never in a conversation: the evaluation asks about them). Three kinds of question:
+never in a conversation: the evaluation asks about them). Format words, beyond the demo's slice, are only
+asked about in SFT: they teach the form of an answer on more words than a small model can learn by heart.
+Three kinds of question:
 
     What does "X" mean?        ->  X (noun): <the first sense's definition>.
     Use "X" in a sentence.     ->  <WordNet's example sentence>
@@ -85,18 +87,22 @@ def is_held_out(word: str, fraction: float, seed: int = 0) -> bool:
 
 
 def split_words(words: list[Word], held_out_fraction: float, seed: int = 0) -> tuple[list[Word], list[Word]]:
-    """(training words, held-out words). Synonyms share a sense, so nothing of a held-out word may reach a
-    conversation through a training word: a training word with a held-out word's definition is dropped, and
-    held-out words are taken out of the training words' synonyms and example sentences."""
+    """(training words, held-out words), by `is_held_out`, with `without_leaks` applied to the training words."""
     held = [is_held_out(w.word, held_out_fraction, seed) for w in words]
     held_out = [w for w, h in zip(words, held) if h]
+    return without_leaks([w for w, h in zip(words, held) if not h], held_out), held_out
+
+
+def without_leaks(words: list[Word], held_out: list[Word]) -> list[Word]:
+    """`words` fit for conversations: synonyms share a sense, so nothing of a held-out word may reach a
+    conversation through another word. A word with a held-out word's definition is dropped, and held-out
+    words are taken out of the others' synonyms and example sentences."""
     definitions = {w.definition for w in held_out}
     names = {w.word for w in held_out}
     examples = {e for w in held_out for e in w.examples}
-    train = [dataclasses.replace(w, synonyms=tuple(s for s in w.synonyms if s not in names),
-                                 examples=tuple(e for e in w.examples if e not in examples))
-             for w, h in zip(words, held) if not h and w.definition not in definitions]
-    return train, held_out
+    return [dataclasses.replace(w, synonyms=tuple(s for s in w.synonyms if s not in names),
+                                examples=tuple(e for e in w.examples if e not in examples))
+            for w in words if w.word not in names and w.definition not in definitions]
 
 
 def conversations(words: list[Word], kinds: tuple[str, ...] = (DEFINE, USE, SYNONYM)) -> list[dict]:

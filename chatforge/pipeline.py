@@ -36,6 +36,10 @@ class RunConfig:
                                                         "(default: where the packages install them)"})
     words: int = field(default=600, metadata={"help": "WordNet words of the dictionary, the most common first"})
     held_out_fraction: float = field(default=0.2, metadata={"help": "share of the words never in a conversation (evaluated)"})
+    format_words: int = field(default=0, metadata={"help": "more WordNet words, after the dictionary's, whose definition "
+                                                         "conversations are in SFT only (never pretrained on nor evaluated): "
+                                                         "they teach the answer's form (repeat the word, state its part of "
+                                                         "speech) on more words than the model can learn by heart"})
     docs_chars: int = field(default=1_000_000, metadata={"help": "characters of the Python documentation in the pretraining text"})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
     chatterbot: bool = field(default=True, metadata={"help": "add chatterbot-corpus's conversations to SFT"})
@@ -59,6 +63,7 @@ class Context:
     stage_overrides: dict[str, dict] = field(default_factory=dict)  # the preset's [run.<stage>] tables
     train_words: list = field(default_factory=list)
     held_out_words: list = field(default_factory=list)
+    format_words: list = field(default_factory=list)
 
     def stage_config(self, cls, stage: str, **values):
         """A stage's config: the preset's [stage] table < its [run.<stage>] table (the pipeline's own
@@ -127,10 +132,10 @@ def stage_pretrain(ctx: Context, out: Path) -> dict:
 
 def stage_sft(ctx: Context, out: Path) -> dict:
     from chatforge.corpora import chatterbot_conversations
-    from chatforge.dictionary import conversations
+    from chatforge.dictionary import DEFINE, conversations
     from chatforge.sft import SFTConfig, resolve_config, sft
 
-    records = conversations(ctx.train_words)
+    records = conversations(ctx.train_words) + conversations(ctx.format_words, (DEFINE,))
     chit_chat = 0
     if ctx.config.chatterbot:
         for _, turns in chatterbot_conversations(ctx.data.get("chatterbot")):
@@ -144,7 +149,7 @@ def stage_sft(ctx: Context, out: Path) -> dict:
     config = ctx.stage_config(SFTConfig, "sft", init=str(ctx.run / "pretrain"), data=[str(data)], out=str(out),
                               skip_invalid=True, sample_prompts=[ctx.held_out_words[0].question("define")])
     result = _last_metrics(_train(sft, resolve_config, config, out))
-    return {**result, "conversations": len(records), "chatterbot": chit_chat}
+    return {**result, "conversations": len(records), "chatterbot": chit_chat, "format_words": len(ctx.format_words)}
 
 
 def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) -> Path:
@@ -294,7 +299,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
     """Every stage not yet done, then the report; returns the run folder. `stage_overrides` are the
     preset's [run.<stage>] tables."""
     from chatforge.corpora import find_data, read_wordnet
-    from chatforge.dictionary import demo_words, split_words
+    from chatforge.dictionary import demo_words, split_words, without_leaks
     from chatforge.report import write_report
 
     run = Path(config.out)
@@ -306,12 +311,14 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
         raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
     cfg.save_json(settings, saved)
     ctx = Context(config, preset, run, find_data(config.data_dir or None), stage_overrides)
-    words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words)
-    ctx.train_words, ctx.held_out_words = split_words(words, config.held_out_fraction, config.seed)
+    words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words + config.format_words)
+    ctx.train_words, ctx.held_out_words = split_words(words[: config.words], config.held_out_fraction, config.seed)
+    ctx.format_words = without_leaks(words[config.words :], ctx.held_out_words)
     if not ctx.train_words or not ctx.held_out_words:
         raise UserError(f"{len(words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
                         "held-out: use more --words")
-    print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words -> {run}")
+    print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words, "
+          f"{len(ctx.format_words)} format words -> {run}")
     results = {}
     for name, stage in STAGES:
         folder = run / name

@@ -30,6 +30,12 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
     assert (out / "pretrain" / "done.json").read_text() == pretrain_done  # not redone
     assert all((out / stage / "done.json").is_file() for stage in STAGES)
 
+    asked = {json.loads(line).get("prompt") for line in (out / "sft.jsonl").read_text().splitlines()}
+    evaluated = [json.loads(line)["question"] for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
+    assert not asked & set(evaluated)  # held-out words are never in a conversation
+    sft = json.loads((out / "sft" / "done.json").read_text())
+    assert sft["format_words"] > 30 and len(asked) > sft["format_words"]
+
     evaluation = json.loads((out / "evaluate" / "done.json").read_text())
     assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
     for metrics in evaluation["models"].values():
