@@ -291,8 +291,10 @@ STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
 
 
 def _comparable(settings: dict) -> dict:
-    """What must not change between attempts of one run (showing progress bars may)."""
-    return {**settings, "run": {k: v for k, v in settings["run"].items() if k != "progress"}}
+    """What must not change between attempts of one run (showing progress bars may). A setting added since
+    the run was started counts as its default, which is what the run had."""
+    run = {**dataclasses.asdict(RunConfig()), **settings["run"]}
+    return {**settings, "run": {k: v for k, v in run.items() if k != "progress"}}
 
 
 def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Path:

@@ -60,3 +60,15 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
 def test_missing_demo_data_says_what_to_install(tmp_path):
     assert_one_line_error(run_cli("run", "--preset", "tiny", "--out", tmp_path / "run", "--data-dir", tmp_path / "nothing",
                                   check=False), "wordnet-base", "python3.11-doc")
+
+
+
+def test_a_setting_added_since_a_run_started_counts_as_its_default():
+    import dataclasses
+
+    from chatforge.pipeline import RunConfig, _comparable
+
+    now = {"preset": "cpu", "run": dataclasses.asdict(RunConfig()), "stages": {}}
+    before = {**now, "run": {k: v for k, v in now["run"].items() if k != "format_words"}}
+    assert _comparable(before) == _comparable(now)
+    assert _comparable(before) != _comparable({**now, "run": {**now["run"], "format_words": 10}})
