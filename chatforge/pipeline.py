@@ -317,7 +317,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
     ctx.train_words, ctx.held_out_words = split_words(words[: config.words], config.held_out_fraction, config.seed)
     ctx.format_words = without_leaks(words[config.words :], ctx.held_out_words)
     if not ctx.train_words or not ctx.held_out_words:
-        raise UserError(f"{len(words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
+        raise UserError(f"{min(len(words), config.words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
                         "held-out: use more --words")
     print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words, "
           f"{len(ctx.format_words)} format words -> {run}")
