@@ -55,9 +55,11 @@ def call(url: str, path: str, token: str | None = None, body=None) -> tuple[int,
         return e.code, json.loads(e.read())
 
 
-def Server(db: Path, log: Path, *args: str) -> ServerProcess:
+class Server(ServerProcess):
     """`chatforge label serve` on its database, up once /health answers."""
-    return ServerProcess(log, "label", "serve", "--db", db, *args)
+
+    def __init__(self, db: Path, log: Path, *args: str):
+        super().__init__(log, "label", "serve", "--db", db, *args)
 
 
 def rankings_in(db: Path) -> list[dict]:

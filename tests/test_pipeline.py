@@ -33,8 +33,11 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
     asked = {json.loads(line).get("prompt") for line in (out / "sft.jsonl").read_text().splitlines()}
     evaluated = [json.loads(line)["question"] for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
     assert not asked & set(evaluated)  # held-out words are never in a conversation
-    sft = json.loads((out / "sft" / "done.json").read_text())
-    assert sft["format_words"] > 30 and len(asked) > sft["format_words"]
+    training, format_words = map(int, re.search(r"run: (\d+) training words, \d+ held-out words, (\d+) format words",
+                                                result.stdout).groups())
+    defined = [q for q in asked if q and q.startswith("What does")]
+    assert format_words > 30 and len(defined) == training + format_words  # every format word's definition, once
+    assert json.loads((out / "sft" / "done.json").read_text())["format_words"] == format_words
 
     evaluation = json.loads((out / "evaluate" / "done.json").read_text())
     assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
