@@ -91,19 +91,20 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position x frequency for every position of the context, (max_seq_len, head_dim), in
-    the 'rotate half' layout of HF Llama."""
+    """cos and signed sin of position x frequency for every position of the context, (max_seq_len,
+    head_dim), in the 'rotate half' layout of HF Llama: pair i is (x_i, x_{i+d/2}). The sin of the first
+    half is negated, which is the minus sign of the rotation, so `apply_rotary` needs no negation."""
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
     angles = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle: x·cos + swap_halves(x)·signed_sin.
+    x: (B, H, T, D). Three operations, not five: it runs for every layer of every decoding step."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    rotated = torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), signed_sin)
+    return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
 
 
 def rotary_positions(start: int, new_tokens: int, pad: torch.Tensor | None, device) -> torch.Tensor:

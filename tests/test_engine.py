@@ -245,3 +245,19 @@ def test_sampling_by_the_inverse_cdf_follows_the_distribution_and_never_picks_a_
     one_hot = torch.zeros(3, 50)
     one_hot[torch.arange(3), torch.tensor([0, 17, 49])] = 1  # the first and last entries are reachable
     assert sample_categorical(one_hot, g).tolist() == [0, 17, 49]
+
+
+def test_greedy_argmax_by_blocks_equals_argmax_ties_and_nan_included():
+    from chatforge.engine import argmax_rows
+    torch.manual_seed(0)
+    for vocab in (512, 8192, 1000):  # 1000 is no multiple of the block: plain argmax
+        logits = torch.randn(9, vocab)
+        logits[1] = 0.0  # all tied: the first
+        logits[2, [5, 300, vocab - 1]] = 50.0  # tied maxima in different blocks
+        logits[3, [7, 9]] = 50.0  # tied within one block
+        logits[4, [100, 400]] = float("nan")  # NaN counts as the largest, as in argmax
+        logits[5, vocab - 1] = float("inf")
+        logits[6] = float("-inf")
+        assert argmax_rows(logits).tolist() == logits.argmax(-1).tolist()
+        assert argmax_rows(logits[2:5]).tolist() == [5, 7, 100]
+        assert argmax_rows(logits[2:3]).tolist() == [5]
