@@ -101,9 +101,10 @@ def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x_i, x_{i+d/2}) pair by its position's angle: x·cos + swap_halves(x)·signed_sin.
-    x: (B, H, T, D). Three operations, not five: it runs for every layer of every decoding step."""
+    x: (B, H, T, D). The minus sign is in the table, so there is no negation to run (this runs in every
+    layer of every decoding step); bit for bit what HF Llama's rotate_half computes."""
     half = x.shape[-1] // 2
-    rotated = torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), signed_sin)
+    rotated = x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
     return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
 
 
