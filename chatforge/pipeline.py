@@ -37,9 +37,12 @@ class RunConfig:
     words: int = field(default=600, metadata={"help": "WordNet words of the dictionary, the most common first"})
     held_out_fraction: float = field(default=0.2, metadata={"help": "share of the words never in a conversation (evaluated)"})
     format_words: int = field(default=0, metadata={"help": "more WordNet words, after the dictionary's, whose definition "
-                                                         "conversations are in SFT only (never pretrained on nor evaluated): "
+                                                         "conversations are in SFT only (never evaluated, nor pretrained on "
+                                                         "without --all-wordnet): "
                                                          "they teach the answer's form (repeat the word, state its part of "
                                                          "speech) on more words than the model can learn by heart"})
+    all_wordnet: bool = field(default=False, metadata={"help": "pretrain on every WordNet entry as prose (155k words "
+                                                               "and phrases, 24M characters), not only the dictionary's"})
     docs_chars: int = field(default=1_000_000, metadata={"help": "characters of the Python documentation in the pretraining text"})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
     chatterbot: bool = field(default=True, metadata={"help": "add chatterbot-corpus's conversations to SFT"})
@@ -49,6 +52,8 @@ class RunConfig:
     eval_words: int = field(default=120, metadata={"help": "held-out words evaluated (at most)"})
     shots: int = field(default=3, metadata={"help": "solved examples in the few-shot multiple-choice test"})
     seed: int = field(default=0, metadata={"help": "seed of the word split and of every stage"})
+    device: str = field(default="auto", metadata={"help": "where every stage runs: auto (a GPU when there is one), cpu, "
+                                                          "cuda, cuda:N or mps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
@@ -69,8 +74,16 @@ class Context:
         """A stage's config: the preset's [stage] table < its [run.<stage>] table (the pipeline's own
         settings for the stage) < the pipeline's values (folders, seed, progress)."""
         base = cfg.merge(cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {}))
-        return cfg.from_dict(cls, cfg.merge(base, {"seed": self.config.seed, "progress": self.config.progress, **values}),
-                             f"{stage} config")
+        pipeline = {"seed": self.config.seed, "progress": self.config.progress, "device": self.config.device}
+        return cfg.from_dict(cls, cfg.merge(base, {**pipeline, **values}), f"{stage} config")
+
+    def load(self, folder: str | Path):
+        """(model, tokenizer) of a stage's checkpoint, on the run's device."""
+        from chatforge.checkpoint import load_model
+        from chatforge.runtime import pick_device
+
+        model, tokenizer, _ = load_model(folder, pick_device(self.config.device))
+        return model, tokenizer
 
 
 def _train(run_fn, resolve, config, stage_dir: Path) -> Path:
@@ -95,17 +108,25 @@ def _last_metrics(run_dir: Path) -> dict:
 
 # --- the stages -------------------------------------------------------------------------------------------
 
+def pretrained_entries(entries: list, dictionary: list, all_wordnet: bool) -> list:
+    """The WordNet entries written into the pretraining text: the dictionary words' (the held-out ones
+    too: their entries are pretrained on, never in a conversation), or every entry."""
+    if all_wordnet:
+        return entries
+    by_key = {(e.word, e.pos): e for e in entries}
+    return [by_key[w.word, w.pos] for w in dictionary]
+
+
 def stage_corpus(ctx: Context, out: Path) -> dict:
-    """The pretraining text (documentation + every dictionary word's WordNet entry as prose), the
-    tokenizer and the token shards."""
+    """The pretraining text (documentation + every dictionary word's WordNet entry as prose, or every
+    entry with all_wordnet), the tokenizer and the token shards."""
     from chatforge.corpora import python_docs, read_wordnet, wordnet_prose
     from chatforge.data import prepare
     from chatforge.tokenizer import train_bpe
 
-    entries = {(e.word, e.pos): e for e in read_wordnet(ctx.data["wordnet"])}
-    documents = []
-    for word in ctx.train_words + ctx.held_out_words:
-        documents.append({"text": wordnet_prose(entries[word.word, word.pos])})
+    entries = pretrained_entries(read_wordnet(ctx.data["wordnet"]), ctx.train_words + ctx.held_out_words,
+                                 ctx.config.all_wordnet)
+    documents = [{"text": wordnet_prose(entry)} for entry in entries]
     chars = 0
     for _, text in python_docs(ctx.data["python_docs"]):
         if chars >= ctx.config.docs_chars:
@@ -157,13 +178,12 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     when an earlier attempt wrote them: a resumed reward model trains on the same rankings)."""
     if out.is_file():  # written atomically: complete
         return out
-    from chatforge.checkpoint import load_model
     from chatforge.chat_format import Message
     from chatforge.dictionary import DEFINE, rank_answers
     from chatforge.engine import SamplingParams
     from chatforge.sample import sample_candidates, write_jsonl_atomic
 
-    model, tokenizer, _ = load_model(model_dir)
+    model, tokenizer = ctx.load(model_dir)
     prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
     params = SamplingParams(max_new_tokens=ctx.config.answer_tokens, temperature=1.0, seed=seed)
     records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=[0.7, 1.0],
@@ -181,7 +201,6 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
 
 
 def stage_reward(ctx: Context, out: Path) -> dict:
-    from chatforge.checkpoint import load_model
     from chatforge.reward import RewardConfig, evaluate_rankings, load_groups, resolve_config, train_reward_model
 
     train = _ranked(ctx, ctx.train_words[: ctx.config.preference_words], ctx.run / "sft", out.parent / "rankings.jsonl",
@@ -191,7 +210,7 @@ def stage_reward(ctx: Context, out: Path) -> dict:
     config = ctx.stage_config(RewardConfig, "reward", init=str(ctx.run / "sft"), data=[str(train)],
                               val_data=[str(held_out)], out=str(out))
     result = _last_metrics(_train(train_reward_model, resolve_config, config, out))
-    model, tokenizer, _ = load_model(out)
+    model, tokenizer = ctx.load(out)
     groups, _ = load_groups([str(held_out)], tokenizer, model.config.max_seq_len, skip_invalid=True)
     report = evaluate_rankings(model, groups, tokenizer.pad_id)
     from chatforge.plots import plot_calibration
@@ -225,7 +244,6 @@ def stage_ppo(ctx: Context, out: Path) -> dict:
 def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
     from chatforge.chat_format import Message
-    from chatforge.checkpoint import load_model
     from chatforge.dictionary import DEFINE, definition_f1, part_of_speech
     from chatforge.evaluate import (
         Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy,
@@ -236,7 +254,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     c = ctx.config
     words = ctx.held_out_words[: c.eval_words]
     questions = [w.question(DEFINE) for w in words]
-    reward_model, tokenizer, _ = load_model(ctx.run / "reward")
+    reward_model, tokenizer = ctx.load(ctx.run / "reward")
     rng = random.Random(c.seed)
 
     def choice(word, pool) -> MultipleChoice:
@@ -251,7 +269,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     cloze_shots = "".join(f"{w.word} ({w.pos}): {w.definition}.\n" for w in ctx.train_words[: c.shots])
     table, answers = {}, {}
     for name in ("pretrain", "sft", "ppo"):
-        model, _, _ = load_model(ctx.run / name)
+        model, _ = ctx.load(ctx.run / name)
         model = frozen(model)
         replies = answer_questions(model, tokenizer, questions, c.answer_tokens)
         rewards = score_sequences(reward_model, [answer_ids([Message("user", q)], r, tokenizer)[: reward_model.config.max_seq_len]
@@ -270,7 +288,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
         answers[name] = {"replies": replies, "f1": f1, "rewards": rewards}
     ppo, sft = answers["ppo"], answers["sft"]
     win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
-    sft_model, ppo_model = frozen(load_model(ctx.run / "sft")[0]), frozen(load_model(ctx.run / "ppo")[0])
+    sft_model, ppo_model = frozen(ctx.load(ctx.run / "sft")[0]), frozen(ctx.load(ctx.run / "ppo")[0])
     sampled = compare_policies(ppo_model, sft_model, model_reward(reward_model), tokenizer,
                                prompt_ids([(q, [Message("user", q)]) for q in questions], tokenizer,
                                           sft_model.config.max_seq_len, c.answer_tokens), c.answer_tokens, c.seed)
@@ -291,10 +309,10 @@ STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
 
 
 def _comparable(settings: dict) -> dict:
-    """What must not change between attempts of one run (showing progress bars may). A setting added since
-    the run was started counts as its default, which is what the run had."""
+    """What must not change between attempts of one run (showing progress bars and the device may). A
+    setting added since the run was started counts as its default, which is what the run had."""
     run = {**dataclasses.asdict(RunConfig()), **settings["run"]}
-    return {**settings, "run": {k: v for k, v in run.items() if k != "progress"}}
+    return {**settings, "run": {k: v for k, v in run.items() if k not in ("progress", "device")}}
 
 
 def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Path:

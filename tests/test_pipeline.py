@@ -65,6 +65,44 @@ def test_missing_demo_data_says_what_to_install(tmp_path):
                                   check=False), "wordnet-base", "python3.11-doc")
 
 
+def test_pretraining_text_has_the_dictionary_entries_or_all_of_wordnet():
+    from chatforge.corpora import find_data, read_wordnet
+    from chatforge.dictionary import demo_words
+    from chatforge.pipeline import pretrained_entries
+
+    entries = read_wordnet(find_data(None)["wordnet"])
+    words = demo_words(entries, 50)
+    dictionary = pretrained_entries(entries, words, all_wordnet=False)
+    assert [(e.word, e.pos) for e in dictionary] == [(w.word, w.pos) for w in words]
+    assert pretrained_entries(entries, words, all_wordnet=True) == entries and len(entries) > 150_000
+
+
+def test_every_preset_gives_every_stage_a_valid_config():
+    from chatforge import config as cfg
+    from chatforge.classify import ClassifyConfig
+    from chatforge.pipeline import RunConfig
+    from chatforge.ppo import PPOConfig
+    from chatforge.pretrain import PretrainConfig
+    from chatforge.reward import RewardConfig
+    from chatforge.sft import SFTConfig
+
+    stages = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "classify": ClassifyConfig, "ppo": PPOConfig}
+    assert {"tiny", "cpu", "gpu", "gpu-124m"} <= set(cfg.preset_names())
+    for preset in cfg.preset_names():
+        configs = {stage: cfg.from_dict(cls, cfg.load_preset(preset, stage)) for stage, cls in stages.items()}
+        assert configs["pretrain"].model.n_layer >= 2 and configs["ppo"].kl_coef > 0
+        if preset == "gpu-124m":  # pretraining recipe only: no [run] table
+            continue
+        run = cfg.load_preset(preset, "run")
+        for stage in [name for name in run if isinstance(run[name], dict)]:  # [run.<stage>] tables
+            cfg.from_dict(stages[stage], cfg.merge(cfg.load_preset(preset, stage), run.pop(stage)))
+        config = cfg.from_dict(RunConfig, run)
+        assert config.words > 0 and 0 < config.held_out_fraction < 1
+    gpu = cfg.from_dict(RunConfig, cfg.load_preset("gpu", "run"))
+    assert gpu.all_wordnet and gpu.words > 11_000  # every WordNet word fit for the dictionary
+    assert cfg.from_dict(PretrainConfig, cfg.load_preset("gpu", "pretrain")).model.d_model > 256
+
+
 
 def test_a_setting_added_since_a_run_started_counts_as_its_default():
     import dataclasses
@@ -75,3 +113,4 @@ def test_a_setting_added_since_a_run_started_counts_as_its_default():
     before = {**now, "run": {k: v for k, v in now["run"].items() if k != "format_words"}}
     assert _comparable(before) == _comparable(now)
     assert _comparable(before) != _comparable({**now, "run": {**now["run"], "format_words": 10}})
+    assert _comparable(now) == _comparable({**now, "run": {**now["run"], "device": "cpu"}})  # resumable elsewhere
