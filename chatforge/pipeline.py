@@ -72,7 +72,7 @@ class Context:
 
     def stage_config(self, cls, stage: str, **values):
         """A stage's config: the preset's [stage] table < its [run.<stage>] table (the pipeline's own
-        settings for the stage) < the pipeline's values (folders, seed, progress)."""
+        settings for the stage) < the pipeline's values (folders, seed, progress, device)."""
         base = cfg.merge(cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {}))
         pipeline = {"seed": self.config.seed, "progress": self.config.progress, "device": self.config.device}
         return cfg.from_dict(cls, cfg.merge(base, {**pipeline, **values}), f"{stage} config")
