@@ -81,13 +81,14 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
+        self.eps, self.shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the usual case: one call
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        weight = self._parameters["weight"]  # not `self.weight`: Module.__getattr__ costs a decoding step 2%
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the usual case: one call
+            return F.rms_norm(x, self.shape, weight, self.eps)
+        return F.rms_norm(x.float(), self.shape, weight.float(), self.eps).to(x.dtype)
 
 
 def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,8 +353,8 @@ class GPT(nn.Module):
             start, pad = cache.length, cache.pad
         else:
             start, pad = 0, pad.to(idx.device) if pad is not None and bool(pad.any()) else None
-        if start == 0 and pad is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if pad is None:  # every row at the same positions: a slice of the tables, no lookup
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:
             positions = rotary_positions(start, T, pad, idx.device)  # (T,), or (B, T) for left-padded rows
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
