@@ -86,8 +86,8 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest logit, (B, V) -> (B,), the first one on ties, as `argmax`. On CPU,
     `argmax` does not vectorise: at batch 8 and 8k tokens it took 70-110 us, as long as two layers' matmuls.
     The maxima of 128-wide blocks (a vectorised `amax`), then `argmax` over the few block maxima and
-    within the winning block, take 30 us. One row, and vocabularies that are not a multiple of the block,
-    use `argmax`."""
+    within the winning block, take 30 us. One row, and vocabularies under 4 blocks or not a multiple of
+    the block, use `argmax`."""
     rows, vocab = logits.shape
     if logits.device.type != "cpu" or rows < 2 or vocab % ARGMAX_BLOCK or vocab < 4 * ARGMAX_BLOCK:
         return logits.argmax(dim=-1)

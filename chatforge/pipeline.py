@@ -267,10 +267,9 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     # the same four definitions as a dictionary line to complete: "word (pos):" + " definition."
     clozes = [Cloze(f"{w.word} ({w.pos}):", [f" {o}." for o in item.options], item.answer) for w, item in zip(words, items)]
     cloze_shots = "".join(f"{w.word} ({w.pos}): {w.definition}.\n" for w in ctx.train_words[: c.shots])
-    table, answers = {}, {}
+    table, answers, models = {}, {}, {}
     for name in ("pretrain", "sft", "ppo"):
-        model, _ = ctx.load(ctx.run / name)
-        model = frozen(model)
+        model = models[name] = frozen(ctx.load(ctx.run / name)[0])
         replies = answer_questions(model, tokenizer, questions, c.answer_tokens)
         rewards = score_sequences(reward_model, [answer_ids([Message("user", q)], r, tokenizer)[: reward_model.config.max_seq_len]
                                                  for q, r in zip(questions, replies)], tokenizer.pad_id)
@@ -288,8 +287,8 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
         answers[name] = {"replies": replies, "f1": f1, "rewards": rewards}
     ppo, sft = answers["ppo"], answers["sft"]
     win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
-    sft_model, ppo_model = frozen(ctx.load(ctx.run / "sft")[0]), frozen(ctx.load(ctx.run / "ppo")[0])
-    sampled = compare_policies(ppo_model, sft_model, model_reward(reward_model), tokenizer,
+    sft_model = models["sft"]
+    sampled = compare_policies(models["ppo"], sft_model, model_reward(reward_model), tokenizer,
                                prompt_ids([(q, [Message("user", q)]) for q in questions], tokenizer,
                                           sft_model.config.max_seq_len, c.answer_tokens), c.answer_tokens, c.seed)
     samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}

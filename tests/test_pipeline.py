@@ -103,7 +103,6 @@ def test_every_preset_gives_every_stage_a_valid_config():
     assert cfg.from_dict(PretrainConfig, cfg.load_preset("gpu", "pretrain")).model.d_model > 256
 
 
-
 def test_a_setting_added_since_a_run_started_counts_as_its_default():
     import dataclasses
 
