@@ -270,7 +270,7 @@ class DecodeBatch:
             start += rows
         self._keep(keep)
         if self.cache is not None:
-            self.last_logits = self.model(torch.cat(tokens)[:, None], self.cache)[:, -1]
+            self.last_logits = self.model.decode_step(torch.cat(tokens), self.cache)
         return events
 
     def cancel(self, group: Group) -> None:
@@ -423,7 +423,7 @@ def beam_search(
                 break  # Hugging Face's heuristic: no open beam now beats the finished ones
             cache.keep(torch.tensor(keep_rows, device=device))
             beams, scores = next_beams, torch.tensor(next_scores, device=device)
-            logprobs = model(torch.tensor(next_tokens, device=device)[:, None], cache)[:, -1].float().log_softmax(-1)
+            logprobs = model.decode_step(torch.tensor(next_tokens, device=device), cache).float().log_softmax(-1)
         finished.sort(key=lambda f: f[0], reverse=True)
         return [c for _, c in finished[:num_beams]]
     finally:

@@ -62,14 +62,20 @@ PROMPTS = [[5, 6, 7], list(range(10, 19)), [42], list(range(20, 34))]
 
 
 def forward_calls(model, monkeypatch):
+    """The (rows, new tokens) of every pass the model makes: prefills (`forward`) and decoding steps."""
     calls = []
-    original = GPT.forward
+    forward, decode_step = GPT.forward, GPT.decode_step
 
-    def spy(self, idx, cache=None, **kwargs):
+    def spy_forward(self, idx, cache=None, **kwargs):
         calls.append(tuple(idx.shape))
-        return original(self, idx, cache, **kwargs)
+        return forward(self, idx, cache, **kwargs)
 
-    monkeypatch.setattr(GPT, "forward", spy)
+    def spy_decode_step(self, tokens, cache):
+        calls.append((tokens.shape[0], 1))
+        return decode_step(self, tokens, cache)
+
+    monkeypatch.setattr(GPT, "forward", spy_forward)
+    monkeypatch.setattr(GPT, "decode_step", spy_decode_step)
     return calls
 
 

@@ -114,28 +114,63 @@ def test_scalar_head_is_hugging_face_sequence_classification():
         assert (model(idx)[:, -1] - hf(idx).logits[:, 0]).abs().max().item() < 1e-4
 
 
-def test_fused_inference_weights_follow_the_parameters():
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decode_step_equals_full_forward_with_and_without_padding(name):
+    """The engine's one-token step gives every row the logits one full pass over its own tokens gives;
+    row 1 is left-padded by 3 slots (a shorter prompt in the batch)."""
+    model = make_model(CONFIGS[name])
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = [model(idx[:1]), model(idx[1:, 3:])]
+    padded = idx.clone()
+    padded[1, :3] = 0
+    for pad in (None, torch.tensor([0, 3])):
+        with torch.inference_mode():
+            cache = model.new_cache(batch_size=2, max_len=20, pad=pad)
+            model(padded[:, :6], cache)
+            steps = torch.stack([model.decode_step(padded[:, t], cache) for t in range(6, 20)], dim=1)
+        assert cache.length == 20
+        torch.testing.assert_close(steps[:1], full[0][:, 6:], rtol=0, atol=1e-5)
+        if pad is not None:
+            torch.testing.assert_close(steps[1:], full[1][:, 3:], rtol=0, atol=1e-5)
+
+
+def test_decode_step_needs_eval_mode_and_the_lm_head():
+    model = make_model(CONFIGS["gqa"]).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), model.new_cache(1))
+    scalar = make_model(GPTConfig(vocab_size=97, n_layer=1, d_model=32, n_head=2, head="scalar"))
+    with pytest.raises(ValueError, match="only a language model decodes"):
+        scalar.decode_step(torch.zeros(1, dtype=torch.long), scalar.new_cache(1))
+
+
+def test_decoding_weights_follow_the_parameters():
+    """decode_step's transposed copy of the weights is made again whenever a parameter changed."""
     model = make_model(CONFIGS["gqa"])
-    idx = torch.randint(0, 97, (1, 8))
-    with torch.inference_mode():
-        model(idx)  # builds the fused decoding weights
+    idx = torch.randint(0, 97, (2, 6))
+
+    def decode_and_forward(atol=1e-6):
+        with torch.inference_mode():
+            cache = model.new_cache(2, 8)
+            model(idx[:, :5], cache)
+            step = model.decode_step(idx[:, 5], cache)
+        with torch.no_grad():
+            expected = model(idx)[:, 5]
+        torch.testing.assert_close(step, expected, rtol=0, atol=atol)
+
+    decode_and_forward()  # makes the copy
     with torch.no_grad():
         model.layers[0].self_attn.k_proj.weight.mul_(2.0)  # an optimizer-like in-place update
         model.layers[1].mlp.up_proj.weight.add_(0.1)
-        expected = model(idx)  # no_grad: the separate weights, concatenated afresh
-    with torch.inference_mode():
-        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
+    decode_and_forward()
     model.eval()
-    assert all(layer.self_attn.qkv._weight_t is not None for layer in model.layers)  # kept for the next generation
+    assert model._step_weights is not None  # kept for the next generation
     with torch.no_grad():  # a new tensor behind the same parameter: no version bump, a new storage
         model.layers[0].mlp.down_proj.weight.data = model.layers[0].mlp.down_proj.weight.data * 3
-        expected = model(idx)
-    with torch.inference_mode():
-        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
+    decode_and_forward()
+    model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(torch.randn(64, 64) * 0.1)  # replaced outright
+    decode_and_forward()
     model.double()  # swaps every weight's storage
-    with torch.no_grad():
-        expected = model(idx)
-    with torch.inference_mode():
-        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-12)
+    decode_and_forward(atol=1e-12)
     model.train()
-    assert all(layer.self_attn.qkv._weight_t is None for layer in model.layers)  # no copy in training
+    assert model._step_weights is None  # no copy in training
