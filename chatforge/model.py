@@ -106,9 +106,9 @@ def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x_i, x_{i+d/2}) pair by its position's angle: x·cos + swap_halves(x)·signed_sin.
     x: (B, H, T, D). The minus sign is in the table, so there is no negation to run (this runs in every
-    layer of every decoding step); bit for bit what HF Llama's rotate_half computes."""
-    half = x.shape[-1] // 2
-    rotated = x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
+    layer of every decoding step). HF Llama's rotate_half to float rounding: the swap is a roll by half,
+    and the product added inside addcmul, one operation fewer than cat and add in every decoding step."""
+    rotated = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
     return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
 
 
@@ -126,8 +126,10 @@ def attention_mask(start: int, new_tokens: int, pad: torch.Tensor | None, device
     if pad is None and (start == 0 or new_tokens == 1):
         return None
     end = start + new_tokens
+    key = torch.arange(end, device=device)
+    if new_tokens == 1:  # every decoding step: the rule below, with the one query at the last slot
+        return (key >= pad.clamp(max=start)[:, None])[:, None, None]
     query = torch.arange(start, end, device=device)[:, None]
-    key = torch.arange(end, device=device)[None, :]
     allowed = key <= query
     if pad is not None:  # padding slots attend to themselves only, so no row is empty (no NaN)
         allowed = allowed[None] & ((key >= pad[:, None, None]) | (key == query))
@@ -357,17 +359,17 @@ class GPT(nn.Module):
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
         cos, sin = self._rotary(cache.length, 1, cache.pad)
         mask = cache.mask(1)
-        x = F.embedding(tokens[:, None], weights.embedding)
+        x = F.embedding(tokens, weights.embedding)  # (B, d_model): one position, so no time axis
         for layer, w in enumerate(weights.layers):
-            qkv = (rms_norm(x, w.attention_norm, c.norm_eps) @ w.qkv).view(B, 1, H + 2 * KV, D).transpose(1, 2)
+            qkv = (rms_norm(x, w.attention_norm, c.norm_eps) @ w.qkv).view(B, H + 2 * KV, 1, D)
             q, k, v = split_heads(qkv, cos, sin, c)
             k, v = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask)
-            x = x + y.reshape(B, 1, c.d_model) @ w.out
+            y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), k, v, attn_mask=mask)
+            x = torch.addmm(x, y.view(B, c.d_model), w.out)  # the residual added inside the matmul
             gate, up = (rms_norm(x, w.mlp_norm, c.norm_eps) @ w.gate_up).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ w.down
+            x = torch.addmm(x, F.silu(gate).mul_(up), w.down)
         cache.length += 1
-        return (rms_norm(x, weights.norm, c.norm_eps) @ weights.head)[:, 0]
+        return rms_norm(x, weights.norm, c.norm_eps) @ weights.head
 
     def _step_weights_now(self) -> "StepWeights":
         if self.config.head != "lm":

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
+from chatforge.model import GPT, GPTConfig, attention_mask, from_hf_state_dict, hf_llama_config, hf_state_dict
 
 CONFIGS = {
     "gqa": GPTConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32),
@@ -174,3 +174,12 @@ def test_decoding_weights_follow_the_parameters():
     decode_and_forward(atol=1e-12)
     model.train()
     assert model._step_weights is None  # no copy in training
+
+
+def test_one_token_mask_is_the_general_rule():
+    """The decoding steps' shortcut mask is the last query row of the general one (causal, never a row's
+    padding, a padding slot attends to itself), also for rows whose new slot is still padding."""
+    pad = torch.tensor([0, 1, 3, 5, 7])
+    for start in range(1, 7):
+        general = attention_mask(start - 1, 2, pad, "cpu")[:, :, -1:]
+        assert torch.equal(attention_mask(start, 1, pad, "cpu"), general)
