@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chatforge.model import GPT, KVCache
+from chatforge.model import GPT, KVCache, StepWeights
 
 
 @dataclass
@@ -218,6 +218,7 @@ class DecodeBatch:
         self.context = model.config.max_seq_len
         self.groups: list[Group] = []
         self.cache: KVCache | None = None
+        self.weights: StepWeights | None = None  # decode_step's weights, taken when rows join an empty batch
         self.last_logits: torch.Tensor | None = None  # (rows, vocab): each live row's next-token logits
 
     def __len__(self) -> int:
@@ -241,7 +242,7 @@ class DecodeBatch:
             for r, (p, _) in enumerate(group.rows):
                 group.seen[r, torch.tensor(group.prompts[p], device=self.device)] = True
         if self.cache is None:
-            self.cache, self.last_logits = cache, logits
+            self.cache, self.last_logits, self.weights = cache, logits, self.model.step_weights()
         else:
             self.cache, self.last_logits = self.cache.join(cache, room), torch.cat([self.last_logits, logits])
         self.groups.append(group)
@@ -270,7 +271,7 @@ class DecodeBatch:
             start += rows
         self._keep(keep)
         if self.cache is not None:
-            self.last_logits = self.model.decode_step(torch.cat(tokens), self.cache)
+            self.last_logits = self.model.decode_step(torch.cat(tokens), self.cache, self.weights)
         return events
 
     def cancel(self, group: Group) -> None:
@@ -287,7 +288,7 @@ class DecodeBatch:
         """Keep these batch rows (all of them still live in their groups); groups left empty leave."""
         self.groups = [g for g in self.groups if g.rows]
         if not self.groups:
-            self.cache = self.last_logits = None
+            self.cache = self.last_logits = self.weights = None
         elif len(rows) < self.last_logits.shape[0]:  # finished rows stop costing compute
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             self.cache.keep(index)
@@ -390,6 +391,7 @@ def beam_search(
     model.eval()
     try:
         logprobs = model(torch.tensor([prompt], device=device), cache, last_only=True)[:, -1].float().log_softmax(-1)
+        weights = model.step_weights()
         beams: list[tuple[list[int], list[float]]] = [([], [])]  # tokens and their log-probs
         scores = torch.zeros(1, device=device)
         finished: list[tuple[float, Completion]] = []
@@ -423,7 +425,7 @@ def beam_search(
                 break  # Hugging Face's heuristic: no open beam now beats the finished ones
             cache.keep(torch.tensor(keep_rows, device=device))
             beams, scores = next_beams, torch.tensor(next_scores, device=device)
-            logprobs = model.decode_step(torch.tensor(next_tokens, device=device), cache).float().log_softmax(-1)
+            logprobs = model.decode_step(torch.tensor(next_tokens, device=device), cache, weights).float().log_softmax(-1)
         finished.sort(key=lambda f: f[0], reverse=True)
         return [c for _, c in finished[:num_beams]]
     finally:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chatforge.losses import linear_cross_entropy
 
@@ -292,7 +293,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config)  # computed once; looked up by position in every forward pass
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._step_weights: StepWeights | None = None  # decode_step's layout of the weights, made on first use
+        self._step_weights: StepWeights | None = None  # decode_step's layout of the weights: see step_weights()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -342,10 +343,11 @@ class GPT(nn.Module):
             return self.score(x)
         return self.score(x).squeeze(-1).float() - self.config.score_offset  # fp32: the offset is not lost in bf16
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, weights: StepWeights | None = None) -> torch.Tensor:
         """Next-token logits (B, vocab) after one new token per row (tokens: (B,)), appended to the cache:
         what `forward(tokens[:, None], cache)[:, -1]` computes, to float rounding (tested). The engine's
-        decoding loop runs this. For generation only: no gradient reaches the parameters.
+        decoding loop runs this, with `weights` from `step_weights()` taken once per generation (None
+        takes them now). For generation only: no gradient reaches the parameters.
 
         A decoding step of a small model costs more in calls than in arithmetic, so this is `forward`
         with the calls taken out: no module calls, the weights read from one prepared `StepWeights`
@@ -355,7 +357,7 @@ class GPT(nn.Module):
         faster than grouped-query SDPA at batch 8-32)."""
         if self.training:
             raise ValueError("decode with the model in eval mode (model.eval())")
-        c, weights = self.config, self._step_weights_now()
+        c, weights = self.config, weights or self.step_weights()
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
         cos, sin = self._rotary(cache.length, 1, cache.pad)
         mask = cache.mask(1)
@@ -365,17 +367,21 @@ class GPT(nn.Module):
             q, k, v = split_heads(qkv, cos, sin, c)
             k, v = cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), k, v, attn_mask=mask)
-            x = torch.addmm(x, y.view(B, c.d_model), w.out)  # the residual added inside the matmul
+            x = x + y.reshape(B, c.d_model) @ w.out  # not addmm: under autocast it would make x bf16
             gate, up = (rms_norm(x, w.mlp_norm, c.norm_eps) @ w.gate_up).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate).mul_(up), w.down)
+            x = x + F.silu(gate).mul_(up) @ w.down
         cache.length += 1
         return rms_norm(x, weights.norm, c.norm_eps) @ weights.head
 
-    def _step_weights_now(self) -> "StepWeights":
+    def step_weights(self) -> StepWeights:
+        """`decode_step`'s layout of the current weights: the copy kept from the last generation if no
+        parameter has changed since (see `StepWeights.key`), else a new one."""
         if self.config.head != "lm":
             raise ValueError(f"only a language model decodes; this one has the {self.config.head!r} head")
-        if self._step_weights is None or self._step_weights.stale():
-            self._step_weights = StepWeights(self)
+        key = StepWeights.key(self)
+        if self._step_weights is None or self._step_weights.made_from != key:
+            self._step_weights = None  # the old copy is freed before the new one is made
+            self._step_weights = StepWeights(self, key)
         return self._step_weights
 
     def _rotary(self, start: int, new_tokens: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,13 +392,12 @@ class GPT(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def train(self, mode: bool = True) -> "GPT":
-        if mode:  # training changes the weights: no decoding copy while training
+        if mode:  # training changes the weights: no decoding copy held while training
             self._step_weights = None
         return super().train(mode)
 
-    def _apply(self, fn, recurse=True):
-        self._step_weights = None  # .to(), .half(), .cuda() ... may swap the weights' storage
-        return super()._apply(fn, recurse)
+    def __getstate__(self):  # a copied or pickled model does not carry the decoding copy
+        return {**super().__getstate__(), "_step_weights": None}
 
     def set_dropout(self, p: float) -> None:
         """Change the residual dropout (e.g. for fine-tuning a model pretrained without it)."""
@@ -427,19 +432,29 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.d_model * seq_len
 
 
+_optimizer_steps = 0  # every optimizer step in this process: a fused one moves no version counter
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class StepWeights:
     """The weights of `GPT.decode_step`, laid out for it: per layer q/k/v and gate/up concatenated (one
     matmul each), every matrix transposed to (in, out), since for a few rows `x @ W^T` with W^T contiguous
-    runs 1.2-2x faster on CPU than `F.linear` on the (out, in) weight. A copy: a model that generates holds
-    it until `.train()` or `.to()`, and it is made again once any parameter has changed."""
+    runs 1.2-2x faster on CPU than `F.linear` on the (out, in) weight. A copy, which the model keeps from
+    one generation to the next while no parameter changes, and drops in `.train()`."""
 
-    def __init__(self, model: GPT):
-        self.sources = [(module, name) for module in model.modules() for name, p in module._parameters.items() if p is not None]
-        self.key = self._key()
-        self.held = [module._parameters[name] for module, name in self.sources]  # so that no id in the key is reused
+    def __init__(self, model: GPT, made_from: tuple):
+        self.made_from = made_from
+        self.parameters = list(model.parameters())  # alive, so that no id in `made_from` is reused
         with torch.no_grad():
             def transposed(*linears: nn.Linear) -> torch.Tensor:
-                return torch.cat([linear.weight for linear in linears]).t().contiguous()
+                return torch.cat([linear.weight.t() for linear in linears], dim=1)  # one copy, contiguous
 
             self.layers = [SimpleNamespace(
                 attention_norm=block.input_layernorm.weight.detach(), mlp_norm=block.post_attention_layernorm.weight.detach(),
@@ -447,15 +462,15 @@ class StepWeights:
                 out=transposed(block.self_attn.o_proj), gate_up=transposed(block.mlp.gate_proj, block.mlp.up_proj),
                 down=transposed(block.mlp.down_proj)) for block in model.layers]
             self.embedding, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
-            self.head = transposed(model.lm_head)
+            self.head = model.lm_head.weight.t().contiguous()
 
-    def _key(self) -> list:
-        # a parameter replaced (another object), changed in place (its version counter) or given new
-        # storage (`.data = ...`) makes the copy stale; `_parameters`, not getattr: this runs every step
-        return [(id(p), p._version, p.data_ptr()) for p in (module._parameters[name] for module, name in self.sources)]
-
-    def stale(self) -> bool:
-        return self._key() != self.key
+    @staticmethod
+    def key(model: GPT) -> tuple:
+        """What a change of the weights changes: a parameter replaced (or a module holding one), changed
+        in place (its version counter), given new storage (`.data = ...`, `.to()`), or any optimizer step
+        (a fused one moves no version counter). Not seen: writes through `.data` (`p.data.mul_(2)`),
+        which bypass the version counter; call `model.train()` after those."""
+        return (_optimizer_steps, *((id(p), p._version, p.data_ptr()) for p in model.parameters()))
 
 
 def with_head(model: GPT, head: str, labels: list[str] | None = None) -> GPT:

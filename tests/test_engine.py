@@ -70,9 +70,9 @@ def forward_calls(model, monkeypatch):
         calls.append(tuple(idx.shape))
         return forward(self, idx, cache, **kwargs)
 
-    def spy_decode_step(self, tokens, cache):
+    def spy_decode_step(self, tokens, cache, weights=None):
         calls.append((tokens.shape[0], 1))
-        return decode_step(self, tokens, cache)
+        return decode_step(self, tokens, cache, weights)
 
     monkeypatch.setattr(GPT, "forward", spy_forward)
     monkeypatch.setattr(GPT, "decode_step", spy_decode_step)

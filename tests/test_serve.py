@@ -187,16 +187,35 @@ def stream_chat(server, messages, max_tokens) -> tuple[str, str]:
     return text, finish
 
 
+def before_first_tie(checkpoint: Path, conversation: list[Message], budget: int, margin: float = 1e-4) -> str | None:
+    """The greedy answer alone up to its first near-tie (the two best logits within `margin`, where the
+    float rounding of another batch may pick either token), or None if it has none."""
+    model, tokenizer, _ = load_model(checkpoint)
+    prompt = render(conversation, tokenizer, add_generation_prompt=True)
+    [completion] = generate_batch(model, [prompt], SamplingParams(max_new_tokens=budget, temperature=0))[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion.tokens]))[0, len(prompt) - 1 : -1]
+    best_two = logits.topk(2).values
+    ties = ((best_two[:, 0] - best_two[:, 1]) < margin).nonzero()
+    if len(ties) == 0:
+        return None
+    return tokenizer.decode(completion.tokens[: int(ties[0])], skip_special=True).strip().rstrip("\ufffd")
+
+
 def test_concurrent_streams_each_get_what_they_would_alone(long_server, long_checkpoint):
     """16 simultaneous streaming requests of different lengths join and leave one running batch; each
-    answer equals the greedy answer computed alone."""
+    answer equals the greedy answer computed alone (up to a float tie between two tokens, if the untrained
+    model's answer has one)."""
     conversations = [[Message("user", f"question {i}: " + "tell me more " * (i % 5))] for i in range(16)]
     budgets = [20 + 7 * i for i in range(16)]
     expected = greedy_alone(long_checkpoint, conversations, budgets)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda cb: stream_chat(long_server, [m.to_dict() for m in cb[0]], cb[1]),
                                 zip(conversations, budgets)))
-    assert [(t.strip(), f) for t, f in answers] == [(t, f) for t, _, f in expected]
+    for (text, finish), (alone, _, alone_finish), conversation, budget in zip(answers, expected, conversations, budgets):
+        if (text.strip(), finish) != (alone, alone_finish):
+            until_tie = before_first_tie(long_checkpoint, conversation, budget)
+            assert until_tie is not None and text.strip().startswith(until_tie), (text, alone)
     assert long_server.metric("chatforge_running_sequences") == 0
 
 
