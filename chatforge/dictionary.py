@@ -10,8 +10,10 @@ Three kinds of question:
     Use "X" in a sentence.     ->  <WordNet's example sentence>
     Give a synonym for "X".    ->  <a synonym>
 
-The ground truth is stated and deterministic (`definition_f1`, `part_of_speech`), and the simulated
-annotator ranks answers by a rule anyone can read (`annotator_score`).
+The ground truth is stated and deterministic (`definition_f1`, `part_of_speech`, `is_degenerate`), and the
+simulated annotator ranks answers by a rule anyone can read (`annotator_score`). Both count content words
+only: a metric that counts "a", "of" and "or" is won by word soup that shares them with most definitions
+("war (verb): be in a or as of."), which is what PPO learned against the earlier, all-token F1.
 """
 
 from __future__ import annotations
@@ -36,18 +38,27 @@ WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 @dataclass(frozen=True)
 class Word:
-    """A word of the demo, with its one part of speech and its first (most frequent) sense."""
+    """A word of the demo, with its one part of speech, its first (most frequent) sense, whose definition the
+    conversations teach, and the definitions of all its senses (`senses`, the first one first; empty means
+    the first sense only), which the ground truth accepts."""
 
     word: str
     pos: str
     definition: str
     examples: tuple[str, ...]
     synonyms: tuple[str, ...]
+    senses: tuple[str, ...] = ()
 
     @classmethod
     def from_entry(cls, entry: Entry) -> "Word":
         sense = entry.senses[0]
-        return cls(entry.word, entry.pos, sense.definition, tuple(sense.examples), tuple(entry.synonyms()))
+        return cls(entry.word, entry.pos, sense.definition, tuple(sense.examples), tuple(entry.synonyms()),
+                   tuple(s.definition for s in entry.senses))
+
+    @property
+    def definitions(self) -> tuple[str, ...]:
+        """The definitions an answer is scored against: every sense's, the first one first."""
+        return self.senses or (self.definition,)
 
     def answer(self, kind: str) -> str | None:
         """The reference answer to a question of this kind (None when WordNet has nothing for it)."""
@@ -118,20 +129,47 @@ def conversations(words: list[Word], kinds: tuple[str, ...] = (DEFINE, USE, SYNO
 
 # --- the ground truth -------------------------------------------------------------------------------------
 
+# NLTK's English stop-word list (179 words), with "e.g." and "i.e." read as the tokens they split into:
+# function words carry no meaning of their own, and a definition made of them is word soup.
+STOP_WORDS = frozenset("""
+    a about above after again against ain all am an and any are aren aren't as at be because been before being
+    below between both but by can couldn couldn't d did didn didn't do does doesn doesn't doing don don't down
+    during each few for from further had hadn hadn't has hasn hasn't have haven haven't having he her here hers
+    herself him himself his how i if in into is isn isn't it it's its itself just ll m ma me mightn mightn't
+    more most mustn mustn't my myself needn needn't no nor not now o of off on once only or other our ours
+    ourselves out over own re s same shan shan't she she's should should've shouldn shouldn't so some such t
+    than that that'll the their theirs them themselves then there these they this those through to too under
+    until up ve very was wasn wasn't we were weren weren't what when where which while who whom why will with
+    won won't wouldn wouldn't y you you'd you'll you're you've your yours yourself yourselves e g
+""".split())
+
+
 def tokens(text: str) -> list[str]:
     """Lower-case word tokens, as the metrics count them."""
     return WORD.findall(text.lower())
 
 
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD's token F1: the harmonic mean of precision and recall of the answer's tokens (as a multiset)
-    against the reference's."""
-    got, want = Counter(tokens(answer)), Counter(tokens(reference))
-    common = sum((got & want).values())
+def content_words(text: str, word: str = "") -> list[str]:
+    """The tokens of `text` that carry meaning: not a stop word (`STOP_WORDS`), not a part-of-speech name,
+    and not the word being defined (repeating it defines nothing)."""
+    left_out = STOP_WORDS | set(PARTS_OF_SPEECH) | set(tokens(word))
+    return [t for t in tokens(text) if t not in left_out]
+
+
+def bag_f1(got: list[str], want: list[str]) -> float:
+    """SQuAD's F1 of two token lists: the harmonic mean of precision and recall of `got` (a multiset)
+    against `want`."""
+    common = sum((Counter(got) & Counter(want)).values())
     if not common:
         return 0.0
-    precision, recall = common / sum(got.values()), common / sum(want.values())
+    precision, recall = common / len(got), common / len(want)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD's token F1 over every token, function words included (kept for general use; the dictionary's
+    ground truth is `definition_f1`, on content words)."""
+    return bag_f1(tokens(answer), tokens(reference))
 
 
 HEAD = re.compile(r"\s*(.+?)\s*\(([a-z]+)\)\s*:\s*(.*)", re.DOTALL)  # "word (pos): definition"
@@ -143,7 +181,7 @@ def head_word(answer: str) -> str | None:
     return match.group(1) if match else None
 
 
-def definition_part(answer: str, word: str) -> str:
+def definition_part(answer: str) -> str:
     """The definition in an answer "word (pos): definition.", or the whole answer when it has no such head
     (the word and the part of speech are not counted as matching the definition)."""
     match = HEAD.match(answer)
@@ -151,8 +189,26 @@ def definition_part(answer: str, word: str) -> str:
 
 
 def definition_f1(answer: str, word: Word) -> float:
-    """The definition accuracy of an answer to "What does X mean?": token F1 against WordNet's definition."""
-    return token_f1(definition_part(answer, word.word), word.definition)
+    """The definition accuracy of an answer to "What does X mean?": the F1 of the content words
+    (`content_words`) of its definition against those of WordNet's definition of each sense of the word, the
+    best sense counting. Any sense, not only the first, because the question gives no context: an answer
+    with the word's second meaning is right, not wrong. Words match exactly (no stemming)."""
+    got = content_words(definition_part(answer), word.word)
+    wants = [content_words(d, word.word) for d in word.definitions]
+    return max((bag_f1(got, want) for want in wants if want), default=0.0)
+
+
+def defines_another_word(answer: str, word: Word) -> bool:
+    """Whether the answer's head names a word other than the one asked about."""
+    defined = head_word(answer)
+    return defined is not None and defined.lower() != word.word.lower()
+
+
+def is_degenerate(answer: str, word: Word) -> bool:
+    """A degenerate answer, whatever its score: it defines another word, or its definition has no content
+    word (silence, or word soup made of function words). Reported beside the scores, so that reward
+    hacking shows in the table instead of hiding inside an average."""
+    return defines_another_word(answer, word) or not content_words(definition_part(answer), word.word)
 
 
 def part_of_speech(answer: str) -> str | None:
@@ -171,8 +227,9 @@ def repetition(answer: str) -> float:
 def annotator_score(answer: str, word: Word) -> float:
     """The simulated annotator's rule for an answer to "What does X mean?", higher is better:
 
-        token F1 of its definition with WordNet's
+        `definition_f1` (content words, the best sense)
         − 1   if it defines another word (a wrong fact), − 0.5 if it names no word (not a dictionary answer)
+        − 0.5 if its definition has no content word (it says nothing about the meaning: word soup)
         − 0.5 if it states a part of speech other than the word's (a wrong fact)
         − 0.5 × the share of repeated bigrams (repetition)
         = −2  if it says nothing
@@ -180,11 +237,12 @@ def annotator_score(answer: str, word: Word) -> float:
     if not tokens(answer):
         return -2.0
     score = definition_f1(answer, word)
-    defined = head_word(answer)
-    if defined is None:
+    if head_word(answer) is None:
         score -= 0.5
-    elif defined.lower() != word.word.lower():
+    elif defines_another_word(answer, word):
         score -= 1.0
+    if not content_words(definition_part(answer), word.word):
+        score -= 0.5
     stated = part_of_speech(answer)
     if stated is not None and stated != word.pos:
         score -= 0.5

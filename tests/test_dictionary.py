@@ -4,11 +4,12 @@ import pytest
 
 from chatforge.corpora import Entry, Synset
 from chatforge.dictionary import (
-    DEFINE, SYNONYM, USE, Word, annotator_score, conversations, definition_f1, demo_words, head_word, is_held_out,
-    part_of_speech, rank_answers, repetition, split_words, token_f1,
+    DEFINE, STOP_WORDS, SYNONYM, USE, Word, annotator_score, content_words, conversations, definition_f1, demo_words,
+    head_word, is_degenerate, is_held_out, part_of_speech, rank_answers, repetition, split_words, token_f1,
 )
 
-DOG = Word("dog", "noun", "a domesticated member of the genus Canis", ("the dog barked all night",), ("domestic dog",))
+DOG = Word("dog", "noun", "a domesticated member of the genus Canis", ("the dog barked all night",), ("domestic dog",),
+           ("a domesticated member of the genus Canis", "someone who is morally reprehensible"))
 
 
 def test_token_f1_by_hand():
@@ -18,11 +19,39 @@ def test_token_f1_by_hand():
     assert token_f1("", "a dog") == 0.0 and token_f1("The DOG.", "the dog") == 1.0
 
 
-def test_definition_accuracy_reads_the_definition_after_the_head():
+def test_content_words_leave_out_stop_words_the_head_word_and_parts_of_speech():
+    assert len(STOP_WORDS) == 181 and {"a", "of", "or", "be", "in", "as", "the"} <= STOP_WORDS
+    assert content_words("A dog (noun): a noun for a Dog of the genus Canis.", "dog") == ["genus", "canis"]
+    assert content_words("be in a or as of") == []
+
+
+def test_definition_accuracy_counts_content_words_against_the_best_sense():
     assert definition_f1("dog (noun): a domesticated member of the genus Canis.", DOG) == 1.0
     assert definition_f1("a domesticated member of the genus Canis", DOG) == 1.0  # no head: all of it
-    # "a kind of tree" against 7 reference tokens, "a" and "of" in common: P = 2/4, R = 2/7
-    assert definition_f1("dog (noun): a kind of tree.", DOG) == pytest.approx(2 * (1 / 2) * (2 / 7) / (1 / 2 + 2 / 7))
+    # "a kind of tree": content words {kind, tree} against {domesticated, member, genus, canis}: nothing common
+    assert definition_f1("dog (noun): a kind of tree.", DOG) == 0.0
+    # {member, genus, cats}: P = 2/3, R = 2/4 against the first sense
+    assert definition_f1("dog (noun): a member of the genus of cats.", DOG) == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+    # the second sense counts as much as the first: {someone, morally, reprehensible} exactly
+    assert definition_f1("dog (noun): someone morally reprehensible.", DOG) == 1.0
+    assert definition_f1("dog (noun): the dog.", DOG) == 0.0  # the word itself defines nothing
+
+
+def test_word_soup_scores_below_an_honest_wrong_definition_and_far_below_a_right_one():
+    """What PPO learned against the old all-token F1 ("war (verb): be in a or as of."), which shares "be",
+    "or", "of", "a", "in" with most WordNet definitions."""
+    war = Word("war", "noun", "the waging of armed conflict against an enemy", (), (),
+               ("the waging of armed conflict against an enemy", "a concerted campaign to end something that is injurious"))
+    soup, wrong, right = "war (noun): be in a or as of.", "war (noun): a sport played with a ball.", "war (noun): armed conflict against an enemy."
+    # the old metric (token F1 of the definition, every token) preferred the soup: it shares "of"
+    assert token_f1("be in a or as of", war.definition) > token_f1("a sport played with a ball", war.definition) == 0
+    assert definition_f1(soup, war) == 0.0 and is_degenerate(soup, war)
+    assert definition_f1(wrong, war) == 0.0 and not is_degenerate(wrong, war)
+    assert definition_f1(right, war) > 0.8 and not is_degenerate(right, war)
+    assert annotator_score(soup, war) < annotator_score(wrong, war) < annotator_score(right, war) - 0.8
+    assert annotator_score(right, war) - annotator_score(soup, war) > 1.2
+    assert is_degenerate("peace (noun): armed conflict against an enemy.", war)  # defines another word
+    assert is_degenerate("", war) and not is_degenerate("armed conflict", war)
 
 
 def test_part_of_speech_and_repetition():
@@ -41,16 +70,20 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
         "cat (noun): a domesticated member of the genus Felis.",       # defines another word
         "a domesticated member of the genus Canis",                    # no dictionary head
         "dog (noun): a domesticated member of the genus Canis.",       # the same as answer 3
+        "dog (noun): be in a or as of.",                               # word soup: no content word
     ]
     assert annotator_score(answers[3], DOG) == 1.0
     assert annotator_score(answers[1], DOG) == pytest.approx(0.5)
     assert annotator_score(answers[5], DOG) == pytest.approx(0.5)
     assert annotator_score(answers[0], DOG) == -2.0
-    # "cat": 6 of 7 tokens in common both ways, F1 6/7, minus 1 for the wrong word
-    assert annotator_score(answers[4], DOG) == pytest.approx(6 / 7 - 1)
-    # repetition (0.475) between the wrong part of speech (0.5) and the wrong word; answers 5 and 6 score
-    # exactly as 1 and 3 do, and the rule cannot tell them apart: they are left out
-    assert rank_answers(answers, DOG) == ([3, 1, 2, 4, 0], [5, 6])
+    assert annotator_score(answers[7], DOG) == -0.5
+    # "cat": 3 of its definition's 4 content words {domesticated, member, genus, felis} against the first
+    # sense's 4: F1 0.75, minus 1 for the wrong word
+    assert annotator_score(answers[4], DOG) == pytest.approx(0.75 - 1)
+    # "member member member genus": P = 2/4, R = 2/4, minus 0.5 x the repeated bigrams (3 of 10)
+    assert annotator_score(answers[2], DOG) == pytest.approx(0.5 - 0.5 * 0.3)
+    # answers 5 and 6 score exactly as 1 and 3 do, and the rule cannot tell them apart: they are left out
+    assert rank_answers(answers, DOG) == ([3, 1, 2, 4, 7, 0], [5, 6])
     assert head_word(answers[4]) == "cat" and head_word(answers[5]) is None
 
 
@@ -73,6 +106,7 @@ def test_demo_words_and_their_split():
     assert words[1].synonyms == ("hound",) and words[1].answer(USE) == "The dog barked."
     assert words[1].answer(SYNONYM) == "hound." and words[0].answer(USE) is None
     assert words[1].answer(DEFINE) == "dog (noun): a domesticated canine."
+    assert words[1].definitions == ("a domesticated canine",)  # every sense of the entry
     assert {r["prompt"] for r in conversations(words)} == {'What does "common" mean?', 'What does "dog" mean?',
                                                            'Use "dog" in a sentence.', 'Give a synonym for "dog".'}
     many = [Word(f"word{i}", "noun", "a thing", (), ()) for i in range(1000)]
