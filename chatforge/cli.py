@@ -111,7 +111,7 @@ def _reward_eval(args) -> None:
 
 def _reward_score(args) -> None:
     from chatforge.data import parse_records
-    from chatforge.reward import answers_to_score, reward_head, reward_input, score_sequences
+    from chatforge.reward import answers_to_score, reward_head, score_sequences
     from chatforge.sample import write_jsonl_atomic
 
     model, tokenizer = _load_reward_model(args)
@@ -119,8 +119,7 @@ def _reward_score(args) -> None:
     context = model.config.max_seq_len
 
     def parse(record: dict) -> tuple[dict, list[list[int]]]:
-        prompt, answers = answers_to_score(record)
-        sequences = [reward_input(model, prompt, a, tokenizer) for a in answers]
+        sequences = answers_to_score(record, model, tokenizer)
         if max(map(len, sequences)) > context:
             raise ValueError(f"{max(map(len, sequences))} tokens, longer than the model's context ({context})")
         return record, sequences

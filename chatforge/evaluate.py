@@ -16,7 +16,7 @@ import torch
 
 from chatforge.chat_format import Message, render
 from chatforge.data import TokenWindows
-from chatforge.engine import SamplingParams, generate_batch
+from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.model import GPT
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
@@ -57,17 +57,23 @@ def bits_per_byte(model: GPT, tokenizer: Tokenizer, data_dir: str, batches: int 
 
 
 def answer_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[str], max_new_tokens: int,
-                     temperature: float = 0.0, seed: int = 0, batch_size: int = 32) -> list[str]:
-    """The model's reply to each question as a one-turn chat (greedy by default)."""
+                     temperature: float = 0.0, seed: int = 0, batch_size: int = 32) -> list[Completion]:
+    """The model's reply to each question as a one-turn chat (greedy by default): its tokens as sampled,
+    its finish reason and its text, stripped."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     stop = (tokenizer.special[END_OF_TURN],)
     replies = []
     for start in range(0, len(questions), batch_size):
-        prompts = [render([Message("user", q)], tokenizer, add_generation_prompt=True)
-                   for q in questions[start : start + batch_size]]
+        prompts = [question_ids(q, tokenizer) for q in questions[start : start + batch_size]]
         for (completion,) in generate_batch(model, prompts, params, stop_ids=stop, tokenizer=tokenizer):
-            replies.append(completion.text.strip())
+            completion.text = completion.text.strip()
+            replies.append(completion)
     return replies
+
+
+def question_ids(question: str, tokenizer: Tokenizer) -> list[int]:
+    """A question as a one-turn chat, rendered for the assistant to answer."""
+    return render([Message("user", question)], tokenizer, add_generation_prompt=True)
 
 
 @dataclass

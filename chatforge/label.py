@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS prompts (
     prompt      TEXT NOT NULL,            -- JSON, as given: a string or a list of messages
     completions TEXT NOT NULL,            -- JSON list of strings
     sampling    TEXT,                     -- JSON object or NULL
-    created_at  TEXT NOT NULL
+    created_at  TEXT NOT NULL,
+    tokens      TEXT                      -- JSON {completion_ids, finish_reasons, tokenizer} as sampled, or NULL
 );
 CREATE TABLE IF NOT EXISTS annotators (
     id          INTEGER PRIMARY KEY,
@@ -98,6 +99,7 @@ class Candidate:
     prompt: str | list[dict]
     completions: list[str]
     sampling: dict | None
+    tokens: dict | None = None  # the completions' token ids as sampled, for the reward model (see reward_ids)
 
     @property
     def key(self) -> str:
@@ -121,7 +123,16 @@ def parse_candidate(record: dict) -> Candidate:
     sampling = record.get("sampling")
     if sampling is not None and not isinstance(sampling, dict):
         raise ValueError(f"'sampling' must be an object, got {type(sampling).__name__}")
-    return Candidate(prompt, completions, sampling)
+    from chatforge.reward import sampled_tokens  # the reward model's rule for these fields
+
+    ids, _ = sampled_tokens(record, len(completions), "completion_ids", "finish_reasons")
+    tokens = {key: record[key] for key in SAMPLED_FIELDS if key in record} if ids is not None else None
+    return Candidate(prompt, completions, sampling, tokens)
+
+
+# What `chatforge sample` writes beside the text, kept through labeling so that the reward model reads the
+# tokens that were sampled, not their text encoded again.
+SAMPLED_FIELDS = ("completion_ids", "finish_reasons", "tokenizer")
 
 
 def load_candidates(path: str | Path) -> list[Candidate]:
@@ -173,6 +184,8 @@ def init_database(db: str | Path) -> None:
         with connect(db) as conn:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(SCHEMA)
+            if "tokens" not in {row[1] for row in conn.execute("PRAGMA table_info(prompts)")}:  # made before it existed
+                conn.execute("ALTER TABLE prompts ADD COLUMN tokens TEXT")
     except sqlite3.DatabaseError as e:
         raise UserError(f"{db}: not a usable SQLite database ({e})") from None
 
@@ -191,9 +204,10 @@ def add_prompts(conn: sqlite3.Connection, candidates: list[Candidate]) -> int:
     with transaction(conn):
         before = conn.total_changes
         conn.executemany(
-            "INSERT OR IGNORE INTO prompts (key, prompt, completions, sampling, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO prompts (key, prompt, completions, sampling, created_at, tokens) VALUES (?, ?, ?, ?, ?, ?)",
             [(c.key, json.dumps(c.prompt), json.dumps(c.completions),
-              None if c.sampling is None else json.dumps(c.sampling), _now()) for c in candidates])
+              None if c.sampling is None else json.dumps(c.sampling), _now(),
+              None if c.tokens is None else json.dumps(c.tokens)) for c in candidates])
         return conn.total_changes - before
 
 
@@ -351,12 +365,12 @@ def export_rankings(db: str | Path, out: str | Path) -> int:
     try:
         with connect(db) as conn, transaction(conn, "DEFERRED"), tmp.open("w", encoding="utf-8") as f:
             for row in conn.execute(
-                    "SELECT p.prompt, p.completions, r.ranking, r.unacceptable, r.ratings, a.name, r.submitted_at "
+                    "SELECT p.prompt, p.completions, p.tokens, r.ranking, r.unacceptable, r.ratings, a.name, r.submitted_at "
                     "FROM rankings r JOIN prompts p ON p.id = r.prompt_id JOIN annotators a ON a.id = r.annotator_id "
                     "ORDER BY r.id"):
                 f.write(json.dumps({
                     "prompt": json.loads(row["prompt"]), "completions": json.loads(row["completions"]),
-                    "ranking": json.loads(row["ranking"]), "unacceptable": json.loads(row["unacceptable"]),
+                    **(json.loads(row["tokens"]) if row["tokens"] else {}), "ranking": json.loads(row["ranking"]), "unacceptable": json.loads(row["unacceptable"]),
                     "ratings": json.loads(row["ratings"]), "annotator": row["name"],
                     "submitted_at": row["submitted_at"]}, ensure_ascii=False) + "\n")
                 count += 1

@@ -194,8 +194,8 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
         if len(ranking) < 2:  # every answer the same to the rule: nothing to learn from this prompt
             continue
         keep = sorted(ranking)
-        ranked.append({**record, "completions": [record["completions"][i] for i in keep],
-                       "finish_reasons": [record["finish_reasons"][i] for i in keep],
+        ranked.append({**record, **{name: [record[name][i] for i in keep]
+                                    for name in ("completions", "completion_ids", "finish_reasons")},
                        "ranking": [keep.index(i) for i in ranking], "tied_left_out": len(left_out)})
     return write_jsonl_atomic(ranked, out)
 
@@ -243,18 +243,19 @@ def stage_ppo(ctx: Context, out: Path) -> dict:
 
 def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
-    from chatforge.chat_format import Message
-    from chatforge.dictionary import DEFINE, definition_f1, part_of_speech
+    from chatforge.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech
     from chatforge.evaluate import (
-        Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy,
+        Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy, question_ids,
     )
-    from chatforge.ppo import compare_policies, frozen, model_reward, prompt_ids
-    from chatforge.reward import answer_ids, score_sequences
+    from chatforge.ppo import compare_policies, frozen, model_reward
+    from chatforge.tokenizer import END_OF_TURN
 
     c = ctx.config
     words = ctx.held_out_words[: c.eval_words]
     questions = [w.question(DEFINE) for w in words]
     reward_model, tokenizer = ctx.load(ctx.run / "reward")
+    reward = model_reward(reward_model, tokenizer.special[END_OF_TURN], tokenizer.pad_id)
+    prompts = [question_ids(q, tokenizer) for q in questions]
     rng = random.Random(c.seed)
 
     def choice(word, pool) -> MultipleChoice:
@@ -270,12 +271,13 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     table, answers, models = {}, {}, {}
     for name in ("pretrain", "sft", "ppo"):
         model = models[name] = frozen(ctx.load(ctx.run / name)[0])
-        replies = answer_questions(model, tokenizer, questions, c.answer_tokens)
-        rewards = score_sequences(reward_model, [answer_ids([Message("user", q)], r, tokenizer)[: reward_model.config.max_seq_len]
-                                                 for q, r in zip(questions, replies)], tokenizer.pad_id)
+        completions = answer_questions(model, tokenizer, questions, c.answer_tokens)
+        replies = [a.text for a in completions]
+        rewards = reward(prompts, [a.tokens for a in completions], [a.finish_reason == "stop" for a in completions]).tolist()
         f1 = [definition_f1(r, w) for r, w in zip(replies, words)]
         table[name] = {
             "definition_f1": float(np.mean(f1)),
+            "degenerate_rate": float(np.mean([is_degenerate(r, w) for r, w in zip(replies, words)])),
             "pos_accuracy": float(np.mean([part_of_speech(r) == w.pos for r, w in zip(replies, words)])),
             "reward": float(np.mean(rewards)),
             "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4),
@@ -288,12 +290,11 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     ppo, sft = answers["ppo"], answers["sft"]
     win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
     sft_model = models["sft"]
-    sampled = compare_policies(models["ppo"], sft_model, model_reward(reward_model), tokenizer,
-                               prompt_ids([(q, [Message("user", q)]) for q in questions], tokenizer,
-                                          sft_model.config.max_seq_len, c.answer_tokens), c.answer_tokens, c.seed)
+    sampled = compare_policies(models["ppo"], sft_model, reward, tokenizer, prompts, c.answer_tokens, c.seed)
     samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}
                for i, q in enumerate(questions[:6])]
-    (out / "answers.jsonl").write_text("".join(json.dumps({"question": q, "gold": w.definition, "pos": w.pos,
+    (out / "answers.jsonl").write_text("".join(json.dumps({"question": q, "word": w.word, "pos": w.pos, "gold": w.definition,
+                                                           "senses": list(w.definitions),
                                                            **{n: answers[n]["replies"][i] for n in answers}}) + "\n"
                                                for i, (q, w) in enumerate(zip(questions, words))))
     return {"words": len(words), "models": table, "ppo_vs_sft": {

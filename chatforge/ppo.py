@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
@@ -35,7 +34,7 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
-from chatforge.reward import reward_head, score_sequences, text_ids
+from chatforge.reward import reward_head, reward_ids, score_sequences, text_ids
 from chatforge.runtime import Dist
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
@@ -45,8 +44,8 @@ from chatforge.train import TrainConfig, make_optimizer, resolve_run_config, run
 @dataclass
 class RolloutBatch:
     """Prompts and their sampled answers as one (B, P + T) batch: prompts left-padded to width P (`pad`
-    slots per row, never attended to), answers right-padded to T (`mask` 1 on real answer tokens). Every
-    model of PPO reads it with one forward pass, and each row computes what it would alone."""
+    slots per row, never attended to), answers right-padded to T (`mask` 1 on real answer tokens). The
+    models of PPO read it in micro-batches (`rows`), and each row computes what it would alone."""
 
     ids: torch.Tensor  # (B, P + T)
     pad: torch.Tensor  # (B,) left padding of each prompt
@@ -67,6 +66,19 @@ class RolloutBatch:
         pad = torch.tensor([width - len(p) for p in prompts])
         return cls(ids.to(device), pad.to(device), mask.to(device), width)
 
+    @property
+    def answer_tokens(self) -> torch.Tensor:
+        return self.ids[:, self.prompt_width :]
+
+    def rows(self, index: torch.Tensor | slice) -> "RolloutBatch":
+        """The rows `index` as a batch of their own, cut to their own widths (the left padding all of them
+        share and the answer columns none of them reaches are dropped): the same results in less work."""
+        pad, mask = self.pad[index], self.mask[index]
+        cut = int(pad.min())
+        width = max(1, int(mask.sum(1).max()))
+        return RolloutBatch(self.ids[index, cut : self.prompt_width + width], pad - cut, mask[:, :width],
+                            self.prompt_width - cut)
+
     def answer_logits(self, model: torch.nn.Module) -> torch.Tensor:
         """(B, T, vocab): the logits that predicted each answer token (positions P − 1 ... P + T − 2)."""
         return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1)
@@ -75,16 +87,18 @@ class RolloutBatch:
         """(B, T): a scalar-head model's value of the state before each answer token, V(x, y_<t)."""
         return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1) * self.mask
 
-    def answer_scores(self, model: torch.nn.Module) -> torch.Tensor:
-        """(B,): a scalar-head model's output at each answer's last token (the reward model's score)."""
-        values = model(self.ids, pad=self.pad, head_from=self.prompt_width)
-        last = (self.mask.sum(1).long() - 1).clamp(min=0)
-        return values.gather(1, last[:, None]).squeeze(1)
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, logsumexp: torch.Tensor | None = None) -> torch.Tensor:
+    """log π(y_t | ...) of the given tokens, as the gathered logit minus the log-partition function:
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(y_t | ...) of the given tokens: logits (B, T, V), tokens (B, T) -> (B, T), in fp32."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens[..., None]).squeeze(-1)
+        log π(y_t) = z_{y_t} − log Σ_v exp(z_v)
+
+    logits (B, T, V), tokens (B, T) -> (B, T), in fp32; `logsumexp` (B, T) when already computed (shared with
+    `entropy`), so that no (B, T, V) log-softmax is kept."""
+    logits = logits.float()
+    if logsumexp is None:
+        logsumexp = logits.logsumexp(-1)
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logsumexp
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -169,10 +183,30 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the policy over answer tokens, H = −Σ_v p_v log p_v (the bonus's quantity)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+def entropy(logits: torch.Tensor, mask: torch.Tensor, logsumexp: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy of the policy over answer tokens (the bonus's quantity), from the same log-partition
+    function as `token_logprobs`:
+
+        H = −Σ_v p_v log p_v = log Σ_v exp(z_v) − Σ_v p_v z_v,     p = softmax(z)
+    """
+    logits = logits.float()
+    if logsumexp is None:
+        logsumexp = logits.logsumexp(-1)
+    probs = torch.exp(logits - logsumexp[..., None])
+    return masked_mean(logsumexp - (probs * logits).sum(-1), mask)
+
+
+def policy_terms(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                 entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π of `tokens`, mean entropy) of one minibatch, sharing one logsumexp. The entropy carries a
+    gradient only when `entropy_grad` (its coefficient is not 0): otherwise it is a diagnostic, and keeping
+    its (B, T, V) softmax for the backward pass would cost memory for nothing."""
+    logits = logits.float()
+    logsumexp = logits.logsumexp(-1)
+    logprobs = token_logprobs(logits, tokens, logsumexp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy_value = entropy(logits, mask, logsumexp)
+    return logprobs, entropy_value
 
 
 def ppo_ptx_loss(policy: torch.Tensor, value: torch.Tensor, entropy_value: torch.Tensor, ptx: torch.Tensor | None,
@@ -243,13 +277,20 @@ class RunningMoments:
 
 # --- experience: one rollout, scored --------------------------------------------------------------------
 
-Reward = Callable[[RolloutBatch], torch.Tensor]  # a rollout batch -> (B,) scores
+# (prompts' token ids, answers' token ids as sampled, finished) -> (B,) scores
+Reward = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[bool]], torch.Tensor]
 
 
-def model_reward(model: torch.nn.Module) -> Reward:
-    """A reward model's score, read at each answer's last token (its <|end|> when it finished) of the very
-    token ids the policy sampled: no re-tokenisation, no padding-side pitfalls."""
-    return lambda batch: batch.answer_scores(model)
+def model_reward(model: GPT, end_id: int, pad_id: int, batch_size: int = 16) -> Reward:
+    """A reward model's score of each answer, read from `reward_ids` (the very tokens the policy sampled,
+    closed by <|end|>, id `end_id`) as in its training and in `chatforge reward score`, `batch_size` answers
+    at a time."""
+
+    def score(prompts, answers, finished) -> torch.Tensor:
+        sequences = [reward_ids(p, a, f, end_id) for p, a, f in zip(prompts, answers, finished)]
+        return torch.tensor(score_sequences(model, sequences, pad_id, batch_size))
+
+    return score
 
 
 @dataclass
@@ -278,16 +319,36 @@ class Experience:
         return all(bool(torch.isfinite(t).all()) for t in (self.scores, self.logprobs, self.ref_logprobs, self.values))
 
 
+@dataclass
+class ScoredRollout:
+    """A rollout's batch, the token log-probs of its answers under the policy and the reference, the value
+    model's values (None without one) and the reward's score of each answer; (B, T), 0 where masked."""
+
+    batch: RolloutBatch
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor  # (B,)
+
+
 @torch.no_grad()
-def score_rollout(policy: torch.nn.Module, reference: torch.nn.Module, reward: Reward, prompts: Sequence[Sequence[int]],
-                  answers: Sequence[Sequence[int]], pad_id: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The answers' batch, their token log-probs under the policy and the reference (0 where masked), and
-    the reward's score of each answer."""
+def score_rollout(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module | None,
+                  reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                  finished: Sequence[bool], pad_id: int, micro_batch_size: int) -> ScoredRollout:
+    """Every model's reading of the rollout, `micro_batch_size` answers at a time: the peak memory is that of
+    one micro-batch (whatever the rollout's size) plus the rollout's ids and per-token scalars."""
     batch = RolloutBatch.build(prompts, answers, pad_id, next(policy.parameters()).device)
-    tokens = batch.ids[:, batch.prompt_width :]
-    logprobs = token_logprobs(batch.answer_logits(policy), tokens) * batch.mask
-    ref_logprobs = token_logprobs(batch.answer_logits(reference), tokens) * batch.mask
-    return batch, logprobs, ref_logprobs, reward(batch).float()
+    logprobs, ref_logprobs = torch.zeros_like(batch.mask), torch.zeros_like(batch.mask)
+    values = torch.zeros_like(batch.mask) if value_model is not None else None
+    for start in range(0, len(answers), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        part = batch.rows(rows)
+        width = part.mask.shape[1]
+        logprobs[rows, :width] = token_logprobs(part.answer_logits(policy), part.answer_tokens) * part.mask
+        ref_logprobs[rows, :width] = token_logprobs(part.answer_logits(reference), part.answer_tokens) * part.mask
+        if value_model is not None:
+            values[rows, :width] = part.answer_values(value_model).float()
+    return ScoredRollout(batch, logprobs, ref_logprobs, values, reward(prompts, answers, finished).float().to(batch.mask.device))
 
 
 @torch.no_grad()
@@ -295,16 +356,18 @@ def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_m
                     reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                     finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
                     unfinished_penalty: float = 0.0, reward_stats: RunningMoments | None = None,
-                    reward_clip: float = 0.0, whiten_advantages: bool = True) -> Experience:
+                    reward_clip: float = 0.0, whiten_advantages: bool = True, micro_batch_size: int = 8) -> Experience:
     """Score sampled answers and turn them into advantages:
 
-    log-probs under the sampling policy and the reference (no activations kept), values, the reward's
-    score, minus `unfinished_penalty` for an answer cut off by the length limit, normalised by the running
-    statistics `reward_stats` when given (updated with this rollout first), clipped to ±`reward_clip`
-    when > 0; then per-token rewards (`kl_penalized_rewards`), GAE advantages and returns.
+    log-probs under the sampling policy and the reference, and values (`score_rollout`, in micro-batches,
+    no activations kept), the reward's score, minus `unfinished_penalty` for an answer cut off by the
+    length limit, normalised by the running statistics `reward_stats` when given (updated with this
+    rollout first), clipped to ±`reward_clip` when > 0; then per-token rewards (`kl_penalized_rewards`),
+    GAE advantages and returns.
     """
-    batch, logprobs, ref_logprobs, raw_scores = score_rollout(policy, reference, reward, prompts, answers, pad_id)
-    values = batch.answer_values(value_model).float()
+    scored = score_rollout(policy, reference, value_model, reward, prompts, answers, finished, pad_id, micro_batch_size)
+    batch, logprobs, ref_logprobs, values, raw_scores = (scored.batch, scored.logprobs, scored.ref_logprobs,
+                                                         scored.values, scored.scores)
     done = torch.tensor(list(finished), dtype=torch.bool, device=batch.ids.device)
     scores = torch.where(done, raw_scores, raw_scores - unfinished_penalty)
     if reward_stats is not None:
@@ -357,15 +420,15 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, minibatch_size):
             idx = order[start : start + minibatch_size].to(b.ids.device)
-            part = RolloutBatch(b.ids[idx], b.pad[idx], b.mask[idx], b.prompt_width)
-            tokens = part.ids[:, part.prompt_width :]
-            logits = part.answer_logits(policy)
-            logprobs = token_logprobs(logits, tokens)
-            policy_loss, clip_fraction = clipped_policy_loss(logprobs, experience.logprobs[idx],
-                                                             experience.advantages[idx], part.mask, clip)
-            value_loss = clipped_value_loss(part.answer_values(value_model).float(), experience.values[idx],
-                                            experience.returns[idx], part.mask, value_clip)
-            entropy_value = entropy(logits, part.mask)
+            part = b.rows(idx)
+            width = part.mask.shape[1]
+            old_logprobs, advantages, old_values, returns = (
+                t[idx, :width] for t in (experience.logprobs, experience.advantages, experience.values, experience.returns))
+            logprobs, entropy_value = policy_terms(part.answer_logits(policy), part.answer_tokens, part.mask,
+                                                   entropy_grad=entropy_coef != 0)
+            policy_loss, clip_fraction = clipped_policy_loss(logprobs, old_logprobs, advantages, part.mask, clip)
+            value_loss = clipped_value_loss(part.answer_values(value_model).float(), old_values, returns,
+                                            part.mask, value_clip)
             ptx = None
             if ptx_batches is not None and ptx_coef:
                 inputs, targets = next(ptx_batches)
@@ -383,7 +446,7 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                 continue
             stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_value,
                      "clip_fraction": clip_fraction, "grad_norm": grad_norm,
-                     "approx_kl": approx_kl(logprobs.detach(), experience.logprobs[idx], part.mask)}
+                     "approx_kl": approx_kl(logprobs.detach(), old_logprobs, part.mask)}
             if ptx is not None:
                 stats["ptx_loss"] = ptx
             for key, value in stats.items():
@@ -413,6 +476,9 @@ class PPOConfig(TrainConfig):
     value_lr: float = field(default=0.0, metadata={"help": "value model's peak learning rate (0: --lr)"})
     batch_size: int = field(default=32, metadata={"help": "answers sampled per PPO iteration (prompts x samples_per_prompt)"})
     micro_batch_size: int = field(default=8, metadata={"help": "answers per minibatch update"})
+    score_batch_size: int = field(default=0, metadata={
+        "help": "answers per forward pass when scoring a rollout and evaluating (no gradients; 0: micro_batch_size); "
+                "peak memory follows it, not batch_size"})
     max_steps: int = field(default=100, metadata={"help": "PPO iterations (rollout, scoring, update epochs)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt in a rollout (sharing its prefill)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer; an answer cut off here is 'unfinished'"})
@@ -442,7 +508,8 @@ class PPOConfig(TrainConfig):
         super().__post_init__()
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
-        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon"):
+        self.score_batch_size = self.score_batch_size or self.micro_batch_size
+        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon", "score_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.samples_per_prompt:
@@ -456,7 +523,7 @@ EMPTY_SHARE_ALARM = 0.9
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return a.hf.to_str() == b.hf.to_str()
+    return a.fingerprint == b.fingerprint
 
 
 def frozen(model: GPT) -> GPT:
@@ -480,20 +547,17 @@ def value_model_from(init: str, sft: GPT, reward_model: GPT) -> GPT:
     return value
 
 
-def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str) -> Reward:
+def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str, batch_size: int = 16) -> Reward:
     """A classifier's log-probability (or logit) of class `label` for each answer's text, read the way the
     classifier was trained (<|bos|> text <|eos|>)."""
     to_reward = reward_head(model, label, kind)
 
-    def score(batch: RolloutBatch) -> torch.Tensor:
-        answers = batch.ids[:, batch.prompt_width :]
-        texts = [tokenizer.decode(a[: int(n)].tolist(), skip_special=True).strip()
-                 for a, n in zip(answers, batch.mask.sum(1))]
-        sequences = [text_ids(t, tokenizer) for t in texts]  # cut to the context, keeping the <|eos|> it reads
+    def score(prompts, answers, finished) -> torch.Tensor:
+        sequences = [text_ids(t, tokenizer) for t in answer_texts(tokenizer, answers)]
+        # cut to the context, keeping the <|eos|> it reads
         sequences = [s if len(s) <= model.config.max_seq_len else [*s[: model.config.max_seq_len - 1], s[-1]]
                      for s in sequences]
-        return torch.tensor(score_sequences(model, sequences, tokenizer.pad_id, len(sequences), to_reward),
-                            device=batch.ids.device)
+        return torch.tensor(score_sequences(model, sequences, tokenizer.pad_id, batch_size, to_reward))
 
     return score
 
@@ -507,8 +571,8 @@ def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -
                         "train it from the same SFT model")
     model = frozen(model)
     if model.config.head == "classifier":
-        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind)
-    return model, model_reward(model)
+        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind, config.score_batch_size)
+    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, config.score_batch_size)
 
 
 def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int) -> list[list[int]]:
@@ -631,7 +695,7 @@ class PPOTask:
             self.policy, self.reference, self.value_model, self.reward, prompts, answers, finished,
             self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
             unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
-            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages)
+            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.score_batch_size)
         t2 = time.perf_counter()
         texts = answer_texts(self.tokenizer, answers)
         tokens = int(experience.batch.mask.sum()) + sum(map(len, prompts))
@@ -674,7 +738,8 @@ class PPOTask:
         if not prompts:
             return {}
         report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
-                                  self.config.max_new_tokens, self.config.seed, self.config.batch_size, reference_too=False)
+                                  self.config.max_new_tokens, self.config.seed, self.config.batch_size,
+                                  self.config.score_batch_size, reference_too=False)
         self.last_eval = [f"{a['prompt']} -> {a['policy']}" for a in report["answers"][: self.config.sample_answers]]
         policy = report["policy"]
         return {"val_reward": policy["reward"], "val_kl_per_answer": report["kl_per_answer"],
@@ -755,9 +820,10 @@ def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
 # --- evaluation: the PPO policy against the SFT policy ----------------------------------------------------
 
 def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tokenizer, prompts: list[list[int]],
-                     max_new_tokens: int, seed: int, batch_size: int = 16, reference_too: bool = True) -> dict:
-    """Both policies answer every prompt (the same seed, `batch_size` prompts at a time); the reward model
-    scores each answer. Returns the mean reward of each, the win rate of `policy` over `reference` under the
+                     max_new_tokens: int, seed: int, batch_size: int = 16, score_batch_size: int = 8,
+                     reference_too: bool = True) -> dict:
+    """Both policies answer every prompt (the same seed, `batch_size` prompts at a time, scored
+    `score_batch_size` at a time); the reward model scores each answer. Returns the mean reward of each, the win rate of `policy` over `reference` under the
     reward model (a tie counts half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over
     `policy`'s own answers, the Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer.
     Without `reference_too`, only `policy` answers (its reward, KL and length)."""
@@ -768,10 +834,11 @@ def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tok
         for start in range(0, len(prompts), batch_size):
             part = prompts[start : start + batch_size]
             rows, answers, finished = rollout(model, part, 1, max_new_tokens, stop_id, seed + start)
-            batch, logprobs, ref_logprobs, scores = score_rollout(model, reference, reward, rows, answers, tokenizer.pad_id)
-            columns["reward"] += scores.tolist()
-            columns["kl"] += (logprobs - ref_logprobs).sum(1).tolist()
-            columns["length"] += batch.mask.sum(1).tolist()
+            scored = score_rollout(model, reference, None, reward, rows, answers, finished, tokenizer.pad_id,
+                                   score_batch_size)
+            columns["reward"] += scored.scores.tolist()
+            columns["kl"] += (scored.logprobs - scored.ref_logprobs).sum(1).tolist()
+            columns["length"] += scored.batch.mask.sum(1).tolist()
             columns["finished"] += finished
             columns["answer"] += answer_texts(tokenizer, answers)
         results[name] = columns

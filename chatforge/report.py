@@ -33,8 +33,9 @@ def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
         models = evaluation["models"]
         blocks += [("h2", f"Evaluation on {evaluation['words']} held-out words"),
                    ("table", ["metric", *(MODEL_NAMES[m] for m in models)], [
-                       [label, *(_number(models[m][key]) for m in models)] for key, label in (
-                           ("definition_f1", "definition accuracy (token F1 with WordNet, greedy)"),
+                       [label, *(_number(models[m].get(key, "-")) for m in models)] for key, label in (
+                           ("definition_f1", "definition accuracy (F1 of content words with WordNet's best sense, greedy)"),
+                           ("degenerate_rate", "degenerate answers (another word defined, or no content word)"),
                            ("pos_accuracy", "part of speech exact match"),
                            ("reward", "reward-model score"),
                            ("zero_shot_mc", "\"Which definition fits X? A-D\", zero-shot (chance 0.25)"),

@@ -10,8 +10,10 @@ once, and all C(K,2) differences come from those K scores. The 1/C(K,2) makes ev
 however many answers it has. Options: a margin inside σ, and a centering term λ·E[r²] that keeps scores
 near 0 (Eisenstein et al. 2023).
 
-The model is the SFT model with the LM head replaced by a scalar head, read at the answer's last token
-(its <|end|>). When training ends, the mean score of the training answers (with `chatforge sample`, the SFT
+The model is the SFT model with the LM head replaced by a scalar head, read at the <|end|> that closes the
+answer. What it reads is built by one function, `reward_ids`, from the answer's token ids as they were
+sampled (`chatforge sample` stores them beside the text), in training, `reward eval`, `reward score` and
+PPO alike; an answer cut off at the length limit is closed with an appended <|end|> everywhere. When training ends, the mean score of the training answers (with `chatforge sample`, the SFT
 model's own answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT
 shifted its reward the same way, to its labelers' demonstrations.
 """
@@ -37,7 +39,7 @@ from chatforge.data import BucketedEpochs, load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.runtime import Dist, all_reduce_sum
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import (
     StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
@@ -62,11 +64,14 @@ class RewardConfig(TrainConfig):
 
 @dataclass
 class Comparison:
-    """K answers to one prompt, ranked: `ranking` lists answer indices, best first."""
+    """K answers to one prompt, ranked: `ranking` lists answer indices, best first. `answer_ids` and
+    `finished` hold each answer's tokens as sampled and whether it ended (None: only the text is known)."""
 
     prompt: list[Message]
     answers: list[str]
     ranking: list[int]
+    answer_ids: list[list[int]] | None = None
+    finished: list[bool] | None = None
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -126,24 +131,63 @@ def comparison_from_record(record: dict) -> Comparison:
         raise ValueError("a comparison needs at least 2 answers")
     for i, answer in enumerate(answers):  # an empty answer may be ranked (last, usually): it is what models do
         check_text(answer, f"answer {i}")
-    return Comparison(prompt, answers, list(ranking))
+    ids, finished = sampled_tokens(record, len(answers), "completion_ids", "finish_reasons")
+    return Comparison(prompt, answers, list(ranking), ids, finished)
 
 
-def answer_ids(prompt: list[Message], answer: str, tokenizer: Tokenizer) -> list[int]:
-    """The token ids the reward model reads: the conversation with the answer as the last assistant turn,
-    ending in <|end|>, where the score is read."""
-    return render([*prompt, Message("assistant", answer)], tokenizer)
+# --- what a reward model reads ----------------------------------------------------------------------------
+
+def reward_ids(prompt_ids: Sequence[int], answer_ids: Sequence[int], finished: bool, end_id: int) -> list[int]:
+    """The token ids a reward model reads, for every use of it (training, `reward eval`, `reward score`,
+    the pipeline and PPO): the prompt as rendered for the assistant to answer, the answer's tokens as they
+    were sampled (never re-encoded from its text, which can split into other tokens), and <|end|>, where the
+    score is read. A finished answer already ends in the <|end|> it sampled. An answer that did not finish
+    (cut off at the length limit) gets one appended, so that every score is read at the position the head
+    learned to score; PPO subtracts its explicit `unfinished_penalty` from such an answer's score besides."""
+    ids = [*prompt_ids, *answer_ids]
+    if not (finished and answer_ids and answer_ids[-1] == end_id):
+        ids.append(end_id)
+    return ids
+
+
+def sampled_tokens(record: dict, count: int, ids_field: str, reasons_field: str) -> tuple[list[list[int]] | None, list[bool] | None]:
+    """(token ids as sampled, finished) of a record's `count` answers, from `ids_field` (lists of token ids)
+    and `reasons_field` ("stop" or "length" each) as `chatforge sample` writes them; (None, None) when the
+    record has only text. ValueError names what is wrong."""
+    ids, reasons = record.get(ids_field), record.get(reasons_field)
+    if reasons is not None and (not isinstance(reasons, list) or len(reasons) != count
+                                or not all(r in ("stop", "length") for r in reasons)):
+        raise ValueError(f"{reasons_field!r} must list 'stop' or 'length' for each of the {count} answers")
+    if ids is None:
+        return None, None if reasons is None else [r == "stop" for r in reasons]
+    if (not isinstance(ids, list) or len(ids) != count
+            or not all(isinstance(a, list) and all(type(t) is int and t >= 0 for t in a) for a in ids)):
+        raise ValueError(f"{ids_field!r} must hold a list of token ids for each of the {count} answers")
+    return ids, [True] * count if reasons is None else [r == "stop" for r in reasons]
+
+
+def encode_answers(prompt: list[Message], answers: list[str], answer_ids: list[list[int]] | None,
+                   finished: list[bool] | None, tokenizer: Tokenizer, made_with: str | None) -> list[list[int]]:
+    """`reward_ids` of each answer to `prompt`: from its sampled token ids when there are some, else from
+    its text, encoded once (a written answer counts as finished unless its finish reason says otherwise).
+    `made_with` is the fingerprint of the tokenizer that sampled the ids (None: not recorded)."""
+    end = tokenizer.special[END_OF_TURN]
+    if answer_ids is not None:
+        if made_with is not None and made_with != tokenizer.fingerprint:
+            raise ValueError(f"its token ids were sampled with another tokenizer ({made_with}, this model's is "
+                             f"{tokenizer.fingerprint}): drop 'completion_ids' to encode the text instead")
+        if any(t >= tokenizer.vocab_size for a in answer_ids for t in a):
+            raise ValueError(f"a token id is outside the model's vocabulary ({tokenizer.vocab_size} tokens)")
+    else:
+        answer_ids = [tokenizer.encode(a) for a in answers]
+    finished = finished or [True] * len(answers)
+    prompt_ids = render(prompt, tokenizer, add_generation_prompt=True)
+    return [reward_ids(prompt_ids, a, f, end) for a, f in zip(answer_ids, finished)]
 
 
 def text_ids(text: str, tokenizer: Tokenizer) -> list[int]:
     """What a classifier reads: <|bos|> text <|eos|>, classified at the <|eos|>."""
     return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-
-
-def reward_input(model: GPT, prompt: list[Message], answer: str, tokenizer: Tokenizer) -> list[int]:
-    """What a reward reads: a reward model, the conversation ending in the answer; a classifier (trained on
-    plain text), the answer alone."""
-    return text_ids(answer, tokenizer) if model.config.head == "classifier" else answer_ids(prompt, answer, tokenizer)
 
 
 @dataclass
@@ -167,7 +211,8 @@ def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_i
 
     def parse(record: dict) -> tuple[Comparison, list[list[int]]]:
         comparison = comparison_from_record(record)
-        sequences = [answer_ids(comparison.prompt, a, tokenizer) for a in comparison.answers]
+        sequences = encode_answers(comparison.prompt, comparison.answers, comparison.answer_ids, comparison.finished,
+                                   tokenizer, record.get("tokenizer"))
         longest = max(map(len, sequences))
         if longest > max_seq_len:
             raise ValueError(f"{longest} tokens, longer than the model's context ({max_seq_len})")
@@ -415,12 +460,23 @@ def hash_bit(*key) -> bool:
     return hashlib.blake2b(repr(key).encode(), digest_size=1).digest()[0] & 1 == 1
 
 
-def answers_to_score(record: dict) -> tuple[list[Message], list[str]]:
-    """A record to score: {prompt, completion} or {prompt, completions: [...]}."""
+def answers_to_score(record: dict, model: GPT, tokenizer: Tokenizer) -> list[list[int]]:
+    """What `model` reads for each answer of a record to score: {prompt, completion} or {prompt,
+    completions: [...]}, with the sampled token ids and finish reasons when the record has them
+    (`completion_ids` and `finish_reasons`, or `completion_ids` and `finish_reason` for one completion).
+    A reward model reads `reward_ids`; a classifier (trained on plain text) the answer's text alone."""
     prompt = prompt_messages(record.get("prompt"))
-    answers = [record["completion"]] if "completion" in record else record.get("completions")
+    one = "completion" in record
+    answers = [record["completion"]] if one else record.get("completions")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError("expected 'completion' (a string) or 'completions' (a list of strings)")
     for i, answer in enumerate(answers):
         check_text(answer, f"answer {i}")
-    return prompt, answers
+    if model.config.head == "classifier":
+        return [text_ids(a, tokenizer) for a in answers]
+    if one:  # one completion: its fields hold one value each
+        fields = {key: [record[key]] for key in ("completion_ids", "finish_reason") if key in record}
+        ids, finished = sampled_tokens(fields, 1, "completion_ids", "finish_reason")
+    else:
+        ids, finished = sampled_tokens(record, len(answers), "completion_ids", "finish_reasons")
+    return encode_answers(prompt, answers, ids, finished, tokenizer, record.get("tokenizer"))

@@ -1,4 +1,4 @@
-"""Where training runs: device and precision choice, torch.distributed setup, peak FLOP/s for MFU."""
+"""Where training runs: device and precision choice, torch.distributed setup, peak FLOP/s for MFU, peak memory."""
 
 from __future__ import annotations
 
@@ -139,6 +139,30 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if model in name and table_dtype == dtype:
                 return flops
     return measure_matmul_flops(device, dtype)
+
+
+def peak_memory(fn, device: torch.device):
+    """(fn(), the most bytes of tensor memory that fn held at once beyond what was allocated before it).
+    On CUDA the allocator's own peak counter; on the CPU, which keeps none, the allocations and frees that
+    PyTorch's profiler records, summed in time order (the profiler slows fn: measure, don't time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held = peak = 0
+    for _, size in events:
+        held += size
+        peak = max(peak, held)
+    return result, peak
 
 
 def listen(host: str, port: int) -> socket.socket:

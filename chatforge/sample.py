@@ -1,7 +1,12 @@
 """Candidates for human feedback: the SFT model answers each prompt K times.
 
     {"prompt": "What is a tuple?", "completions": ["...", "...", "...", "..."],
-     "finish_reasons": ["stop", "stop", "length", "stop"], "sampling": {...}}
+     "completion_ids": [[...], [...], [...], [...]], "finish_reasons": ["stop", "stop", "length", "stop"],
+     "tokenizer": "3f0c...", "sampling": {...}}
+
+The text is for people (and the labeling app); the token ids, exactly as sampled (the stop token included
+when the answer finished), are what the reward model reads (`reward.reward_ids`), so that it scores what
+PPO will score. `tokenizer` is the fingerprint of the tokenizer the ids belong to.
 
 People (`chatforge label serve`) or a rule then rank the K answers, and the reward model learns from the
 C(K,2) pairs of each ranking. The K samples of a prompt share one prefill in the engine. Samples may cycle
@@ -19,7 +24,7 @@ from tqdm import tqdm
 
 from chatforge.chat_format import Message, prompt_messages, render
 from chatforge.data import parse_records
-from chatforge.engine import SamplingParams, generate_batch
+from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
@@ -72,18 +77,20 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     for start in range(0, len(prompts), batch_size):
         batch = [p for _, p in prompts[start : start + batch_size]]
         ids = [render(p, tokenizer, add_generation_prompt=True) for p in batch]
-        answers: list[list[tuple[float, str, str]]] = [[] for _ in batch]
+        answers: list[list[tuple[float, Completion]]] = [[] for _ in batch]
         for i, (temperature, n) in enumerate(per_temperature.items()):
             seed = None if params.seed is None else params.seed + 1000 * start + i
             setting = dataclasses.replace(params, temperature=temperature, seed=seed)
             for row, samples in enumerate(generate_batch(model, ids, setting, n=n, stop_ids=stop, tokenizer=tokenizer)):
-                answers[row] += [(temperature, c.text.strip(), c.finish_reason) for c in samples]
+                answers[row] += [(temperature, c) for c in samples]
         for prompt, row in zip(batch, answers):
             records.append({
                 "prompt": prompt[0].content if len(prompt) == 1 else [m.to_dict() for m in prompt],
-                "completions": [text for _, text, _ in row],
-                "finish_reasons": [reason for _, _, reason in row],  # "length": cut off at max_new_tokens
-                "sampling": {**dataclasses.asdict(params), "temperatures": [t for t, _, _ in row]},
+                "completions": [c.text.strip() for _, c in row],
+                "completion_ids": [c.tokens for _, c in row],
+                "finish_reasons": [c.finish_reason for _, c in row],  # "length": cut off at max_new_tokens
+                "tokenizer": tokenizer.fingerprint,
+                "sampling": {**dataclasses.asdict(params), "temperatures": [t for t, _ in row]},
             })
         bar.update(len(batch) * k)
     bar.close()

@@ -6,7 +6,9 @@ tokens take the first ids; SFT's chat template is built from the role tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import cached_property
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,6 +41,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the whole tokenizer: token ids stored in a file are only meaningful to a tokenizer
+        with the same fingerprint."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

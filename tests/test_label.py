@@ -23,7 +23,8 @@ from conftest import CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_er
 
 CANDIDATES = [
     {"prompt": "What is a tuple?", "completions": ["An immutable sequence.", "A list.", "A fish."],
-     "sampling": {"temperature": 0.7, "seed": 1}},
+     "completion_ids": [[40, 41, 6], [42, 6], [43, 44]], "finish_reasons": ["stop", "stop", "length"],
+     "tokenizer": "0123456789abcdef", "sampling": {"temperature": 0.7, "seed": 1}},
     {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}],
      "completions": ["Hello there!", "Go away.", "Hello."]},
     {"prompt": "Name a loop.", "completions": ["The for loop.", "A hula hoop.", "while"]},
@@ -344,5 +345,19 @@ def test_acknowledged_ranking_survives_sigkill_and_exports(tmp_path):
         "ratings": GOOD_RATINGS, "annotator": "dana"}
     assert record["submitted_at"].endswith("Z")
     assert not list(out.parent.glob("*.tmp"))
-    comparison = comparison_from_record(record)  # what `chatforge reward train` reads
+    assert body["prompt_id"] == 1 and all(record[k] == source[k] for k in ("completion_ids", "finish_reasons", "tokenizer"))
+    comparison = comparison_from_record(record)  # what `chatforge reward train` reads: the tokens as sampled
     assert comparison.ranking == [1, 2, 0] and comparison.answers == source["completions"]
+    assert comparison.answer_ids == source["completion_ids"] and comparison.finished == [True, True, False]
+
+
+def test_a_database_made_before_sampled_tokens_were_kept_gets_their_column(tmp_path):
+    from chatforge.label import SCHEMA, init_database
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SCHEMA.replace(",\n    tokens      TEXT", ""))
+        assert "tokens" not in {row[1] for row in conn.execute("PRAGMA table_info(prompts)")}
+    init_database(db)
+    with sqlite3.connect(db) as conn:
+        assert "tokens" in {row[1] for row in conn.execute("PRAGMA table_info(prompts)")}

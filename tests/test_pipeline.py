@@ -41,15 +41,25 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
 
     evaluation = json.loads((out / "evaluate" / "done.json").read_text())
     assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
-    for metrics in evaluation["models"].values():
-        assert 0 <= metrics["definition_f1"] <= 1 and 0 <= metrics["zero_shot_mc"] <= 1
+    # the table's ground truth is the stated rule applied to the answers the run wrote down, word by word
+    from chatforge.dictionary import Word, definition_f1, is_degenerate, part_of_speech
+
+    rows = [json.loads(line) for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
+    words = [Word(r["word"], r["pos"], r["gold"], (), (), tuple(r["senses"])) for r in rows]
+    assert len(rows) == evaluation["words"] and all(r["question"] == f'What does "{r["word"]}" mean?' for r in rows)
+    for name, metrics in evaluation["models"].items():
+        replies = [r[name] for r in rows]
+        assert metrics["definition_f1"] == pytest.approx(sum(map(definition_f1, replies, words)) / len(rows))
+        assert metrics["degenerate_rate"] == pytest.approx(sum(map(is_degenerate, replies, words)) / len(rows))
+        assert metrics["pos_accuracy"] == pytest.approx(sum(part_of_speech(a) == w.pos for a, w in zip(replies, words)) / len(rows))
         assert 0 < metrics["bits_per_byte"] < 10
     reward = json.loads((out / "reward" / "done.json").read_text())
     held_out = [json.loads(line) for line in (out / "rankings-held-out.jsonl").read_text().splitlines()]
     assert reward["prompts"] == len(held_out) > 0  # every pair of each ranking (ties left out by the annotator)
     assert reward["pairs"] == sum(math.comb(len(r["completions"]), 2) for r in held_out)
     report = (out / "report.md").read_text()
-    assert "| definition accuracy (token F1 with WordNet, greedy) |" in report
+    assert "| definition accuracy (F1 of content words with WordNet's best sense, greedy) |" in report
+    assert "| degenerate answers (another word defined, or no content word) |" in report
     assert f"{evaluation['models']['sft']['bits_per_byte']:.3f}" in report  # filled from the measurements
     assert "![PPO-ptx" in report and (out / "ppo" / "ppo.png").is_file()
     assert "<table>" in (out / "report.html").read_text()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pytest
 import torch
@@ -121,10 +122,11 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
 
 def test_a_rollout_batch_reads_each_row_as_it_would_alone():
     """Ragged prompts (left-padded) and answers (right-padded) in one forward pass: the answers' log-probs
-    equal the engine's own (sampled with the KV cache) and each row's alone; the reward model's score is
-    read at each answer's last token."""
+    equal the engine's own (sampled with the KV cache) and each row's alone, also in a micro-batch of some
+    rows cut to their own widths; the reward model's score is read at the <|end|> closing each answer,
+    appended to the one that was cut off."""
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import RolloutBatch, token_logprobs
+    from chatforge.ppo import RolloutBatch, model_reward, token_logprobs
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
@@ -134,68 +136,75 @@ def test_a_rollout_batch_reads_each_row_as_it_would_alone():
     params = SamplingParams(max_new_tokens=7, temperature=1.0, seed=3)
     completions = [c[0] for c in generate_batch(policy, prompts, params, stop_ids=(2, 3, 4), logprobs=True)]
     answers = [c.tokens for c in completions]
-    assert len({len(a) for a in answers}) > 1, answers  # ragged answers (this seed)
+    finished = [c.finish_reason == "stop" for c in completions]
+    assert len({len(a) for a in answers}) > 1 and any(finished) and not all(finished), answers  # this seed
     batch = RolloutBatch.build(prompts, answers, pad_id=0)
+    end = 2
     with torch.no_grad():
-        answer_tokens = batch.ids[:, batch.prompt_width:]
-        logprobs = token_logprobs(batch.answer_logits(policy), answer_tokens) * batch.mask
-        scores = batch.answer_scores(reward)
+        logprobs = token_logprobs(batch.answer_logits(policy), batch.answer_tokens) * batch.mask
+        scores = model_reward(reward, end_id=end, pad_id=0)(prompts, answers, finished)
         values = batch.answer_values(reward)
+        shorter, short = batch.rows(slice(1, 3)), batch.rows(slice(0, 1))  # shorter prompts; the short answer
+        assert shorter.prompt_width < batch.prompt_width and short.mask.shape[1] < batch.mask.shape[1]
+        for rows, part in ((slice(1, 3), shorter), (slice(0, 1), short)):
+            part_logprobs = token_logprobs(part.answer_logits(policy), part.answer_tokens) * part.mask
+            torch.testing.assert_close(part_logprobs, logprobs[rows, : part.mask.shape[1]], rtol=0, atol=1e-5)
         for row, (p, a) in enumerate(zip(prompts, answers)):
             alone = token_logprobs(policy(torch.tensor([p + a]))[:, len(p) - 1 : -1], torch.tensor([a]))[0]
             torch.testing.assert_close(logprobs[row, : len(a)], alone, rtol=0, atol=1e-5)
             torch.testing.assert_close(logprobs[row, : len(a)], torch.tensor(completions[row].logprobs), rtol=0, atol=1e-4)
             assert (logprobs[row, len(a):] == 0).all() and (values[row, len(a):] == 0).all()
+            # closed by <|end|> unless it sampled one: the cut-off answer, and the one stopped by token 3 or 4
+            read = p + a if finished[row] and a[-1] == end else p + a + [end]
+            torch.testing.assert_close(scores[row], reward(torch.tensor([read]))[0, -1], rtol=0, atol=1e-5)
             full = reward(torch.tensor([p + a]))[0]
-            torch.testing.assert_close(scores[row], full[-1], rtol=0, atol=1e-5)
             torch.testing.assert_close(values[row, : len(a)], full[len(p) - 1 : -1], rtol=0, atol=1e-5)
+
+
+class ConstantValue(torch.nn.Module):
+    """A value model that says 0.5 before every token, so that GAE can be worked out by hand."""
+
+    def forward(self, ids, pad=None, head_from=0):
+        return torch.full((len(ids), ids.shape[1] - head_from), 0.5)
 
 
 def test_experience_from_a_rollout():
     """Policy = reference: no KL, so each answer's only reward is its score on its last token; advantages
-    and returns follow GAE; an answer cut off by the length limit pays the penalty."""
-    from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import make_experience, model_reward
+    and returns are GAE's, worked out by hand; an answer cut off by the length limit pays the penalty."""
+    from chatforge.ppo import make_experience
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
-    critic = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32, head="scalar")).eval()
-    torch.nn.init.normal_(critic.score.weight)
     prompts = [[1, 5, 6, 7], [1, 11], [1, 12, 13]]
-    out = [c[0] for c in generate_batch(policy, prompts, SamplingParams(max_new_tokens=4, seed=2),
-                                       stop_ids=tuple(range(2, 12)))]
-    answers, finished = [c.tokens for c in out], [c.finish_reason == "stop" for c in out]
-    assert not all(finished) and any(finished), finished  # both kinds (this seed)
-    plain = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
-                            whiten_advantages=False)
-    penalised = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
-                                unfinished_penalty=2.0, whiten_advantages=False)
+    answers, finished = [[20, 21, 2], [22], [23, 24, 25, 26]], [True, True, False]
+    scores = {(20, 21, 2): 1.0, (22,): -1.0, (23, 24, 25, 26): 2.0}
+    reward = lambda prompts, answers, finished: torch.tensor([scores[tuple(a)] for a in answers])  # noqa: E731
+
+    def experience(**options):
+        return make_experience(policy, policy, ConstantValue(), reward, prompts, answers, finished, pad_id=0,
+                               beta=0.1, gamma=1.0, lam=0.95, micro_batch_size=2, **options)
+
+    plain, penalised = experience(whiten_advantages=False), experience(whiten_advantages=False, unfinished_penalty=2.0)
     assert plain.kl.abs().max() == 0
-    for row, answer in enumerate(answers):
-        last = len(answer) - 1
-        assert plain.rewards[row, last] == plain.scores[row]
-        assert plain.rewards[row].abs().sum() == plain.scores[row].abs()  # nothing else
-        expected = plain.scores[row] - (0 if finished[row] else 2.0)
-        assert penalised.scores[row].item() == pytest.approx(expected.item())
-    advantages, returns = generalized_advantages(plain.rewards, plain.values, plain.batch.mask, 1.0, 0.95)
-    torch.testing.assert_close(plain.advantages, advantages)
-    torch.testing.assert_close(plain.returns, returns)
-    whitened = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1)
+    torch.testing.assert_close(plain.scores, torch.tensor([1.0, -1.0, 2.0]))
+    torch.testing.assert_close(penalised.scores, torch.tensor([1.0, -1.0, 0.0]))  # the cut-off answer pays 2
+    # V = 0.5 everywhere, reward s on the last token only: δ_last = s − 0.5, every other δ = 0.5 − 0.5 = 0,
+    # so A_t = 0.95^(last − t) · (s − 0.5) and R_t = A_t + 0.5
+    expected = torch.tensor([[0.95**2 * 0.5, 0.95 * 0.5, 0.5, 0.0],
+                             [-1.5, 0.0, 0.0, 0.0],
+                             [0.95**3 * 1.5, 0.95**2 * 1.5, 0.95 * 1.5, 1.5]])
+    torch.testing.assert_close(plain.rewards, torch.tensor([[0, 0, 1.0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 2.0]]))
+    torch.testing.assert_close(plain.advantages, expected)
+    torch.testing.assert_close(plain.returns, (expected + 0.5) * plain.batch.mask)
+    torch.testing.assert_close(penalised.advantages[2], torch.tensor([0.95**3, 0.95**2, 0.95, 1.0]) * -0.5)
+    whitened = experience()
     assert masked_mean(whitened.advantages, whitened.batch.mask).abs() < 1e-5
-    clipped = make_experience(policy, policy, critic, model_reward(critic), prompts, answers, finished, pad_id=0, beta=0.1,
-                              reward_clip=0.01)
-    assert clipped.scores.abs().max() <= 0.01 + 1e-7
+    assert experience(reward_clip=0.01).scores.abs().max() <= 0.01 + 1e-7
 
 
-class CountingReward(torch.nn.Module):
-    """A rule as the reward model: the score at a position is how often `token` occurs up to it."""
-
-    def __init__(self, token: int):
-        super().__init__()
-        self.token = token
-
-    def forward(self, ids, pad=None, head_from=0):
-        return (ids == self.token).float().cumsum(-1)[:, head_from:]
+def counting_reward(token: int):
+    """A rule as the reward: how often `token` occurs in the answer."""
+    return lambda prompts, answers, finished: torch.tensor([float(list(a).count(token)) for a in answers])
 
 
 def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
@@ -204,13 +213,13 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     import copy
 
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import make_experience, model_reward, ppo_epochs
+    from chatforge.ppo import make_experience, ppo_epochs
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, max_seq_len=32))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_model = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32, head="scalar"))
-    reward = CountingReward(7)
+    reward = counting_reward(7)
     optimizers = [torch.optim.AdamW(policy.parameters(), lr=3e-3), torch.optim.AdamW(value_model.parameters(), lr=3e-3)]
     prompts = [[1, 20 + i % 4] for i in range(16)]
     generator = torch.Generator().manual_seed(0)
@@ -218,7 +227,7 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     for step in range(12):  # ~2 s
         policy.eval()
         out = [c[0] for c in generate_batch(policy, prompts, SamplingParams(max_new_tokens=8, seed=step))]
-        experience = make_experience(policy, reference, value_model, model_reward(reward), prompts, [c.tokens for c in out],
+        experience = make_experience(policy, reference, value_model, reward, prompts, [c.tokens for c in out],
                                      [True] * len(out), pad_id=0, beta=0.02)
         history.append((experience.scores.mean().item(), masked_mean(experience.kl, experience.batch.mask).item()))
         policy.train()
@@ -358,7 +367,7 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
 
     policy, _, task = ppo.build_ppo(ppo_config(please, tmp_path / "unit"), torch.device("cpu"))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    task.reward = lambda batch: torch.full((len(batch.ids),), float("nan"))
+    task.reward = lambda prompts, answers, finished: torch.full((len(answers),), float("nan"))
     before = [p.clone() for m in (policy, task.value_model) for p in m.parameters()]
     record = task.train_step(policy, optimizer, step=0, lr=1e-3)
     assert record["skipped"] and "non-finite rewards" in record["alarms"][-1]
@@ -374,8 +383,8 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
         model, reward = load_reward(config, tokenizer, device)
         calls = iter(range(1000))
 
-        def score(batch):
-            scores = reward(batch)
+        def score(*rollout):
+            scores = reward(*rollout)
             return scores * float("nan") if next(calls) == 2 else scores
         return model, score
 
@@ -432,7 +441,7 @@ def test_ppo_errors(please, tmp_path):
 
 def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):
     from chatforge.chat_format import Message, render
-    from chatforge.ppo import RolloutBatch, classifier_reward
+    from chatforge.ppo import classifier_reward
     from chatforge.reward import text_ids
     from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
@@ -443,8 +452,78 @@ def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained
     end = tokenizer.special[END_OF_TURN]
     prompts = [render([Message("user", q)], tokenizer, add_generation_prompt=True) for q in ("Hi.", "How are you today?")]
     texts = ["a good day", "bad"]
-    batch = RolloutBatch.build(prompts, [[*tokenizer.encode(t), end] for t in texts], tokenizer.pad_id)
-    got = classifier_reward(classifier, tokenizer, "positive", "logprob")(batch)
+    got = classifier_reward(classifier, tokenizer, "positive", "logprob")(
+        prompts, [[*tokenizer.encode(t), end] for t in texts], [True, True])
     with torch.no_grad():
         expected = [classifier(torch.tensor([text_ids(t, tokenizer)]))[0, -1].log_softmax(-1)[1] for t in texts]
     torch.testing.assert_close(got, torch.stack(expected))
+
+
+def test_entropy_shares_the_log_partition_and_has_no_gradient_when_its_coefficient_is_0():
+    from chatforge.ppo import policy_terms, token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    tokens, mask = torch.randint(0, 11, (2, 3)), torch.ones(2, 3)
+    logprobs, without = policy_terms(logits, tokens, mask, entropy_grad=False)
+    _, with_grad = policy_terms(logits, tokens, mask, entropy_grad=True)
+    expected = F.log_softmax(logits, -1).gather(2, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+    p = F.softmax(logits, -1)
+    torch.testing.assert_close(with_grad, -(p * p.log()).sum(-1).mean())
+    assert logprobs.requires_grad and with_grad.requires_grad
+    assert not without.requires_grad and without.item() == pytest.approx(with_grad.item())
+
+
+def test_a_ppo_iterations_peak_memory_does_not_grow_with_the_rollout():
+    """Scoring (policy, reference, value model) and the updates run in micro-batches: a rollout 8x the
+    micro-batch holds at most 1.5x the memory of one micro-batch's rollout (only its token ids and
+    per-token scalars grow). Scoring the whole rollout in one pass held ~8x."""
+    from chatforge.ppo import make_experience, ppo_epochs
+    from chatforge.runtime import peak_memory
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=2048, n_layer=1, d_model=32, n_head=4, max_seq_len=64)
+    policy, value_model = GPT(config), GPT(dataclasses.replace(config, head="scalar"))
+    reference = GPT(config).eval().requires_grad_(False)
+    optimizers = [torch.optim.SGD(policy.parameters(), lr=1e-3), torch.optim.SGD(value_model.parameters(), lr=1e-3)]
+    reward = lambda prompts, answers, finished: torch.zeros(len(answers))  # noqa: E731
+
+    def iteration(rows: int):
+        prompts = [[1, 5 + i % 7, 9] for i in range(rows)]
+        answers = torch.randint(10, 2048, (rows, 40)).tolist()
+        experience = make_experience(policy, reference, value_model, reward, prompts, answers, [False] * rows,
+                                     pad_id=0, beta=0.02, micro_batch_size=8)
+        ppo_epochs(policy, value_model, experience, optimizers, epochs=1, minibatch_size=8)
+
+    iteration(8)  # the optimizers' state, allocated once
+    _, small = peak_memory(lambda: iteration(8), torch.device("cpu"))
+    _, large = peak_memory(lambda: iteration(64), torch.device("cpu"))
+    assert large <= 1.5 * small, (small, large)
+
+
+def test_ppo_scores_sampled_answers_as_reward_score_does_from_the_candidates_file(please, tmp_path):
+    """Answers sampled by the engine, finished and cut off: the reward model's score inside a PPO iteration
+    equals what `chatforge reward score` gives for the same records read from `chatforge sample`'s file."""
+    import chatforge.ppo as ppo
+    from chatforge.chat_format import prompt_messages, render
+    from conftest import run_cli
+
+    candidates, scored = tmp_path / "candidates.jsonl", tmp_path / "scored.jsonl"
+    run_cli("sample", please / "sft", "--prompts", please / "prompts.txt", "-k", 4, "--max-new-tokens", 5,
+            "--temperature", 1.0, "--seed", 0, "--out", candidates, "--no-progress")
+    run_cli("reward", "score", please / "rm", "--input", candidates, "--out", scored)
+    records = [json.loads(line) for line in scored.read_text().splitlines()]
+    reasons = [r for record in records for r in record["finish_reasons"]]
+    assert "stop" in reasons and "length" in reasons, reasons  # both kinds (this seed)
+
+    policy, tokenizer, task = ppo.build_ppo(ppo_config(please, tmp_path / "unit"), torch.device("cpu"))
+    prompts = [render(prompt_messages(r["prompt"]), tokenizer, add_generation_prompt=True)
+               for r in records for _ in r["completions"]]
+    answers = [ids for r in records for ids in r["completion_ids"]]
+    experience = ppo.make_experience(policy, task.reference, task.value_model, task.reward, prompts, answers,
+                                     [reason == "stop" for reason in reasons], tokenizer.pad_id, beta=0.02,
+                                     micro_batch_size=3)
+    expected = torch.tensor([score for r in records for score in r["rewards"]])
+    torch.testing.assert_close(experience.raw_scores, expected, rtol=0, atol=1e-5)

@@ -116,6 +116,10 @@ def test_comparison_formats(record, expected):
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be a string"),
     ({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}, "differ before"),
     ({"text": "x"}, "expected {prompt, completions, ranking}"),
+    ({"prompt": "Hi", "completions": ["a", "b"], "ranking": [0, 1], "completion_ids": [[5]]}, "'completion_ids' must hold"),
+    ({"prompt": "Hi", "completions": ["a", "b"], "ranking": [0, 1], "completion_ids": [[5], ["x"]]}, "'completion_ids' must"),
+    ({"prompt": "Hi", "completions": ["a", "b"], "ranking": [0, 1], "finish_reasons": ["stop", "eos"]},
+     "'finish_reasons' must list 'stop' or 'length'"),
 ])
 def test_bad_comparisons_are_explained(record, message):
     with pytest.raises(ValueError, match=message):
@@ -209,8 +213,13 @@ def test_sample_writes_k_answers_per_prompt_reproducibly(chat_model, tmp_path):
     assert records[0]["sampling"]["max_new_tokens"] == 12
     assert all(reason in ("stop", "length") for r in records for reason in r["finish_reasons"])
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
-    # the candidates file is what the ranking tools read
-    comparison_from_record({**records[0], "ranking": [2, 1, 0]})
+    # the candidates file is what the ranking tools read, with each answer's tokens as sampled
+    comparison = comparison_from_record({**records[0], "ranking": [2, 1, 0]})
+    tokenizer = load_model(chat_model)[1]
+    assert records[0]["tokenizer"] == tokenizer.fingerprint
+    for text, ids, reason in zip(comparison.answers, comparison.answer_ids, records[0]["finish_reasons"]):
+        assert tokenizer.decode(ids, skip_special=True).strip() == text
+        assert (ids[-1] == tokenizer.special["<|end|>"]) == (reason == "stop") and 0 < len(ids) <= 12
     result = run_cli("sample", chat_model, "--prompts", prompts, "-k", 1, "--out", tmp_path / "c.jsonl", check=False)
     assert_one_line_error(result, "-k must be at least 2")
     result = run_cli(*args[:-1], "--temperatures", -1, "--out", tmp_path / "c.jsonl", check=False)
@@ -270,3 +279,35 @@ def test_task_is_a_pure_function_of_the_step(pretrained):
     first = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
     again = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
     assert first == again and len(first) == 2
+
+
+def test_answers_are_scored_on_the_tokens_sampled_not_their_text_re_encoded(tokenizer_dir, tmp_path):
+    """An answer sampled one character at a time decodes to text that encodes to other tokens: the reward
+    model reads the sampled tokens, in training files and in `reward score` records alike; a record whose
+    ids belong to another tokenizer is refused."""
+    from chatforge.chat_format import render
+    from chatforge.reward import answers_to_score
+    from chatforge.tokenizer import END_OF_TURN, Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    end = tokenizer.special[END_OF_TURN]
+    sampled = [tokenizer.encode(c)[0] for c in "value list"] + [end]  # one token per character
+    text = tokenizer.decode(sampled, skip_special=True)
+    assert text == "value list" and tokenizer.encode(text) + [end] != sampled
+    prompt = render([Message("user", "Talk.")], tokenizer, add_generation_prompt=True)
+    record = {"prompt": "Talk.", "completions": [text, "the"], "ranking": [1, 0],
+              "completion_ids": [sampled, tokenizer.encode("the")], "finish_reasons": ["stop", "length"],
+              "tokenizer": tokenizer.fingerprint}
+    groups, _ = load_groups([str(write_jsonl(tmp_path / "r.jsonl", [record]))], tokenizer, 64, False)
+    expected = [prompt + sampled, prompt + tokenizer.encode("the") + [end]]  # the cut-off answer closed by <|end|>
+    assert [g.tolist() for g in groups[0].sequences] == expected
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=4, max_seq_len=64, head="scalar"))
+    assert answers_to_score(record, model, tokenizer) == expected
+    one = {"prompt": "Talk.", "completion": text, "completion_ids": sampled, "finish_reason": "stop"}
+    assert answers_to_score(one, model, tokenizer) == expected[:1]
+    torch.nn.init.normal_(model.score.weight)
+    on_sampled, on_text = score_sequences(model, [expected[0], prompt + tokenizer.encode(text) + [end]], tokenizer.pad_id)
+    assert on_sampled != on_text
+    assert answers_to_score({"prompt": "Talk.", "completion": text}, model, tokenizer) == [prompt + tokenizer.encode(text) + [end]]
+    with pytest.raises(ValueError, match="sampled with another tokenizer"):
+        answers_to_score({**record, "tokenizer": "0" * 16}, model, tokenizer)

@@ -62,10 +62,10 @@ def call(url: str, method: str, path: str, body=None, key: str | None = KEY, raw
         return status, text, got
 
 
-def random_checkpoint(tokenizer_dir: Path, out: Path, context: int) -> Path:
+def random_checkpoint(tokenizer_dir: Path, out: Path, context: int, seed: int = 0) -> Path:
     """An untrained model with a long context: its answers never end by themselves (a slow, long stream),
     and its weights are scaled up so that greedy paths are far from ties."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
                           max_seq_len=context))
@@ -85,7 +85,8 @@ def chat_server(chat_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_checkpoint(tokenizer_dir, tmp_path_factory) -> Path:
-    return random_checkpoint(tokenizer_dir, tmp_path_factory.mktemp("long") / "model", context=4096)
+    # seed 1: no near-tie on the greedy paths of the concurrency test (seed 0 has one, at its 16th answer)
+    return random_checkpoint(tokenizer_dir, tmp_path_factory.mktemp("long") / "model", context=4096, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -204,18 +205,16 @@ def before_first_tie(checkpoint: Path, conversation: list[Message], budget: int,
 
 def test_concurrent_streams_each_get_what_they_would_alone(long_server, long_checkpoint):
     """16 simultaneous streaming requests of different lengths join and leave one running batch; each
-    answer equals the greedy answer computed alone (up to a float tie between two tokens, if the untrained
-    model's answer has one)."""
+    answer equals the greedy answer computed alone. The test model (fixed seed) has no near-tie on any of
+    these greedy paths, checked first, so that float rounding in another batch cannot excuse a difference."""
     conversations = [[Message("user", f"question {i}: " + "tell me more " * (i % 5))] for i in range(16)]
     budgets = [20 + 7 * i for i in range(16)]
+    assert [before_first_tie(long_checkpoint, c, b) for c, b in zip(conversations, budgets)] == [None] * 16
     expected = greedy_alone(long_checkpoint, conversations, budgets)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda cb: stream_chat(long_server, [m.to_dict() for m in cb[0]], cb[1]),
                                 zip(conversations, budgets)))
-    for (text, finish), (alone, _, alone_finish), conversation, budget in zip(answers, expected, conversations, budgets):
-        if (text.strip(), finish) != (alone, alone_finish):
-            until_tie = before_first_tie(long_checkpoint, conversation, budget)
-            assert until_tie is not None and text.strip().startswith(until_tie), (text, alone)
+    assert [(text.strip(), finish) for text, finish in answers] == [(alone, finish) for alone, _, finish in expected]
     assert long_server.metric("chatforge_running_sequences") == 0
 
 
