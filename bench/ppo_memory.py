@@ -36,36 +36,27 @@ def worker(args) -> None:
     """In a process whose chatforge is the tree under test: time and measure, print one JSON line."""
     import torch
 
-    from chatforge import config as cfg
-    from chatforge.checkpoint import save_checkpoint
-    from chatforge.model import GPT, with_head
+    from chatforge.data import nonempty_documents
     from chatforge.ppo import PPOConfig, build_ppo
-    from chatforge.pretrain import PretrainConfig
     from chatforge.tokenizer import train_bpe
     from chatforge.train import make_optimizer
+    from ppo_throughput import make_models, make_prompts  # bench/ppo_throughput.py: the same models and prompts
 
     # this tree's measuring function, whatever the revision under test has
     spec = importlib.util.spec_from_file_location("measuring_runtime", TREE / "chatforge" / "runtime.py")
-    measuring = importlib.util.module_from_spec(spec)
+    measuring = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered: it holds dataclasses
     spec.loader.exec_module(measuring)
 
-    root = Path(args.scratch)
-    tokenizer = train_bpe([json.loads(line)["text"] for line in (root / "corpus.jsonl").open()], args.vocab_size)
-    model_config = cfg.from_dict(PretrainConfig, cfg.load_preset("cpu", "pretrain")).model
-    model_config.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(0)
-    policy = GPT(model_config)
-    reward = with_head(policy, "scalar")
-    torch.nn.init.normal_(reward.score.weight, std=0.02)
-    save_checkpoint(root / "sft", policy, tokenizer)
-    save_checkpoint(root / "rm", reward, tokenizer)
+    scratch, root = Path(args.scratch), Path(tempfile.mkdtemp(dir=args.scratch))
+    tokenizer = train_bpe(nonempty_documents([scratch / "corpus.jsonl"]), args.vocab_size)
+    sft, rm = make_models("cpu", tokenizer, root)
+    prompts, _ = make_prompts(tokenizer, scratch / "corpus.jsonl", max(args.batches) * (args.iterations + 2), root)
     device = torch.device(args.device)
     result = {}
     for batch in args.batches:
-        config = PPOConfig(policy=str(root / "sft"), reward=str(root / "rm"), prompts=[str(root / "prompts.txt")],
-                           val_prompts=[str(root / "prompts.txt")], out=str(root / f"ppo-{batch}"), batch_size=batch,
-                           micro_batch_size=8, max_new_tokens=48, ppo_epochs=4, lr=1e-5, progress=False,
-                           device=args.device)
+        config = PPOConfig(policy=str(sft), reward=str(rm), prompts=[str(prompts)], val_prompts=[str(prompts)],
+                           out=str(root / f"ppo-{batch}"), batch_size=batch, micro_batch_size=8, max_new_tokens=48,
+                           ppo_epochs=4, lr=1e-5, progress=False, device=args.device)
         model, _, task = build_ppo(config, device)
         optimizer = make_optimizer(model, config, device)
         step = iter(range(10**6))
@@ -83,15 +74,12 @@ def worker(args) -> None:
     print(json.dumps(result))
 
 
-def prepare(scratch: Path, prompts: int) -> None:
-    """The corpus (Python's docs) and one-line prompts that every process reads."""
+def prepare(scratch: Path) -> None:
+    """The corpus (Python's docs) that every process reads."""
     sys.path.insert(0, str(TREE))
-    from chatforge.data import nonempty_documents, write_sample_corpus
+    from chatforge.data import write_sample_corpus
 
-    corpus, _ = write_sample_corpus(scratch / "corpus.jsonl", docstrings=False)
-    lines = [" ".join(line.split()) for doc in nonempty_documents([corpus]) for line in doc.splitlines()
-             if 12 <= len(line.split()) <= 24 and line.isascii()]
-    (scratch / "prompts.txt").write_text("\n".join(lines[:prompts]) + "\n")
+    write_sample_corpus(scratch / "corpus.jsonl", docstrings=False)
 
 
 def run_tree(tree: Path, scratch: Path, args) -> dict:
@@ -99,8 +87,10 @@ def run_tree(tree: Path, scratch: Path, args) -> dict:
     command = [sys.executable, __file__, "--worker", "--scratch", str(scratch), "--device", args.device,
                "--iterations", str(args.iterations), "--vocab-size", str(args.vocab_size),
                "--batches", *map(str, args.batches)]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=tree).stdout
-    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
+    if done.returncode:
+        raise SystemExit(f"{tree}: the measuring process failed:\n{done.stderr[-3000:]}")
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def main(argv=None) -> None:
@@ -122,7 +112,7 @@ def main(argv=None) -> None:
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        prepare(scratch, max(args.batches) * (args.iterations + 2))
+        prepare(scratch)
         for round_ in range(args.rounds):
             for name, tree in trees.items():
                 runs[name].append(run_tree(tree, scratch, args))

@@ -490,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = reward_commands.add_parser(
         "score", help="score answers to prompts",
         description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', "
-                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists. "
+                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists. Answers "
+                    "are read from their sampled tokens where the record has them (`chatforge sample`'s "
+                    "completion_ids and finish_reasons), from their text otherwise. "
                     "The model is a reward model, or a classifier whose class --label gives the reward.")
     p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
     p.add_argument("--input", required=True, help="JSONL file of {prompt, completion} or {prompt, completions}")
@@ -555,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "sample", help="sample K answers per prompt, to be ranked",
         description="The SFT model answers each prompt K times (the K samples share one prefill), for people "
-                    "to rank (`chatforge label serve`) or a rule. Writes JSONL {prompt, completions, sampling}.")
+                    "to rank (`chatforge label serve`) or a rule. Writes JSONL {prompt, completions, completion_ids, "
+                    "finish_reasons, tokenizer, sampling}: the reward model reads each answer's tokens as sampled.")
     p.add_argument("checkpoint", help="SFT checkpoint, or its run folder")
     p.add_argument("--prompts", required=True,
                    help=".txt (one user message per line) or .jsonl/.parquet with 'prompt' (a string or messages)")

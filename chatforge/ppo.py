@@ -310,10 +310,6 @@ class Experience:
     returns: torch.Tensor
 
     @property
-    def answer_tokens(self) -> torch.Tensor:
-        return self.batch.ids[:, self.batch.prompt_width :]
-
-    @property
     def finite(self) -> bool:
         """False when a score, log-prob or value is NaN or infinite (the step must then be skipped)."""
         return all(bool(torch.isfinite(t).all()) for t in (self.scores, self.logprobs, self.ref_logprobs, self.values))
