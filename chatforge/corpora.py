@@ -109,7 +109,10 @@ def read_wordnet(directory: str | Path) -> list[Entry]:
     return entries
 
 
-def wordnet_prose(entry: Entry, senses: int = 3) -> str:
+PROSE_SENSES = 3  # senses of an entry written into the pretraining text
+
+
+def wordnet_prose(entry: Entry, senses: int = PROSE_SENSES) -> str:
     """An entry written as prose for pretraining: the word, its part of speech, definitions, examples and
     synonyms of its first `senses` senses."""
     lines = []

@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from chatforge.corpora import Entry
+from chatforge.corpora import PROSE_SENSES, Entry
 
 DEFINE, USE, SYNONYM = "define", "use", "synonym"
 QUESTIONS = {
@@ -39,8 +39,8 @@ WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 @dataclass(frozen=True)
 class Word:
     """A word of the demo, with its one part of speech, its first (most frequent) sense, whose definition the
-    conversations teach, and the definitions of all its senses (`senses`, the first one first; empty means
-    the first sense only), which the ground truth accepts."""
+    conversations teach, and the definitions of the senses the ground truth accepts (`senses`, the first one
+    first; empty means the first sense only)."""
 
     word: str
     pos: str
@@ -53,7 +53,7 @@ class Word:
     def from_entry(cls, entry: Entry) -> "Word":
         sense = entry.senses[0]
         return cls(entry.word, entry.pos, sense.definition, tuple(sense.examples), tuple(entry.synonyms()),
-                   tuple(s.definition for s in entry.senses))
+                   tuple(s.definition for s in entry.senses[:PROSE_SENSES]))
 
     @property
     def definitions(self) -> tuple[str, ...]:
@@ -166,12 +166,6 @@ def bag_f1(got: list[str], want: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD's token F1 over every token, function words included (kept for general use; the dictionary's
-    ground truth is `definition_f1`, on content words)."""
-    return bag_f1(tokens(answer), tokens(reference))
-
-
 HEAD = re.compile(r"\s*(.+?)\s*\(([a-z]+)\)\s*:\s*(.*)", re.DOTALL)  # "word (pos): definition"
 
 
@@ -190,10 +184,16 @@ def definition_part(answer: str) -> str:
 
 def definition_f1(answer: str, word: Word) -> float:
     """The definition accuracy of an answer to "What does X mean?": the F1 of the content words
-    (`content_words`) of its definition against those of WordNet's definition of each sense of the word, the
-    best sense counting. Any sense, not only the first, because the question gives no context: an answer
-    with the word's second meaning is right, not wrong. Words match exactly (no stemming)."""
-    got = content_words(definition_part(answer), word.word)
+    (`content_words`) of its definition against those of WordNet's definition of each sense the pretraining
+    text holds (the first three, `corpora.PROSE_SENSES`), the best sense counting. Not only the first sense,
+    because the question gives no context: an answer with the word's second meaning is right, not wrong.
+    Not every sense either: common words have dozens, some glossed in one or two words, and a short generic
+    answer would match one of them by chance. Words match exactly (no stemming)."""
+    return senses_f1(content_words(definition_part(answer), word.word), word)
+
+
+def senses_f1(got: list[str], word: Word) -> float:
+    """The best F1 of the content words `got` against the content words of one of the word's definitions."""
     wants = [content_words(d, word.word) for d in word.definitions]
     return max((bag_f1(got, want) for want in wants if want), default=0.0)
 
@@ -236,12 +236,13 @@ def annotator_score(answer: str, word: Word) -> float:
     """
     if not tokens(answer):
         return -2.0
-    score = definition_f1(answer, word)
+    content = content_words(definition_part(answer), word.word)
+    score = senses_f1(content, word)
     if head_word(answer) is None:
         score -= 0.5
     elif defines_another_word(answer, word):
         score -= 1.0
-    if not content_words(definition_part(answer), word.word):
+    if not content:
         score -= 0.5
     stated = part_of_speech(answer)
     if stated is not None and stated != word.pos:

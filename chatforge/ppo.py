@@ -475,6 +475,9 @@ class PPOConfig(TrainConfig):
     score_batch_size: int = field(default=0, metadata={
         "help": "answers per forward pass when scoring a rollout and evaluating (no gradients; 0: micro_batch_size); "
                 "peak memory follows it, not batch_size"})
+    rollout_batch_size: int = field(default=0, metadata={
+        "help": "answers generated together in a rollout (0: all of batch_size at once); the generation's KV cache "
+                "grows with it"})
     max_steps: int = field(default=100, metadata={"help": "PPO iterations (rollout, scoring, update epochs)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt in a rollout (sharing its prefill)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer; an answer cut off here is 'unfinished'"})
@@ -504,14 +507,25 @@ class PPOConfig(TrainConfig):
         super().__post_init__()
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
-        self.score_batch_size = self.score_batch_size or self.micro_batch_size
-        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon", "score_batch_size"):
+        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.score_batch_size < 0 or self.rollout_batch_size < 0:
+            raise ValueError("score_batch_size and rollout_batch_size must be >= 0 (0: the default)")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
         if not 0 < self.clip < 1 or self.value_clip <= 0 or not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError("need 0 < clip < 1, value_clip > 0, 0 <= lam <= 1 and 0 <= gamma <= 1")
+
+    @property
+    def scoring_rows(self) -> int:
+        """Answers per forward pass when scoring."""
+        return self.score_batch_size or self.micro_batch_size
+
+    @property
+    def generating_rows(self) -> int:
+        """Answers generated together in a rollout."""
+        return self.rollout_batch_size or self.batch_size
 
 
 # A rollout "collapsed" when every answer is the same, or when most are empty.
@@ -567,20 +581,22 @@ def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -
                         "train it from the same SFT model")
     model = frozen(model)
     if model.config.head == "classifier":
-        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind, config.score_batch_size)
-    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, config.score_batch_size)
+        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind, config.scoring_rows)
+    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, config.scoring_rows)
 
 
 def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int) -> list[list[int]]:
     """Each prompt rendered for the assistant to answer. A prompt must leave `room` tokens (the longest
-    answer) in the context: a batch is as wide as its longest prompt plus its longest answer, and every
-    model reads it whole. One that does not is an error naming its file and line."""
+    answer) and one more (the <|end|> the reward model reads after a cut-off answer) in the context: a batch
+    is as wide as its longest prompt plus its longest answer, and every model reads it whole. One that does
+    not is an error naming its file and line."""
     out = []
     for where, messages in prompts:
         ids = render(messages, tokenizer, add_generation_prompt=True)
-        if len(ids) + room > context:
-            raise UserError(f"{where}: the prompt is {len(ids)} tokens, leaving less than max_new_tokens ({room}) "
-                            f"for an answer in the model's context ({context}): shorten it or lower --max-new-tokens")
+        if len(ids) + room + 1 > context:
+            raise UserError(f"{where}: the prompt is {len(ids)} tokens, leaving less than max_new_tokens ({room}) + 1 "
+                            f"for an answer and its <|end|> in the model's context ({context}): shorten it or lower "
+                            "--max-new-tokens")
         out.append(ids)
     return out
 
@@ -590,12 +606,18 @@ def load_prompts(paths: list[str]) -> tuple[list[tuple[str, list[Message]]], int
 
 
 def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, stop_id: int, seed: int,
-            temperature: float = 1.0) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+            temperature: float = 1.0, rows: int = 0) -> tuple[list[list[int]], list[list[int]], list[bool]]:
     """`n` answers to each prompt from the policy's own distribution (temperature 1: PPO's ratios and KL
-    are of that distribution), with the engine: (prompt of each answer, answers, finished)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    completions = generate_batch(policy, prompts, params, n=n, stop_ids=(stop_id,))
-    answers = [(p, c) for p, samples in zip(prompts, completions) for c in samples]
+    are of that distribution), with the engine, `rows` answers at a time (0: all at once; each later chunk
+    draws from a seed of its own): (prompt of each answer, answers, finished)."""
+    per_chunk = max(1, rows // n) if rows else len(prompts)
+    answers = []
+    for i, start in enumerate(range(0, len(prompts), per_chunk)):
+        chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed)
+        part = prompts[start : start + per_chunk]
+        completions = generate_batch(policy, part, params, n=n, stop_ids=(stop_id,))
+        answers += [(p, c) for p, samples in zip(part, completions) for c in samples]
     return [list(p) for p, _ in answers], [c.tokens for _, c in answers], [c.finish_reason == "stop" for _, c in answers]
 
 
@@ -685,13 +707,13 @@ class PPOTask:
         c = self.config
         t0 = time.perf_counter()
         prompts, answers, finished = rollout(self.policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
-                                             self.stop_id, seed=c.seed * 100_003 + step)
+                                             self.stop_id, seed=c.seed * 100_003 + step, rows=c.rollout_batch_size)
         t1 = time.perf_counter()
         experience = make_experience(
             self.policy, self.reference, self.value_model, self.reward, prompts, answers, finished,
             self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
             unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
-            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.score_batch_size)
+            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.scoring_rows)
         t2 = time.perf_counter()
         texts = answer_texts(self.tokenizer, answers)
         tokens = int(experience.batch.mask.sum()) + sum(map(len, prompts))
@@ -734,8 +756,8 @@ class PPOTask:
         if not prompts:
             return {}
         report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
-                                  self.config.max_new_tokens, self.config.seed, self.config.batch_size,
-                                  self.config.score_batch_size, reference_too=False)
+                                  self.config.max_new_tokens, self.config.seed, self.config.generating_rows,
+                                  self.config.scoring_rows, reference_too=False)
         self.last_eval = [f"{a['prompt']} -> {a['policy']}" for a in report["answers"][: self.config.sample_answers]]
         policy = report["policy"]
         return {"val_reward": policy["reward"], "val_kl_per_answer": report["kl_per_answer"],

@@ -141,13 +141,15 @@ def reward_ids(prompt_ids: Sequence[int], answer_ids: Sequence[int], finished: b
     """The token ids a reward model reads, for every use of it (training, `reward eval`, `reward score`,
     the pipeline and PPO): the prompt as rendered for the assistant to answer, the answer's tokens as they
     were sampled (never re-encoded from its text, which can split into other tokens), and <|end|>, where the
-    score is read. A finished answer already ends in the <|end|> it sampled. An answer that did not finish
-    (cut off at the length limit) gets one appended, so that every score is read at the position the head
-    learned to score; PPO subtracts its explicit `unfinished_penalty` from such an answer's score besides."""
-    ids = [*prompt_ids, *answer_ids]
-    if not (finished and answer_ids and answer_ids[-1] == end_id):
-        ids.append(end_id)
-    return ids
+    score is read. A finished answer already ends in the <|end|> it sampled (one stopped by another stop
+    token gets one appended). An answer that did not finish (cut off at the length limit) gets one appended,
+    so that every score is read at the position the head learned to score; PPO subtracts its explicit
+    `unfinished_penalty` from such an answer's score besides. An answer said to be cut off that ends in
+    <|end|> is a ValueError: its record is inconsistent."""
+    ended = bool(answer_ids) and answer_ids[-1] == end_id
+    if ended and not finished:
+        raise ValueError("an answer ending in <|end|> is said to be cut off ('length')")
+    return [*prompt_ids, *answer_ids] + ([] if ended else [end_id])
 
 
 def sampled_tokens(record: dict, count: int, ids_field: str, reasons_field: str) -> tuple[list[list[int]] | None, list[bool] | None]:
@@ -170,14 +172,19 @@ def encode_answers(prompt: list[Message], answers: list[str], answer_ids: list[l
                    finished: list[bool] | None, tokenizer: Tokenizer, made_with: str | None) -> list[list[int]]:
     """`reward_ids` of each answer to `prompt`: from its sampled token ids when there are some, else from
     its text, encoded once (a written answer counts as finished unless its finish reason says otherwise).
-    `made_with` is the fingerprint of the tokenizer that sampled the ids (None: not recorded)."""
+    `made_with` is the fingerprint of the tokenizer that sampled the ids (None: not recorded). Ids that do
+    not decode to their answer's text are refused: the reward model would learn from other answers than
+    the ones ranked."""
     end = tokenizer.special[END_OF_TURN]
     if answer_ids is not None:
         if made_with is not None and made_with != tokenizer.fingerprint:
             raise ValueError(f"its token ids were sampled with another tokenizer ({made_with}, this model's is "
                              f"{tokenizer.fingerprint}): drop 'completion_ids' to encode the text instead")
-        if any(t >= tokenizer.vocab_size for a in answer_ids for t in a):
-            raise ValueError(f"a token id is outside the model's vocabulary ({tokenizer.vocab_size} tokens)")
+        for i, (text, ids) in enumerate(zip(answers, answer_ids)):
+            if any(t >= tokenizer.vocab_size for t in ids):
+                raise ValueError(f"answer {i}: a token id is outside the model's vocabulary ({tokenizer.vocab_size} tokens)")
+            if tokenizer.decode(ids, skip_special=True).strip() != text.strip():
+                raise ValueError(f"answer {i}: its completion_ids do not decode to its text")
     else:
         answer_ids = [tokenizer.encode(a) for a in answers]
     finished = finished or [True] * len(answers)

@@ -61,13 +61,14 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
                       params: SamplingParams, temperatures: list[float] | None = None, batch_size: int = 8,
                       progress: bool = True) -> list[dict]:
     """K answers to each (where, prompt): records {prompt, completions, finish_reasons, sampling}.
-    A prompt that leaves no room for an answer in the model's context is an error naming its line."""
+    A prompt that leaves no room for an answer and the <|end|> the reward model reads after it in the model's
+    context is an error naming its line; answers near the context's end are cut so that the <|end|> fits."""
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
     context = model.config.max_seq_len
     for where, prompt in prompts:
         length = len(render(prompt, tokenizer, add_generation_prompt=True))
-        if length >= context:
+        if length + 1 >= context:
             raise UserError(f"{where}: the prompt is {length} tokens, the model's context is {context}")
     temperatures = temperatures or [params.temperature]
     per_temperature = {t: sum(1 for j in range(k) if temperatures[j % len(temperatures)] == t) for t in temperatures}
@@ -77,10 +78,12 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
     for start in range(0, len(prompts), batch_size):
         batch = [p for _, p in prompts[start : start + batch_size]]
         ids = [render(p, tokenizer, add_generation_prompt=True) for p in batch]
+        room = context - 1 - max(map(len, ids))  # for the answer, before the reward model's closing <|end|>
         answers: list[list[tuple[float, Completion]]] = [[] for _ in batch]
         for i, (temperature, n) in enumerate(per_temperature.items()):
             seed = None if params.seed is None else params.seed + 1000 * start + i
-            setting = dataclasses.replace(params, temperature=temperature, seed=seed)
+            setting = dataclasses.replace(params, temperature=temperature, seed=seed,
+                                          max_new_tokens=min(params.max_new_tokens, room))
             for row, samples in enumerate(generate_batch(model, ids, setting, n=n, stop_ids=stop, tokenizer=tokenizer)):
                 answers[row] += [(temperature, c) for c in samples]
         for prompt, row in zip(batch, answers):

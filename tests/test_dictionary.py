@@ -4,15 +4,21 @@ import pytest
 
 from chatforge.corpora import Entry, Synset
 from chatforge.dictionary import (
-    DEFINE, STOP_WORDS, SYNONYM, USE, Word, annotator_score, content_words, conversations, definition_f1, demo_words,
-    head_word, is_degenerate, is_held_out, part_of_speech, rank_answers, repetition, split_words, token_f1,
+    DEFINE, STOP_WORDS, SYNONYM, USE, Word, annotator_score, bag_f1, content_words, conversations, definition_f1,
+    demo_words, head_word, is_degenerate, is_held_out, part_of_speech, rank_answers, repetition, split_words, tokens,
 )
+
 
 DOG = Word("dog", "noun", "a domesticated member of the genus Canis", ("the dog barked all night",), ("domestic dog",),
            ("a domesticated member of the genus Canis", "someone who is morally reprehensible"))
 
 
-def test_token_f1_by_hand():
+def token_f1(answer: str, reference: str) -> float:
+    """The all-token F1 the demo used before it counted content words only."""
+    return bag_f1(tokens(answer), tokens(reference))
+
+
+def test_bag_f1_by_hand():
     assert token_f1("a member of the genus", "a member of the genus") == 1.0
     # answer 4 tokens, reference 6, 3 in common: P = 3/4, R = 3/6 -> F1 = 0.6
     assert token_f1("a member of cats", "a member of the genus Canis") == pytest.approx(0.6)
@@ -106,7 +112,9 @@ def test_demo_words_and_their_split():
     assert words[1].synonyms == ("hound",) and words[1].answer(USE) == "The dog barked."
     assert words[1].answer(SYNONYM) == "hound." and words[0].answer(USE) is None
     assert words[1].answer(DEFINE) == "dog (noun): a domesticated canine."
-    assert words[1].definitions == ("a domesticated canine",)  # every sense of the entry
+    assert words[1].definitions == ("a domesticated canine",)  # the senses of the entry the pretraining text holds
+    many_senses = Entry("set", "noun", [Synset(i, "noun", ["set"], f"sense {i}", []) for i in range(10)], 5)
+    assert Word.from_entry(many_senses).definitions == ("sense 0", "sense 1", "sense 2")
     assert {r["prompt"] for r in conversations(words)} == {'What does "common" mean?', 'What does "dog" mean?',
                                                            'Use "dog" in a sentence.', 'Give a synonym for "dog".'}
     many = [Word(f"word{i}", "noun", "a thing", (), ()) for i in range(1000)]

@@ -311,3 +311,7 @@ def test_answers_are_scored_on_the_tokens_sampled_not_their_text_re_encoded(toke
     assert answers_to_score({"prompt": "Talk.", "completion": text}, model, tokenizer) == [prompt + tokenizer.encode(text) + [end]]
     with pytest.raises(ValueError, match="sampled with another tokenizer"):
         answers_to_score({**record, "tokenizer": "0" * 16}, model, tokenizer)
+    with pytest.raises(ValueError, match="answer 1: its completion_ids do not decode to its text"):
+        answers_to_score({**record, "completions": [text, "other"]}, model, tokenizer)
+    with pytest.raises(ValueError, match="ending in <|end|> is said to be cut off"):
+        answers_to_score({**record, "finish_reasons": ["length", "length"]}, model, tokenizer)
