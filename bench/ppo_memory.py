@@ -1,7 +1,7 @@
 """PPO's peak memory per iteration against the rollout's size, and its speed against another revision.
 
     python bench/ppo_memory.py                                    # this tree: batch 32 and 256
-    git worktree add /tmp/base HEAD~3 && python bench/ppo_memory.py --baseline /tmp/base
+    git worktree add /tmp/base REVISION && python bench/ppo_memory.py --baseline /tmp/base   # e.g. before a change
 
 One iteration of `chatforge ppo` (sample, score with the policy, the reference, the value model and the
 reward model, then the epochs of minibatch updates) on the cpu preset's architecture with random weights,
