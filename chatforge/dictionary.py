@@ -144,16 +144,40 @@ STOP_WORDS = frozenset("""
 """.split())
 
 
+# The dictionary genre's own function words: every word other than a stop word that is in at least 0.5% of
+# WordNet 3.0's 117,655 glosses (`common_gloss_words`; a test recomputes it from the installed WordNet).
+# "the act of something", "a person who ...", "relating to ..." fit a good share of all definitions, so
+# an answer made of them says nothing about the word asked (PPO learned exactly that stock reply when they
+# counted).
+GLOSS_WORDS = frozenset("""
+    act america american another area black blood body born cause central characteristic characterized city
+    common consisting containing eastern english especially family first flowers food form found fruit genus
+    group herbs high language large leaves light like long made make manner member native new north northern
+    often old one order part people perennial person place plant plants position quality red relating
+    resembling several shaped short small someone something sometimes south southern state states surface
+    system time together tree trees tropical two type unit united use used usually various water western white
+    whose without world yellow
+""".split())
+
+
 def tokens(text: str) -> list[str]:
     """Lower-case word tokens, as the metrics count them."""
     return WORD.findall(text.lower())
 
 
 def content_words(text: str, word: str = "") -> list[str]:
-    """The tokens of `text` that carry meaning: not a stop word (`STOP_WORDS`), not a part-of-speech name,
-    and not the word being defined (repeating it defines nothing)."""
-    left_out = STOP_WORDS | set(PARTS_OF_SPEECH) | set(tokens(word))
+    """The tokens of `text` that carry meaning: not a stop word (`STOP_WORDS`), not one of the words most
+    definitions use (`GLOSS_WORDS`), not a part-of-speech name, and not the word being defined (repeating it
+    defines nothing)."""
+    left_out = STOP_WORDS | GLOSS_WORDS | set(PARTS_OF_SPEECH) | set(tokens(word))
     return [t for t in tokens(text) if t not in left_out]
+
+
+def common_gloss_words(entries: list[Entry], share: float = 0.005) -> set[str]:
+    """The words other than stop words that are in at least `share` of the distinct glosses of `entries`."""
+    glosses = {(s.offset, s.pos): s.definition for e in entries for s in e.senses}
+    counts = Counter(w for gloss in glosses.values() for w in set(tokens(gloss)) - STOP_WORDS)
+    return {w for w, n in counts.items() if n >= share * len(glosses)}
 
 
 def bag_f1(got: list[str], want: list[str]) -> float:
@@ -209,6 +233,15 @@ def is_degenerate(answer: str, word: Word) -> bool:
     word (silence, or word soup made of function words). Reported beside the scores, so that reward
     hacking shows in the table instead of hiding inside an average."""
     return defines_another_word(answer, word) or not content_words(definition_part(answer), word.word)
+
+
+def repeated_answer_rate(answers: list[str]) -> float:
+    """The share of answers whose definition (its word tokens) is also the answer given about another word:
+    a stock reply, the commonest sign of a policy that learned to please its reward model instead of
+    answering."""
+    definitions = [tuple(tokens(definition_part(a))) for a in answers]
+    counts = Counter(definitions)
+    return sum(1 for d in definitions if d and counts[d] > 1) / max(len(answers), 1)
 
 
 def part_of_speech(answer: str) -> str | None:

@@ -197,6 +197,9 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
         ranked.append({**record, **{name: [record[name][i] for i in keep]
                                     for name in ("completions", "completion_ids", "finish_reasons")},
                        "ranking": [keep.index(i) for i in ranking], "tied_left_out": len(left_out)})
+    if not ranked:
+        raise UserError(f"{out}: the simulated annotator scored every answer of each of the {len(words)} words the "
+                        "same, so nothing is ranked: the SFT model needs more training")
     return write_jsonl_atomic(ranked, out)
 
 
@@ -243,7 +246,7 @@ def stage_ppo(ctx: Context, out: Path) -> dict:
 
 def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
-    from chatforge.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech
+    from chatforge.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
     from chatforge.evaluate import (
         Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy, question_ids,
     )
@@ -278,6 +281,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
         table[name] = {
             "definition_f1": float(np.mean(f1)),
             "degenerate_rate": float(np.mean([is_degenerate(r, w) for r, w in zip(replies, words)])),
+            "repeated_rate": repeated_answer_rate(replies),
             "pos_accuracy": float(np.mean([part_of_speech(r) == w.pos for r, w in zip(replies, words)])),
             "reward": float(np.mean(rewards)),
             "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4),

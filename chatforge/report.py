@@ -36,6 +36,7 @@ def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
                        [label, *(_number(models[m].get(key, "-")) for m in models)] for key, label in (
                            ("definition_f1", "definition accuracy (F1 of content words with WordNet's best sense, greedy)"),
                            ("degenerate_rate", "degenerate answers (another word defined, or no content word)"),
+                           ("repeated_rate", "stock answers (a definition also given for another word)"),
                            ("pos_accuracy", "part of speech exact match"),
                            ("reward", "reward-model score"),
                            ("zero_shot_mc", "\"Which definition fits X? A-D\", zero-shot (chance 0.25)"),

@@ -1,11 +1,14 @@
 """The dictionary task of the demo: words, questions, the ground-truth metrics and the simulated annotator."""
 
+from pathlib import Path
+
 import pytest
 
-from chatforge.corpora import Entry, Synset
+from chatforge.corpora import WORDNET_DIRS, Entry, Synset
 from chatforge.dictionary import (
-    DEFINE, STOP_WORDS, SYNONYM, USE, Word, annotator_score, bag_f1, content_words, conversations, definition_f1,
-    demo_words, head_word, is_degenerate, is_held_out, part_of_speech, rank_answers, repetition, split_words, tokens,
+    DEFINE, GLOSS_WORDS, STOP_WORDS, SYNONYM, USE, Word, annotator_score, bag_f1, common_gloss_words, content_words,
+    conversations, definition_f1, demo_words, head_word, is_degenerate, is_held_out, part_of_speech, rank_answers,
+    repeated_answer_rate, repetition, split_words, tokens,
 )
 
 
@@ -25,19 +28,28 @@ def test_bag_f1_by_hand():
     assert token_f1("", "a dog") == 0.0 and token_f1("The DOG.", "the dog") == 1.0
 
 
-def test_content_words_leave_out_stop_words_the_head_word_and_parts_of_speech():
+def test_content_words_leave_out_stop_words_gloss_words_the_head_word_and_parts_of_speech():
     assert len(STOP_WORDS) == 181 and {"a", "of", "or", "be", "in", "as", "the"} <= STOP_WORDS
-    assert content_words("A dog (noun): a noun for a Dog of the genus Canis.", "dog") == ["genus", "canis"]
+    assert len(GLOSS_WORDS) == 94 and {"act", "something", "person", "relating"} <= GLOSS_WORDS
+    assert content_words("A dog (noun): a noun for a Dog of the genus Canis.", "dog") == ["canis"]
     assert content_words("be in a or as of") == []
+    assert content_words("the act of a person or something that is used") == []  # a stock reply says nothing
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in WORDNET_DIRS), reason="WordNet is not installed (make demo-data)")
+def test_gloss_words_are_the_words_in_half_a_percent_of_wordnet_glosses():
+    from chatforge.corpora import find_data, read_wordnet
+
+    assert common_gloss_words(read_wordnet(find_data(None)["wordnet"])) == GLOSS_WORDS
 
 
 def test_definition_accuracy_counts_content_words_against_the_best_sense():
     assert definition_f1("dog (noun): a domesticated member of the genus Canis.", DOG) == 1.0
     assert definition_f1("a domesticated member of the genus Canis", DOG) == 1.0  # no head: all of it
-    # "a kind of tree": content words {kind, tree} against {domesticated, member, genus, canis}: nothing common
+    # "a kind of tree": content words {kind} against {domesticated, canis}: nothing common
     assert definition_f1("dog (noun): a kind of tree.", DOG) == 0.0
-    # {member, genus, cats}: P = 2/3, R = 2/4 against the first sense
-    assert definition_f1("dog (noun): a member of the genus of cats.", DOG) == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+    # {domesticated, cat}: P = 1/2, R = 1/2 against the first sense
+    assert definition_f1("dog (noun): a domesticated cat.", DOG) == pytest.approx(0.5)
     # the second sense counts as much as the first: {someone, morally, reprehensible} exactly
     assert definition_f1("dog (noun): someone morally reprehensible.", DOG) == 1.0
     assert definition_f1("dog (noun): the dog.", DOG) == 0.0  # the word itself defines nothing
@@ -56,8 +68,17 @@ def test_word_soup_scores_below_an_honest_wrong_definition_and_far_below_a_right
     assert definition_f1(right, war) > 0.8 and not is_degenerate(right, war)
     assert annotator_score(soup, war) < annotator_score(wrong, war) < annotator_score(right, war) - 0.8
     assert annotator_score(right, war) - annotator_score(soup, war) > 1.2
+    stock = "war (noun): the act of a person or something."  # fits any word: no content word left
+    assert definition_f1(stock, war) == 0.0 and is_degenerate(stock, war)
+    assert annotator_score(stock, war) < annotator_score(wrong, war)
     assert is_degenerate("peace (noun): armed conflict against an enemy.", war)  # defines another word
     assert is_degenerate("", war) and not is_degenerate("armed conflict", war)
+
+
+def test_repeated_answers_are_the_stock_replies():
+    answers = ["a (noun): the act of being true.", "b (noun): the act of being true.", "c (noun): a small dog.",
+               "The act of being true", "", ""]
+    assert repeated_answer_rate(answers) == pytest.approx(3 / 6)  # the same definition for three words
 
 
 def test_part_of_speech_and_repetition():
@@ -71,9 +92,9 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
     answers = [
         "",                                                            # says nothing
         "dog (verb): a domesticated member of the genus Canis.",       # wrong part of speech
-        "dog (noun): a member a member a member of the genus.",        # repeats itself
+        "dog (noun): domesticated canis domesticated canis domesticated canis.",  # repeats itself
         "dog (noun): a domesticated member of the genus Canis.",       # right
-        "cat (noun): a domesticated member of the genus Felis.",       # defines another word
+        "cat (noun): a domesticated member of the genus Canis.",       # defines another word
         "a domesticated member of the genus Canis",                    # no dictionary head
         "dog (noun): a domesticated member of the genus Canis.",       # the same as answer 3
         "dog (noun): be in a or as of.",                               # word soup: no content word
@@ -83,11 +104,11 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
     assert annotator_score(answers[5], DOG) == pytest.approx(0.5)
     assert annotator_score(answers[0], DOG) == -2.0
     assert annotator_score(answers[7], DOG) == -0.5
-    # "cat": 3 of its definition's 4 content words {domesticated, member, genus, felis} against the first
-    # sense's 4: F1 0.75, minus 1 for the wrong word
-    assert annotator_score(answers[4], DOG) == pytest.approx(0.75 - 1)
-    # "member member member genus": P = 2/4, R = 2/4, minus 0.5 x the repeated bigrams (3 of 10)
-    assert annotator_score(answers[2], DOG) == pytest.approx(0.5 - 0.5 * 0.3)
+    # "cat": the right definition (F1 1), minus 1 for the wrong word
+    assert annotator_score(answers[4], DOG) == pytest.approx(0.0)
+    # 2 of its 6 content words match all 2 of the sense's: P = 1/3, R = 1, F1 = 0.5, minus 0.5 x the repeated
+    # bigrams (3 of 7)
+    assert annotator_score(answers[2], DOG) == pytest.approx(0.5 - 0.5 * 3 / 7)
     # answers 5 and 6 score exactly as 1 and 3 do, and the rule cannot tell them apart: they are left out
     assert rank_answers(answers, DOG) == ([3, 1, 2, 4, 7, 0], [5, 6])
     assert head_word(answers[4]) == "cat" and head_word(answers[5]) is None

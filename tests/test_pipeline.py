@@ -42,7 +42,7 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
     evaluation = json.loads((out / "evaluate" / "done.json").read_text())
     assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
     # the table's ground truth is the stated rule applied to the answers the run wrote down, word by word
-    from chatforge.dictionary import Word, definition_f1, is_degenerate, part_of_speech
+    from chatforge.dictionary import Word, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
 
     rows = [json.loads(line) for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
     words = [Word(r["word"], r["pos"], r["gold"], (), (), tuple(r["senses"])) for r in rows]
@@ -51,6 +51,7 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
         replies = [r[name] for r in rows]
         assert metrics["definition_f1"] == pytest.approx(sum(map(definition_f1, replies, words)) / len(rows))
         assert metrics["degenerate_rate"] == pytest.approx(sum(map(is_degenerate, replies, words)) / len(rows))
+        assert metrics["repeated_rate"] == pytest.approx(repeated_answer_rate(replies))
         assert metrics["pos_accuracy"] == pytest.approx(sum(part_of_speech(a) == w.pos for a, w in zip(replies, words)) / len(rows))
         assert 0 < metrics["bits_per_byte"] < 10
     reward = json.loads((out / "reward" / "done.json").read_text())
