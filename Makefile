@@ -51,6 +51,7 @@ bench: venv
 	$(PY) bench/generate_throughput.py
 	$(PY) bench/reward_throughput.py
 	$(PY) bench/ppo_throughput.py
+	$(PY) bench/ppo_memory.py
 	$(PY) bench/serve_load.py
 
 clean:
