@@ -528,3 +528,17 @@ def test_ppo_scores_sampled_answers_as_reward_score_does_from_the_candidates_fil
                                      micro_batch_size=3)
     expected = torch.tensor([score for r in records for score in r["rewards"]])
     torch.testing.assert_close(experience.raw_scores, expected, rtol=0, atol=1e-5)
+
+
+def test_a_rollout_in_chunks_keeps_the_order_and_draws_each_chunk_afresh():
+    from chatforge.ppo import rollout
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32)).eval()
+    prompts = [[1, 5]] * 4 + [[1, 7]]
+    rows, answers, finished = rollout(policy, prompts, 2, 6, stop_id=2, seed=3, rows=4)  # chunks of 2 prompts
+    assert rows == [p for p in prompts for _ in range(2)] and len(answers) == len(finished) == 10
+    assert answers[:4] != answers[4:8]  # the same prompts, another chunk: another seed, other answers
+    assert rollout(policy, prompts, 2, 6, stop_id=2, seed=3, rows=4)[1] == answers  # seeded
+    whole = rollout(policy, prompts, 2, 6, stop_id=2, seed=3)
+    assert whole[0] == rows and len(whole[1]) == 10
