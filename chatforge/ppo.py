@@ -475,9 +475,9 @@ class PPOConfig(TrainConfig):
     score_batch_size: int = field(default=0, metadata={
         "help": "answers per forward pass when scoring a rollout and evaluating (no gradients; 0: micro_batch_size); "
                 "peak memory follows it, not batch_size"})
-    rollout_batch_size: int = field(default=0, metadata={
+    rollout_batch_size: int = field(default=64, metadata={
         "help": "answers generated together in a rollout (0: all of batch_size at once); the generation's KV cache "
-                "grows with it"})
+                "grows with it, so that a larger batch_size needs no more memory"})
     max_steps: int = field(default=100, metadata={"help": "PPO iterations (rollout, scoring, update epochs)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers sampled per prompt in a rollout (sharing its prefill)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer; an answer cut off here is 'unfinished'"})
