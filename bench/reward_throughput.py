@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from chatforge import config as cfg
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
-from chatforge.reward import Group, last_token_outputs, ranking_loss, right_pad
+from chatforge.objectives import ranking_loss
+from chatforge.reward import Group, last_token_outputs, right_pad
 from timing import timed, write_report  # bench/timing.py
 
 

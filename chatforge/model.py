@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from chatforge.losses import linear_cross_entropy
+from chatforge.objectives import linear_cross_entropy
 
 
 @dataclass

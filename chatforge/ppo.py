@@ -5,12 +5,13 @@
 maximised with PPO (Schulman et al. 2017): answers are sampled, each answer token gets the KL penalty and
 the last one also the reward model's score, GAE turns rewards and values into advantages, and several
 epochs of minibatch updates follow the clipped objective, a clipped value loss and an entropy bonus, with
-the pretraining loss mixed into the same step. Each term below is a small function whose docstring shows
-its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on real answer tokens.
+the pretraining loss mixed into the same step. Each term is a small function in `chatforge/objectives.py`
+whose docstring shows its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on
+real answer tokens.
 
-This module holds the objective's terms, the layout of a rollout batch, `make_experience` (a scored
-rollout with advantages) and `ppo_epochs` (the minibatch updates); the stage around them (models from
-checkpoints, the command, checkpoints and resume, diagnostics and alarms) comes next.
+This module holds the layout of a rollout batch, `make_experience` (a scored rollout with advantages),
+`ppo_epochs` (the minibatch updates), and the stage around them: models from checkpoints, the command,
+checkpoints and resume, diagnostics and alarms, and the comparison of two policies.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from chatforge.data import TokenWindows, load_splits
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
+from chatforge.objectives import (
+    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, generalized_advantages,
+    kl_penalized_rewards, masked_mean, policy_terms, ppo_ptx_loss, token_logprobs, whiten,
+)
 from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
 from chatforge.reward import reward_head, reward_ids, score_sequences, text_ids
 from chatforge.runtime import Dist
@@ -86,193 +91,6 @@ class RolloutBatch:
     def answer_values(self, model: torch.nn.Module) -> torch.Tensor:
         """(B, T): a scalar-head model's value of the state before each answer token, V(x, y_<t)."""
         return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1) * self.mask
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, logsumexp: torch.Tensor | None = None) -> torch.Tensor:
-    """log π(y_t | ...) of the given tokens, as the gathered logit minus the log-partition function:
-
-        log π(y_t) = z_{y_t} − log Σ_v exp(z_v)
-
-    logits (B, T, V), tokens (B, T) -> (B, T), in fp32; `logsumexp` (B, T) when already computed (shared with
-    `entropy`), so that no (B, T, V) log-softmax is kept."""
-    logits = logits.float()
-    if logsumexp is None:
-        logsumexp = logits.logsumexp(-1)
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logsumexp
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Σ x·mask / Σ mask (over `dim`, or everything)."""
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (the mean kept when not `shift_mean`); 0 where masked."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
-
-
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards and the per-token KL estimate:
-
-        kl_t = log π_RL(y_t | x, y_<t) − log π_SFT(y_t | x, y_<t)
-        r_t  = −β · kl_t  +  [t is the answer's last token] · r_θ(x, y)
-
-    scores (B,), the others (B, T) -> rewards (B, T), kl (B, T); both 0 where masked.
-    """
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -beta * kl
-    last = mask.sum(1).long() - 1  # the answer's last token (an empty answer has no token to reward)
-    has_tokens = last >= 0
-    rows = torch.arange(len(scores), device=scores.device)[has_tokens]
-    rewards[rows, last[has_tokens]] += scores[has_tokens].to(rewards.dtype)
-    return rewards, kl
-
-
-def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                           gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE (Schulman et al. 2016) backwards over the answer tokens:
-
-        δ_t = r_t + γ·V_{t+1} − V_t        (V after the last token is 0)
-        A_t = δ_t + γλ·A_{t+1}
-        R_t = A_t + V_t                     (the value target)
-
-    -> advantages (B, T), returns (B, T); 0 where masked.
-    """
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, as a loss to minimise:
-
-        ρ_t = π_φ(y_t) / π_φ_old(y_t)
-        L   = −E_t [ min(ρ_t·A_t, clip(ρ_t, 1 − ε, 1 + ε)·A_t) ]
-
-    -> (loss, the share of tokens where the clipped term was the smaller one).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
-    return loss, clip_fraction
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip: float) -> torch.Tensor:
-    """The value loss with the new values kept near the rollout's (as in PPO's reference code):
-
-        L_V = ½ · E_t [ max((V_t − R_t)², (clip(V_t, V_old − ε, V_old + ε) − R_t)²) ]
-    """
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-def entropy(logits: torch.Tensor, mask: torch.Tensor, logsumexp: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean entropy of the policy over answer tokens (the bonus's quantity), from the same log-partition
-    function as `token_logprobs`:
-
-        H = −Σ_v p_v log p_v = log Σ_v exp(z_v) − Σ_v p_v z_v,     p = softmax(z)
-    """
-    logits = logits.float()
-    if logsumexp is None:
-        logsumexp = logits.logsumexp(-1)
-    probs = torch.exp(logits - logsumexp[..., None])
-    return masked_mean(logsumexp - (probs * logits).sum(-1), mask)
-
-
-def policy_terms(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                 entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π of `tokens`, mean entropy) of one minibatch, sharing one logsumexp. The entropy carries a
-    gradient only when `entropy_grad` (its coefficient is not 0): otherwise it is a diagnostic, and keeping
-    its (B, T, V) softmax for the backward pass would cost memory for nothing."""
-    logits = logits.float()
-    logsumexp = logits.logsumexp(-1)
-    logprobs = token_logprobs(logits, tokens, logsumexp)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy_value = entropy(logits, mask, logsumexp)
-    return logprobs, entropy_value
-
-
-def ppo_ptx_loss(policy: torch.Tensor, value: torch.Tensor, entropy_value: torch.Tensor, ptx: torch.Tensor | None,
-                 vf_coef: float, entropy_coef: float, ptx_coef: float) -> torch.Tensor:
-    """The loss of one update: L = L^CLIP + c_vf·L_V − c_H·H + γ_ptx·L_LM(pretraining batch).
-
-    With c_H = 0 and the pretraining term weighted by γ_ptx this is InstructGPT's PPO-ptx objective
-    (negated, as a loss); L_LM is the mean next-token loss, so −γ_ptx·L_LM = γ_ptx·E[log π(x)] per token.
-    """
-    loss = policy + vf_coef * value - entropy_coef * entropy_value
-    if ptx is not None and ptx_coef:
-        loss = loss + ptx_coef * ptx
-    return loss
-
-
-class AdaptiveKLController:
-    """β adapted toward a target KL (Ziegler et al. 2019):
-
-        e = clip(KL / KL_target − 1, −0.2, 0.2)
-        β ← β · (1 + e · n / horizon)           n: samples in the rollout
-    """
-
-    def __init__(self, beta: float, target: float, horizon: int):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl: float, samples: int) -> float:
-        error = min(max(kl / self.target - 1, -0.2), 0.2)
-        self.beta *= 1 + error * samples / self.horizon
-        return self.beta
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
-
-
-class RunningMoments:
-    """Running mean and standard deviation of the reward model's scores over all rollouts so far (Chan et
-    al.'s parallel update), for reward normalisation: r ← (r − mean) / std. Non-finite scores are left out."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x[torch.isfinite(x)].double()
-        if not len(x):
-            return
-        n, mean = len(x), float(x.mean())
-        delta, total = mean - self.mean, self.count + n
-        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / max(self.std, 1e-6)
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
 # --- experience: one rollout, scored --------------------------------------------------------------------
@@ -388,12 +206,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # --- the update ---------------------------------------------------------------------------------------
-
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """How far an epoch moved the policy from the one that sampled: E_t[½ (log π − log π_old)²]
-    (Schulman's k2 estimator: ≥ 0, unbiased to second order)."""
-    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
-
 
 def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience: Experience,
                optimizers: Sequence[torch.optim.Optimizer], *, epochs: int, minibatch_size: int, clip: float = 0.2,

@@ -8,14 +8,15 @@ InstructGPT's (Ouyang et al. 2022, equation 1):
 done the way the paper does it: the K answers of a prompt are one batch element, each answer is forwarded
 once, and all C(K,2) differences come from those K scores. The 1/C(K,2) makes every prompt weigh the same
 however many answers it has. Options: a margin inside σ, and a centering term λ·E[r²] that keeps scores
-near 0 (Eisenstein et al. 2023).
+near 0 (Eisenstein et al. 2023). Both are in `chatforge/objectives.py` (`ranking_loss`, `centering_penalty`).
 
 The model is the SFT model with the LM head replaced by a scalar head, read at the <|end|> that closes the
 answer. What it reads is built by one function, `reward_ids`, from the answer's token ids as they were
 sampled (`chatforge sample` stores them beside the text), in training, `reward eval`, `reward score` and
-PPO alike; an answer cut off at the length limit is closed with an appended <|end|> everywhere. When training ends, the mean score of the training answers (with `chatforge sample`, the SFT
-model's own answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT
-shifted its reward the same way, to its labelers' demonstrations.
+PPO alike; an answer cut off at the length limit is closed with an appended <|end|> everywhere. When
+training ends, the mean score of the training answers (with `chatforge sample`, the SFT model's own
+answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT shifted its
+reward the same way, to its labelers' demonstrations.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
 from chatforge.checkpoint import load_model
 from chatforge.data import BucketedEpochs, load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
+from chatforge.objectives import centering_penalty, ranking_loss
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import (
@@ -269,27 +270,11 @@ def reward_head(model: GPT, label: str | None = None, kind: str = "logprob") -> 
     return lambda outputs: outputs.float().log_softmax(-1)[:, index]
 
 
-def ranking_loss(scores: torch.Tensor, ranking: Sequence[int], margin: float = 0.0) -> torch.Tensor:
-    """InstructGPT's loss for one prompt's K answers, from their K scores:
-
-        -1/C(K,2) · Σ_{y_w ranked above y_l} log σ(r(x, y_w) − r(x, y_l) − margin)
-    """
-    ordered = scores[torch.as_tensor(ranking, device=scores.device)]  # best first
-    diff = ordered[:, None] - ordered[None, :]  # diff[i, j] = r_i − r_j
-    above = torch.ones_like(diff, dtype=torch.bool).triu(diagonal=1)  # i ranked above j
-    return -F.logsigmoid(diff[above] - margin).mean()
-
-
 def pairs_ordered(scores: torch.Tensor, ranking: Sequence[int]) -> tuple[int, int]:
     """(pairs the scores order as the ranking does, all C(K,2) pairs); a tie counts as wrong."""
     ordered = scores[torch.as_tensor(ranking, device=scores.device)]
     above = torch.ones(len(ranking), len(ranking), dtype=torch.bool, device=scores.device).triu(diagonal=1)
     return int(((ordered[:, None] - ordered[None, :])[above] > 0).sum()), int(above.sum())
-
-
-def centering_penalty(scores: torch.Tensor) -> torch.Tensor:
-    """E[r²]: keeps the scores near 0, which the loss alone (shift-invariant) leaves free."""
-    return scores.pow(2).mean()
 
 
 class RewardTask(StepDeterminedData):

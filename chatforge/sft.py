@@ -20,7 +20,7 @@ from chatforge.checkpoint import load_model
 from chatforge.data import BucketedEpochs, load_splits, parse_records
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
-from chatforge.losses import IGNORE_INDEX
+from chatforge.objectives import IGNORE_INDEX
 from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer

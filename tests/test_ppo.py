@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.model import GPT, GPTConfig
-from chatforge.ppo import (
+from chatforge.objectives import (
     AdaptiveKLController, clipped_policy_loss, clipped_value_loss, entropy, generalized_advantages,
     kl_penalized_rewards, masked_mean, ppo_ptx_loss, whiten,
 )
@@ -126,7 +126,8 @@ def test_a_rollout_batch_reads_each_row_as_it_would_alone():
     rows cut to their own widths; the reward model's score is read at the <|end|> closing each answer,
     appended to the one that was cut off."""
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import RolloutBatch, model_reward, token_logprobs
+    from chatforge.objectives import token_logprobs
+    from chatforge.ppo import RolloutBatch, model_reward
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
@@ -240,7 +241,8 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
 
 
 def test_running_moments_and_explained_variance_by_hand():
-    from chatforge.ppo import RunningMoments, explained_variance
+    from chatforge.objectives import RunningMoments
+    from chatforge.ppo import explained_variance
 
     stats = RunningMoments()
     stats.update(torch.tensor([1.0, 2.0, float("nan")]))  # a non-finite score is left out
@@ -461,7 +463,7 @@ def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained
 
 
 def test_entropy_shares_the_log_partition_and_has_no_gradient_when_its_coefficient_is_0():
-    from chatforge.ppo import policy_terms, token_logprobs
+    from chatforge.objectives import policy_terms, token_logprobs
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 11, requires_grad=True)

@@ -9,9 +9,10 @@ from chatforge.chat_format import Message
 from chatforge.checkpoint import load_model
 from chatforge.data import load_splits, parse_records
 from chatforge.model import GPT, GPTConfig
+from chatforge.objectives import ranking_loss
 from chatforge.reward import (
     Group, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_outputs,
-    load_groups, ranking_loss, right_pad, score_sequences,
+    load_groups, right_pad, score_sequences,
 )
 from chatforge.runtime import Dist
 from chatforge.train import read_metrics

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge import losses
-from chatforge.losses import IGNORE_INDEX, linear_cross_entropy
+from chatforge import objectives as losses
+from chatforge.objectives import IGNORE_INDEX, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [16, 7, 1000])
