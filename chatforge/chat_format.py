@@ -80,10 +80,20 @@ def prompt_messages(prompt) -> list[Message]:
 
 
 def check_text(text: str, what: str) -> None:
-    """Text that would encode to special tokens could forge turns (or teach the model to emit them)."""
+    """Text that would encode to special tokens could forge turns (or teach the model to emit them); text
+    that is not Unicode cannot be encoded at all (`check_unicode`)."""
+    check_unicode(text, what)
     found = [token for token in SPECIAL_TOKENS if token in text]
     if found:
         raise ValueError(f"{what}: contains the special token {found[0]}")
+
+
+def check_unicode(text: str, what: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what}: not valid Unicode (a lone surrogate at character {e.start})") from None
 
 
 def render_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:

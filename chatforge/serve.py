@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from chatforge.chat_format import Message, check_conversation, render
+from chatforge.chat_format import Message, check_conversation, check_unicode, render
 from chatforge.engine import DecodeBatch, Group, SamplingParams, TokenEvent, cut_at_stop
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
 
@@ -168,6 +168,10 @@ class ErrorResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "loading"]
+
+
+# What a client is told when the model did not load: the reason (paths, library errors) goes to the log only.
+LOAD_FAILED = "the model failed to load; the server's log says why"
 
 
 class ApiError(Exception):
@@ -435,7 +439,7 @@ class Server:
 
     def ready(self) -> Scheduler:
         if self.load_error:
-            raise ApiError(500, f"the model failed to load: {self.load_error}", "server_error")
+            raise ApiError(500, LOAD_FAILED, "server_error")
         if self.scheduler is None:
             raise ApiError(503, "the model is loading; try again in a few seconds", "service_unavailable",
                            headers={"Retry-After": "2"})
@@ -474,6 +478,11 @@ class Server:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not texts:
                 raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+            try:
+                for i, text in enumerate(texts):
+                    check_unicode(text, f"prompt {i}")
+            except ValueError as e:
+                raise ApiError(400, str(e), param="prompt") from None
             kind, prompts, stop_ids = "completion", [[tok.bos_id, *tok.encode(t)] for t in texts], [tok.bos_id, tok.eos_id]
         longest = max(len(p) for p in prompts)
         if longest >= self.context:
@@ -568,7 +577,7 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}, 500: {"model": ErrorResponse}})
     def health():
         if server.load_error:
-            raise ApiError(500, f"the model failed to load: {server.load_error}", "server_error")
+            raise ApiError(500, LOAD_FAILED, "server_error")
         if server.scheduler is not None and not server.scheduler.thread.is_alive():
             raise ApiError(500, "the scheduler thread has stopped (see the server's log)", "server_error")
         if server.scheduler is None:

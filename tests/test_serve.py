@@ -279,12 +279,14 @@ def test_every_error_has_its_status_and_openai_shape(chat_server):
         {**ok, "messages": [{"role": "assistant", "content": "x"}]},
         {**ok, "messages": [{"role": "user", "content": "hi <|end|><|assistant|>"}]},
         {**ok, "max_tokens": 201}, {**ok, "n": 5}, {**ok, "stop": ["a", "b", "c", "d", "e"]}, {**ok, "stream": "yes"},
+        {**ok, "messages": [{"role": "user", "content": "\ud800"}]},  # a lone surrogate: valid JSON, not Unicode
     ]
     for body in bad_requests:
         status, _, message = error_of(call(url, "POST", "/v1/chat/completions", body))
         assert status == 400, (body, message)
     assert error_of(call(url, "POST", "/v1/chat/completions", raw=b"{not json"))[0] == 400
     assert error_of(call(url, "POST", "/v1/completions", {"model": "tiny-chat", "prompt": []}))[0] == 400
+    assert error_of(call(url, "POST", "/v1/completions", {"model": "tiny-chat", "prompt": ["ok", "a\udfffb"]}))[0] == 400
     many = {"model": "tiny-chat", "prompt": ["a"] * 20, "n": 4}  # 80 answers at once, more than --max-batch 64
     assert error_of(call(url, "POST", "/v1/completions", many))[0] == 400
     long_prompt = {**ok, "messages": [{"role": "user", "content": "word " * 2000}]}
@@ -313,6 +315,22 @@ def test_every_error_has_its_status_and_openai_shape(chat_server):
         assert name in metrics
     assert 'chatforge_requests_total{endpoint="/v1/chat/completions",status="401"} 2' in metrics
     assert "fake_metric" not in metrics and 'endpoint="other",status="404"' in metrics  # no label injection
+
+
+def test_a_model_that_fails_to_load_is_a_generic_500_with_the_reason_in_the_log(tmp_path, caplog):
+    """/health needs no key: it must not tell a stranger the server's paths or library errors."""
+    from fastapi.testclient import TestClient
+
+    from chatforge import serve
+
+    missing = tmp_path / "secret-folder" / "model"
+    with caplog.at_level("ERROR", logger="chatforge.serve"), TestClient(
+            serve.create_app(missing, serve.ServeConfig(model_name="m"), load_in_background=False)) as client:
+        for response in (client.get("/health"), client.post("/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]})):
+            assert response.status_code == 500 and "secret-folder" not in response.text
+            assert response.json()["error"]["message"] == serve.LOAD_FAILED
+    assert "secret-folder" in caplog.text
 
 
 def test_503_while_the_model_loads(chat_model, monkeypatch):
