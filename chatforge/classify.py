@@ -170,6 +170,8 @@ class ClassifyTask(StepDeterminedData):
         return total / max(count, 1), all_reduce_sum(counts, self.d).cpu().numpy().astype(np.int64)
 
     def evaluate(self, model) -> dict[str, float]:
+        if not self.val:  # nothing held out (a validation fraction of 0)
+            return {}
         held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
         loss, counts = self.held_out_metrics(model, held_out)
         report = classification_report(counts, self.classes)
@@ -180,6 +182,8 @@ class ClassifyTask(StepDeterminedData):
 
     def finish(self, model: GPT) -> None:
         """The per-class report on the whole held-out set, printed and written to the run folder."""
+        if not self.val:
+            return
         model.eval()
         with torch.no_grad():
             _, counts = self.held_out_metrics(model, self.val[self.d.rank :: self.d.world_size])

@@ -124,16 +124,26 @@ class BucketedEpochs:
 def load_splits(load: Callable[[list[str]], tuple[list[T], int]], data: list[str], val_data: list[str],
                 val_fraction: float, seed: int, key: Callable[[T], str] | None = None) -> tuple[list[T], list[T], int]:
     """Training and held-out items, and how many invalid records were skipped: `val_data` when given,
-    else the `val_fraction` of `data` that `is_validation` picks (at least one item), by index or by
-    `key(item)`, so that items sharing a key (one prompt ranked by several people) stay on one side."""
+    else the `val_fraction` of `data` that `is_validation` picks, by index or by `key(item)`, so that items
+    sharing a key (one prompt ranked by several people) stay on one side. When the draw picks nothing from
+    a small set, the last training item (with every item sharing its key) moves out of training: held-out
+    items are never trained on. `val_fraction` 0 holds nothing out (the stage then evaluates nothing)."""
     items, skipped = load(data)
     if val_data:
         val, skipped_val = load(val_data)
         return items, val, skipped + skipped_val
+    if not val_fraction:
+        return items, [], skipped
     held_out = [is_validation(key(x) if key else i, val_fraction, seed) for i, x in enumerate(items)]
+    if items and not any(held_out):
+        last = key(items[-1]) if key else None
+        held_out = [key(x) == last if key else i == len(items) - 1 for i, x in enumerate(items)]
     train = [x for x, v in zip(items, held_out) if not v]
     val = [x for x, v in zip(items, held_out) if v]
-    return train, val or train[-1:], skipped
+    if items and not train:
+        raise UserError(f"{', '.join(data)}: {len(items)} item(s), too few to hold one out for validation: "
+                        "give --val-data (--val-prompts for ppo) or --val-fraction 0")
+    return train, val, skipped
 
 
 def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:

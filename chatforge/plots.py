@@ -38,7 +38,8 @@ def plot_training_curves(metrics: list[dict], out: str | Path, title: str = "") 
         points = [(m["step"], m[key]) for m in evals if key in m]
         ax_loss.plot(*zip(*points), marker="o", color=color, label=key.replace("_", " "))
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax_loss.legend()
+    if ax_loss.get_legend_handles_labels()[0]:  # a run with nothing held out and no step logged yet has none
+        ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     ax_speed.set(xlabel="step", title="throughput and learning rate")
     ax_speed.set_ylabel("tokens/s", color="tab:green")

@@ -317,6 +317,8 @@ class RewardTask(StepDeterminedData):
         return total * share
 
     def evaluate(self, model) -> dict[str, float]:
+        if not self.val:  # nothing held out (a validation fraction of 0)
+            return {}
         held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, prompts, pairs right, pairs
         for start in range(0, len(held_out), self.config.micro_batch_size):

@@ -153,6 +153,8 @@ class SFTTask(StepDeterminedData):
         return model(inputs, targets=targets) * share
 
     def evaluate(self, model) -> dict[str, float]:
+        if not self.val:  # nothing held out (a validation fraction of 0)
+            return {}
         held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from chatforge.data import TokenWindows, is_validation, load_meta, nonempty_documents, prepare
+from chatforge.data import TokenWindows, is_validation, load_meta, load_splits, nonempty_documents, prepare
 from chatforge.errors import UserError
 from chatforge.tokenizer import Tokenizer
 
@@ -132,3 +132,16 @@ def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
     path = tmp_path / "sep.jsonl"
     path.write_text(json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\n")
     assert list(nonempty_documents([path])) == ["a\u2028b\u0085c"]
+
+
+def test_held_out_items_are_never_trained_on():
+    items = [f"item {i}" for i in range(5)]
+    assert not any(is_validation(i, 0.01, 0) for i in range(5))  # the draw holds nothing out of so few
+    train, val, _ = load_splits(lambda paths: (items, 0), ["x"], [], 0.01, seed=0)
+    assert val == ["item 4"] and train == items[:4]  # the last item moved out of training
+    keyed = ["a", "b", "c", "b"]  # items sharing a key stay on one side
+    train, val, _ = load_splits(lambda paths: (keyed, 0), ["x"], [], 0.01, seed=0, key=lambda x: x)
+    assert val == ["b", "b"] and train == ["a", "c"]
+    assert load_splits(lambda paths: (items, 0), ["x"], [], 0.0, seed=0)[:2] == (items, [])  # nothing held out
+    with pytest.raises(UserError, match="x: 1 item"):
+        load_splits(lambda paths: (["only"], 0), ["x"], [], 0.1, seed=0)

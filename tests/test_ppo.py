@@ -378,8 +378,8 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "nothing applied"
     assert not optimizer.state and not task.value_optimizer.state
 
-    # in a run: step 2's rewards are NaN (call 0 is the evaluation before step 1); it is logged as skipped
-    # with its alarm, and the run goes on
+    # in a run: step 2's rewards are NaN (call 1: with nothing held out, no evaluation calls the reward); it
+    # is logged as skipped with its alarm, and the run goes on
     load_reward = ppo.load_reward
 
     def poisoned(config, tokenizer, device):
@@ -388,7 +388,7 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
 
         def score(*rollout):
             scores = reward(*rollout)
-            return scores * float("nan") if next(calls) == 2 else scores
+            return scores * float("nan") if next(calls) == 1 else scores
         return model, score
 
     monkeypatch.setattr(ppo, "load_reward", poisoned)
