@@ -28,28 +28,28 @@ from chatforge import config as cfg
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.objectives import ranking_loss
-from chatforge.reward import Group, last_token_outputs, right_pad
+from chatforge.reward import RankedAnswers, last_token_outputs, right_pad
 from timing import timed, write_report  # bench/timing.py
 
 
-def synthetic_groups(count: int, k: int, vocab: int, seed: int = 0) -> list[Group]:
+def synthetic_groups(count: int, k: int, vocab: int, seed: int = 0) -> list[RankedAnswers]:
     rng = np.random.default_rng(seed)
     groups = []
     for _ in range(count):
         prompt = rng.integers(7, vocab, 32)
         answers = [np.concatenate([prompt, rng.integers(7, vocab, rng.integers(16, 49))]) for _ in range(k)]
-        groups.append(Group(answers, list(rng.permutation(k)), "bench"))
+        groups.append(RankedAnswers(answers, list(rng.permutation(k)), "bench"))
     return groups
 
 
-def kwise_loss(model: GPT, groups: list[Group]) -> torch.Tensor:
+def kwise_loss(model: GPT, groups: list[RankedAnswers]) -> torch.Tensor:
     """chatforge's way: each answer forwarded once, every pair's loss from the K scores."""
     ids, lengths = right_pad([s for g in groups for s in g.sequences], pad_id=0)
     scores = last_token_outputs(model, ids, lengths).split([len(g.sequences) for g in groups])
     return torch.stack([ranking_loss(s, g.ranking) for s, g in zip(scores, groups)]).mean()
 
 
-def pairwise_loss(model: GPT, groups: list[Group]) -> torch.Tensor:
+def pairwise_loss(model: GPT, groups: list[RankedAnswers]) -> torch.Tensor:
     """The naive way: every (winner, loser) pair forwarded as its own two sequences."""
     pairs = [(g.sequences[g.ranking[i]], g.sequences[g.ranking[j]])
              for g in groups for i, j in itertools.combinations(range(len(g.ranking)), 2)]

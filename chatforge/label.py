@@ -493,7 +493,7 @@ def database_stats(db: str | Path, per_prompt: int | None = None) -> dict:
 
 # --- the web app -----------------------------------------------------------------------------------
 
-class ApiError(Exception):
+class ClientError(Exception):
     """An error the client caused; sent as {"error": message} with its status."""
 
     def __init__(self, status: int, message: str):
@@ -533,10 +533,10 @@ async def _in_db(request: Request, function, *args):
 async def _annotator(request: Request) -> sqlite3.Row:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing 'Authorization: Bearer TOKEN' header")
+        raise ClientError(401, "missing 'Authorization: Bearer TOKEN' header")
     annotator = await _in_db(request, annotator_for_token, token.strip())
     if annotator is None:
-        raise ApiError(401, "unknown token")
+        raise ClientError(401, "unknown token")
     return annotator
 
 
@@ -545,13 +545,13 @@ async def _json_body(request: Request) -> dict:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            raise ClientError(413, f"request body over {MAX_BODY_BYTES} bytes")
     try:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
+        raise ClientError(400, "request body is not valid JSON") from None
     if not isinstance(value, dict):
-        raise ApiError(400, "request body must be a JSON object")
+        raise ClientError(400, "request body must be a JSON object")
     return value
 
 
@@ -571,9 +571,9 @@ async def _submit(request: Request) -> JSONResponse:
     try:
         stored = await _in_db(request, submit_ranking, annotator["id"], body)
     except ValueError as e:
-        raise ApiError(400, str(e)) from None
+        raise ClientError(400, str(e)) from None
     except Conflict as e:
-        raise ApiError(409, str(e)) from None
+        raise ClientError(409, str(e)) from None
     return JSONResponse(stored)
 
 
@@ -586,7 +586,7 @@ async def _health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def _api_error(request: Request, e: ApiError) -> JSONResponse:
+def _api_error(request: Request, e: ClientError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
@@ -606,7 +606,7 @@ def create_app(db: str | Path, per_prompt: int = 1) -> Starlette:
         Route("/", _page("label.html")), Route("/stats", _page("stats.html")), Route("/health", _health),
         Route("/api/me", _me), Route("/api/next", _next), Route("/api/rankings", _submit, methods=["POST"]),
         Route("/api/stats", _stats),
-    ], exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    ], exception_handlers={ClientError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.db = str(db)
     app.state.per_prompt = per_prompt
     return app

@@ -199,7 +199,7 @@ def text_ids(text: str, tokenizer: Tokenizer) -> list[int]:
 
 
 @dataclass
-class Group:
+class RankedAnswers:
     """A tokenized comparison: one sequence per answer (the prompt's `prompt_tokens` tokens, then the
     answer), the ranking (indices, best first), and a key naming the prompt."""
 
@@ -214,7 +214,7 @@ class Group:
         return sum(len(s) for s in self.sequences)
 
 
-def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Group], int]:
+def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[RankedAnswers], int]:
     """Tokenized comparisons of `paths`, and how many invalid records were skipped."""
 
     def parse(record: dict) -> tuple[Comparison, list[list[int]]]:
@@ -227,7 +227,7 @@ def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_i
         return comparison, sequences
 
     items, skipped = parse_records(paths, parse, skip_invalid, "comparison")
-    groups = [Group([np.array(s, dtype=np.int64) for s in sequences], c.ranking, where,
+    groups = [RankedAnswers([np.array(s, dtype=np.int64) for s in sequences], c.ranking, where,
                     prompt_tokens=len(render(c.prompt, tokenizer, add_generation_prompt=True)),
                     key=repr([(m.role, m.content) for m in c.prompt]))
               for where, (c, sequences) in items]
@@ -281,7 +281,7 @@ class RewardTask(StepDeterminedData):
     """Batches of `batch_size` prompts, each with all its answers; each micro-batch pads its answers on
     the right and reads every score at the answer's last token."""
 
-    def __init__(self, config: RewardConfig, tokenizer: Tokenizer, train: list[Group], val: list[Group],
+    def __init__(self, config: RewardConfig, tokenizer: Tokenizer, train: list[RankedAnswers], val: list[RankedAnswers],
                  d: Dist, device: torch.device):
         self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
         self.batches = BucketedEpochs([g.tokens for g in train], config.batch_size, config.seed)
@@ -297,7 +297,7 @@ class RewardTask(StepDeterminedData):
         for part in process_share(groups, self.d, accumulation):
             yield self._collate(part), self.d.world_size / len(groups)
 
-    def _collate(self, groups: list[Group]):
+    def _collate(self, groups: list[RankedAnswers]):
         ids, lengths = right_pad([s for g in groups for s in g.sequences], self.tokenizer.pad_id)
         return ids.to(self.device), lengths, [len(g.sequences) for g in groups], [g.ranking for g in groups]
 
@@ -417,7 +417,7 @@ def expected_calibration_error(bins: list[dict]) -> float:
     return sum(b["count"] * abs(b["observed"] - b["predicted"]) for b in bins) / max(total, 1)
 
 
-def evaluate_rankings(model: GPT, groups: list[Group], pad_id: int, batch_size: int = 16) -> dict:
+def evaluate_rankings(model: GPT, groups: list[RankedAnswers], pad_id: int, batch_size: int = 16) -> dict:
     """Held-out pairwise accuracy, calibration, and how much the reward follows answer length (in tokens).
 
     Calibration shows each pair in an order fixed by a hash (the winner first about half of the time), so

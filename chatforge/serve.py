@@ -138,7 +138,7 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(CompletionResponse):
+class TextCompletion(CompletionResponse):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
 
@@ -600,7 +600,7 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await complete(server, server.prepare(body), request, "/v1/chat/completions")
 
-    @app.post("/v1/completions", response_model=Completion, dependencies=api, responses={
+    @app.post("/v1/completions", response_model=TextCompletion, dependencies=api, responses={
         **errors, 200: {"content": {"text/event-stream": {}}, "description": "a completion, or with stream: "
                         "server-sent text_completion events ending with [DONE]"}})
     async def completions(body: CompletionRequest, request: Request):
@@ -718,7 +718,7 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
             return ChatCompletion(id=request_id, created=created, model=model, usage=usage, choices=[
                 ChatChoice(index=i, message=ChatMessage(role="assistant", content=c.answer.strip()), finish_reason=c.finish_reason)
                 for i, c in enumerate(choices)])
-        return Completion(id=request_id, created=created, model=model, usage=usage, choices=[
+        return TextCompletion(id=request_id, created=created, model=model, usage=usage, choices=[
             CompletionChoice(index=i, text=c.answer, finish_reason=c.finish_reason) for i, c in enumerate(choices)])
 
     def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict:

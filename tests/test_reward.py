@@ -11,7 +11,7 @@ from chatforge.data import load_splits, parse_records
 from chatforge.model import GPT, GPTConfig
 from chatforge.objectives import ranking_loss
 from chatforge.reward import (
-    Group, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_outputs,
+    RankedAnswers, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_outputs,
     load_groups, right_pad, score_sequences,
 )
 from chatforge.runtime import Dist
@@ -58,7 +58,7 @@ def test_kwise_loss_is_the_mean_pairwise_loss_with_each_answer_forwarded_once():
     task.tokenizer = type("T", (), {"pad_id": 0})()
     task.device = torch.device("cpu")
     counting = CountingModel(model)
-    batch = task._collate([Group([torch.tensor(a).numpy() for a in answers], ranking, "here")])
+    batch = task._collate([RankedAnswers([torch.tensor(a).numpy() for a in answers], ranking, "here")])
     fast = task.loss(counting, (batch, 1.0))
     assert counting.rows == 5
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
@@ -264,7 +264,7 @@ def test_reward_train_errors(pretrained, tmp_path):
 
 
 def test_a_prompt_ranked_by_several_people_stays_on_one_side_of_the_split():
-    groups = [Group([], [0, 1], str(i), key=f"prompt {i // 3}") for i in range(300)]  # 3 rankings per prompt
+    groups = [RankedAnswers([], [0, 1], str(i), key=f"prompt {i // 3}") for i in range(300)]  # 3 rankings per prompt
     train, val, _ = load_splits(lambda paths: (groups, 0), ["x"], [], 0.2, seed=0, key=lambda g: g.key)
     assert 30 < len(val) < 90 and len(val) % 3 == 0
     assert not {g.key for g in train} & {g.key for g in val}
@@ -273,7 +273,7 @@ def test_a_prompt_ranked_by_several_people_stays_on_one_side_of_the_split():
 def test_task_is_a_pure_function_of_the_step(pretrained):
     """Resume needs no data state: the same step gives the same batches."""
     _, tokenizer, _ = load_model(pretrained)
-    groups = [Group([torch.tensor([1, i, 2]).numpy(), torch.tensor([1, i, i, 2]).numpy()], [0, 1], str(i))
+    groups = [RankedAnswers([torch.tensor([1, i, 2]).numpy(), torch.tensor([1, i, i, 2]).numpy()], [0, 1], str(i))
               for i in range(3, 40)]
     config = type("C", (), {"batch_size": 4, "seed": 3, "margin": 0.0, "center_coef": 0.0})()
     task = RewardTask(config, tokenizer, groups, groups[:2], Dist(), torch.device("cpu"))
