@@ -317,7 +317,7 @@ def _plot(args) -> None:
 
 def _run(args) -> None:
     from chatforge import config as cfg
-    from chatforge.pipeline import RunConfig, run_pipeline
+    from chatforge.demo.pipeline import RunConfig, run_pipeline
 
     base = cfg.load_preset(args.preset, "run")
     stages = {name: base.pop(name) for name in list(base) if isinstance(base[name], dict)}  # [run.<stage>] tables
@@ -402,7 +402,7 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: s
 def build_parser() -> argparse.ArgumentParser:
     from chatforge import config as cfg
     from chatforge.classify import ClassifyConfig
-    from chatforge.pipeline import RunConfig
+    from chatforge.demo.pipeline import RunConfig
     from chatforge.ppo import PPOConfig
     from chatforge.pretrain import PretrainConfig
     from chatforge.reward import RewardConfig

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.corpora import (
+from chatforge.demo.corpora import (
     WORDNET_DIRS, chatterbot_conversations, find_data, parse_data_line, parse_gloss, read_wordnet, rst_to_text,
     wordnet_prose,
 )

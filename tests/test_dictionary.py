@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.corpora import WORDNET_DIRS, Entry, Synset
-from chatforge.dictionary import (
+from chatforge.demo.corpora import WORDNET_DIRS, Entry, Synset
+from chatforge.demo.dictionary import (
     DEFINE, GLOSS_WORDS, STOP_WORDS, SYNONYM, USE, Word, annotator_score, bag_f1, common_gloss_words, content_words,
     conversations, definition_f1, demo_words, head_word, is_degenerate, is_held_out, part_of_speech, rank_answers,
     repeated_answer_rate, repetition, split_words, tokens,
@@ -38,7 +38,7 @@ def test_content_words_leave_out_stop_words_gloss_words_the_head_word_and_parts_
 
 @pytest.mark.skipif(not any(Path(d).is_dir() for d in WORDNET_DIRS), reason="WordNet is not installed (make demo-data)")
 def test_gloss_words_are_the_words_in_half_a_percent_of_wordnet_glosses():
-    from chatforge.corpora import find_data, read_wordnet
+    from chatforge.demo.corpora import find_data, read_wordnet
 
     assert common_gloss_words(read_wordnet(find_data(None)["wordnet"])) == GLOSS_WORDS
 

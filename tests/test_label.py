@@ -12,14 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from chatforge.errors import UserError
-from chatforge.label import (add_annotator, agreement, check_submission, kendall_tau, load_candidates,
-                             pairwise_agreement, serve)
-from chatforge.reward import comparison_from_record
-
 from conftest import CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_error, run_cli, write_jsonl
 
+from chatforge.errors import UserError
+from chatforge.label import add_annotator, serve
+from chatforge.label.database import check_submission, load_candidates
+from chatforge.label.stats import agreement, kendall_tau, pairwise_agreement
+from chatforge.reward import comparison_from_record
 
 CANDIDATES = [
     {"prompt": "What is a tuple?", "completions": ["An immutable sequence.", "A list.", "A fish."],
@@ -352,7 +351,7 @@ def test_acknowledged_ranking_survives_sigkill_and_exports(tmp_path):
 
 
 def test_a_database_made_before_sampled_tokens_were_kept_gets_their_column(tmp_path):
-    from chatforge.label import SCHEMA, init_database
+    from chatforge.label.database import SCHEMA, init_database
 
     db = tmp_path / "old.sqlite"
     with sqlite3.connect(db) as conn:

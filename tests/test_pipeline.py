@@ -7,7 +7,7 @@ import re
 import pytest
 
 from chatforge.checkpoint import step_checkpoints
-from chatforge.corpora import PYTHON_DOCS_DIRS, WORDNET_DIRS
+from chatforge.demo.corpora import PYTHON_DOCS_DIRS, WORDNET_DIRS
 from conftest import assert_one_line_error, kill_when, run_cli
 
 pytestmark = pytest.mark.skipif(
@@ -42,7 +42,7 @@ def test_run_is_killed_mid_stage_then_finishes_without_redoing_finished_stages(t
     evaluation = json.loads((out / "evaluate" / "done.json").read_text())
     assert set(evaluation["models"]) == {"pretrain", "sft", "ppo"}
     # the table's ground truth is the stated rule applied to the answers the run wrote down, word by word
-    from chatforge.dictionary import Word, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
+    from chatforge.demo.dictionary import Word, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
 
     rows = [json.loads(line) for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
     words = [Word(r["word"], r["pos"], r["gold"], (), (), tuple(r["senses"])) for r in rows]
@@ -77,9 +77,9 @@ def test_missing_demo_data_says_what_to_install(tmp_path):
 
 
 def test_pretraining_text_has_the_dictionary_entries_or_all_of_wordnet():
-    from chatforge.corpora import find_data, read_wordnet
-    from chatforge.dictionary import demo_words
-    from chatforge.pipeline import pretrained_entries
+    from chatforge.demo.corpora import find_data, read_wordnet
+    from chatforge.demo.dictionary import demo_words
+    from chatforge.demo.pipeline import pretrained_entries
 
     entries = read_wordnet(find_data(None)["wordnet"])
     words = demo_words(entries, 50)
@@ -91,7 +91,7 @@ def test_pretraining_text_has_the_dictionary_entries_or_all_of_wordnet():
 def test_every_preset_gives_every_stage_a_valid_config():
     from chatforge import config as cfg
     from chatforge.classify import ClassifyConfig
-    from chatforge.pipeline import RunConfig
+    from chatforge.demo.pipeline import RunConfig
     from chatforge.ppo import PPOConfig
     from chatforge.pretrain import PretrainConfig
     from chatforge.reward import RewardConfig
@@ -117,7 +117,7 @@ def test_every_preset_gives_every_stage_a_valid_config():
 def test_a_setting_added_since_a_run_started_counts_as_its_default():
     import dataclasses
 
-    from chatforge.pipeline import RunConfig, _comparable
+    from chatforge.demo.pipeline import RunConfig, _comparable
 
     now = {"preset": "cpu", "run": dataclasses.asdict(RunConfig()), "stages": {}}
     before = {**now, "run": {k: v for k, v in now["run"].items() if k != "format_words"}}

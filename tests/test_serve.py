@@ -321,7 +321,7 @@ def test_a_model_that_fails_to_load_is_a_generic_500_with_the_reason_in_the_log(
     """/health needs no key: it must not tell a stranger the server's paths or library errors."""
     from fastapi.testclient import TestClient
 
-    from chatforge import serve
+    from chatforge.serve import app as serve
 
     missing = tmp_path / "secret-folder" / "model"
     with caplog.at_level("ERROR", logger="chatforge.serve"), TestClient(
@@ -337,7 +337,7 @@ def test_503_while_the_model_loads(chat_model, monkeypatch):
     """A real uvicorn server in this process, its model load held back until the test lets it go."""
     import uvicorn
 
-    from chatforge import serve
+    from chatforge.serve import app as serve
 
     release = threading.Event()
     original = serve.Server.load

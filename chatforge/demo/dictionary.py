@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from chatforge.corpora import PROSE_SENSES, Entry
+from chatforge.demo.corpora import PROSE_SENSES, Entry
 
 DEFINE, USE, SYNONYM = "define", "use", "synonym"
 QUESTIONS = {

@@ -1,25 +1,9 @@
-"""Serve the assistant: an OpenAI-compatible API with continuous batching, and a web chat page.
-
-    chatforge serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
-
-`POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events or not),
-`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text) and the chat page at `/`; the OpenAPI
-schema at `/openapi.json` is generated from the same pydantic models that validate the requests.
-
-One `Scheduler` thread owns the model. Requests wait in a bounded queue, join the running `DecodeBatch`
-between decoding steps as soon as there is room (continuous batching), and leave it when they finish or
-their client goes away, so concurrent users share the model instead of waiting in line. Tokens travel
-from the scheduler thread to each request's asyncio queue.
-
-Safe by default: it listens on 127.0.0.1, checks `Authorization: Bearer KEY` on every API call when keys
-are given, bounds the body size, `max_tokens`, `n` and the queue, and answers errors in OpenAI's shape
-without stack traces.
+"""The FastAPI app: the OpenAI-compatible endpoints, the chat page, health and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hmac
 import json
@@ -28,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,336 +20,37 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from chatforge.chat_format import Message, check_conversation, check_unicode, render
-from chatforge.engine import DecodeBatch, Group, SamplingParams, TokenEvent, cut_at_stop
+from chatforge.engine import SamplingParams, TokenEvent, cut_at_stop
+from chatforge.serve.metrics import Metrics
+from chatforge.serve.scheduler import Job, QueueFull, Scheduler
+from chatforge.serve.schemas import (
+    LOAD_FAILED,
+    ApiError,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    ServeConfig,
+    TextCompletion,
+    Usage,
+)
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
 
 log = logging.getLogger("chatforge.serve")
-WEB = Path(__file__).parent / "web"
+WEB = Path(__file__).parent.parent / "web"
 API_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_STOP_CHARS = 100  # every token is checked against every stop string's prefixes
-
-
-@dataclass
-class ServeConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface; put HTTPS in front)"})
-    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)"})
-    api_key: list[str] = field(default_factory=list, metadata={"help": "accept these bearer keys: --api-key K1 K2 ... (none: no key needed)"})
-    model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: the name of the folder given)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n)"})
-    max_queue: int = field(default=256, metadata={"help": "most requests waiting for room; more get 429"})
-    max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
-    max_n: int = field(default=8, metadata={"help": "largest n (answers per request)"})
-    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; more gets 413"})
-
-    def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-
-
-# --- requests and responses: validated by pydantic, documented in /openapi.json -------------------------
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class SamplingRequest(BaseModel):
-    """What both completion endpoints accept. Types are strict ("yes" is no boolean); unknown fields are
-    ignored, as OpenAI's clients send some."""
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, description="default: whatever the context leaves")
-    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end an answer (not included)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(description="text to continue; a list gives one choice per prompt")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    created: int
-    model: str
-    usage: Usage
-
-
-class ChatCompletion(CompletionResponse):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class TextCompletion(CompletionResponse):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "chatforge"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class Health(BaseModel):
-    status: Literal["ok", "loading"]
-
-
-# What a client is told when the model did not load: the reason (paths, library errors) goes to the log only.
-LOAD_FAILED = "the model failed to load; the server's log says why"
-
-
-class ApiError(Exception):
-    """An error for the client, in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, code=code, param=param), headers
-
-
-class QueueFull(Exception):
-    pass
-
-
-# --- metrics -------------------------------------------------------------------------------------------
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts, self.sum, self.count = [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        out += [f'{self.name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        return out + [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
-                      f"{self.name}_count {self.count}"]
-
-
-class Metrics:
-    SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-    def __init__(self):
-        self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> count
-        self.prompt_tokens = self.completion_tokens = 0  # of answered requests
-        self.generated_tokens = self.cancelled = 0  # every token made, answered or not; requests cancelled
-        self.latency = Histogram("chatforge_request_seconds", "time from request to last token", self.SECONDS)
-        self.first_token = Histogram("chatforge_time_to_first_token_seconds", "time from request to first token", self.SECONDS)
-        self.lock = threading.Lock()
-
-    def render(self, queue_depth: int, running: int) -> str:
-        with self.lock:
-            out = ["# HELP chatforge_requests_total API requests answered, by endpoint and status",
-                   "# TYPE chatforge_requests_total counter"]
-            out += [f'chatforge_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-            out += ["# HELP chatforge_prompt_tokens_total prompt tokens read", "# TYPE chatforge_prompt_tokens_total counter",
-                    f"chatforge_prompt_tokens_total {self.prompt_tokens}",
-                    "# HELP chatforge_completion_tokens_total tokens generated", "# TYPE chatforge_completion_tokens_total counter",
-                    f"chatforge_completion_tokens_total {self.completion_tokens}",
-                    "# HELP chatforge_generated_tokens_total tokens generated, including for requests cancelled",
-                    "# TYPE chatforge_generated_tokens_total counter", f"chatforge_generated_tokens_total {self.generated_tokens}",
-                    "# HELP chatforge_cancelled_requests_total requests whose client went away before the end",
-                    "# TYPE chatforge_cancelled_requests_total counter", f"chatforge_cancelled_requests_total {self.cancelled}",
-                    "# HELP chatforge_queue_depth requests waiting for room in the batch", "# TYPE chatforge_queue_depth gauge",
-                    f"chatforge_queue_depth {queue_depth}",
-                    "# HELP chatforge_running_sequences sequences decoding now", "# TYPE chatforge_running_sequences gauge",
-                    f"chatforge_running_sequences {running}"]
-            out += self.latency.lines() + self.first_token.lines()
-        return "\n".join(out) + "\n"
-
-
-# --- the scheduler: one thread owns the model ----------------------------------------------------------
-
-@dataclass(eq=False)
-class Job:
-    """One request's work: prompts (token ids), n samples each; its events go to `queue` in `loop`."""
-
-    prompts: list[list[int]]
-    params: SamplingParams
-    n: int
-    stop_ids: list[int]
-    stop_strings: list[str]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    group: Group | None = None
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.n
-
-    def send(self, item) -> None:
-        """Hand events (a list), an exception or None (done) to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class Scheduler:
-    """Admits waiting jobs into the running batch between decoding steps, steps it, routes the tokens."""
-
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics: Metrics):
-        self.batch, self.tokenizer, self.metrics = DecodeBatch(model), tokenizer, metrics
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
-        self.wake = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._loop, name="chatforge-scheduler", daemon=True)
-        self.thread.start()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.waiting)
-
-    def submit(self, job: Job) -> None:
-        with self.wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull
-            self.waiting.append(job)
-            self.wake.notify()
-
-    def cancel(self, job: Job) -> None:
-        """The client went away: free the job's rows at the next step."""
-        job.cancelled = True
-        with self.wake:
-            self.wake.notify()
-
-    def stop(self) -> None:
-        with self.wake:
-            self.stopped = True
-            self.wake.notify()
-
-    def _admit(self) -> list[Job]:
-        """Waiting jobs that fit beside the running rows (one that is alone fits whatever its size)."""
-        with self.wake:
-            while not self.stopped and not self.waiting and not self.running:
-                self.wake.wait()
-            admitted, rows = [], len(self.batch)
-            while self.waiting:
-                job = self.waiting[0]
-                if not job.cancelled and rows + job.rows > self.max_batch and (rows or admitted):
-                    break
-                self.waiting.popleft()
-                if not job.cancelled:
-                    admitted.append(job)
-                    rows += job.rows
-            return admitted
-
-    def _loop(self) -> None:
-        while not self.stopped:
-            try:
-                self._iteration()
-            except Exception as e:  # noqa: BLE001 - the running requests fail, the server goes on
-                log.exception("the scheduler failed; its running requests get an error")
-                for job in self.running:
-                    job.send(e)
-                self.running = []
-                self.batch = DecodeBatch(self.batch.model)
-
-    def _iteration(self) -> None:
-        """Free the slots of cancelled jobs, admit waiting ones, make one token for every running row."""
-        for job in [j for j in self.running if j.cancelled]:
-            self.batch.cancel(job.group)
-            self.running.remove(job)
-            with self.metrics.lock:
-                self.metrics.cancelled += 1
-        for job in self._admit():
-            try:
-                job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
-                                           stop_strings=job.stop_strings, tokenizer=self.tokenizer)
-                self.running.append(job)
-            except Exception as e:  # noqa: BLE001 - that request fails, the others go on
-                log.exception("prefill failed")
-                job.send(e)
-        if not self.running:
-            return
-        events = self.batch.step()
-        with self.metrics.lock:
-            self.metrics.generated_tokens += len(events)
-        by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
-        for group, event in events:
-            by_group[id(group)].append(event)
-        deliveries = collections.defaultdict(list)  # one wake-up of each event loop per step, not one per job
-        for job in list(self.running):
-            if by_group.get(id(job.group)):
-                deliveries[job.loop].append((job.queue, by_group[id(job.group)]))
-            if not job.group.rows:
-                deliveries[job.loop].append((job.queue, None))
-                self.running.remove(job)
-        for loop, items in deliveries.items():
-            loop.call_soon_threadsafe(_deliver, items)
 
 
 # --- answers: text per choice, streamed or not ---------------------------------------------------------

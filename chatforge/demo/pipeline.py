@@ -120,7 +120,7 @@ def pretrained_entries(entries: list, dictionary: list, all_wordnet: bool) -> li
 def stage_corpus(ctx: Context, out: Path) -> dict:
     """The pretraining text (documentation + every dictionary word's WordNet entry as prose, or every
     entry with all_wordnet), the tokenizer and the token shards."""
-    from chatforge.corpora import python_docs, read_wordnet, wordnet_prose
+    from chatforge.demo.corpora import python_docs, read_wordnet, wordnet_prose
     from chatforge.data import prepare
     from chatforge.tokenizer import train_bpe
 
@@ -152,8 +152,8 @@ def stage_pretrain(ctx: Context, out: Path) -> dict:
 
 
 def stage_sft(ctx: Context, out: Path) -> dict:
-    from chatforge.corpora import chatterbot_conversations
-    from chatforge.dictionary import DEFINE, conversations
+    from chatforge.demo.corpora import chatterbot_conversations
+    from chatforge.demo.dictionary import DEFINE, conversations
     from chatforge.sft import SFTConfig, resolve_config, sft
 
     records = conversations(ctx.train_words) + conversations(ctx.format_words, (DEFINE,))
@@ -179,7 +179,7 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     if out.is_file():  # written atomically: complete
         return out
     from chatforge.chat_format import Message
-    from chatforge.dictionary import DEFINE, rank_answers
+    from chatforge.demo.dictionary import DEFINE, rank_answers
     from chatforge.engine import SamplingParams
     from chatforge.sample import sample_candidates, write_jsonl_atomic
 
@@ -223,7 +223,7 @@ def stage_reward(ctx: Context, out: Path) -> dict:
 
 
 def stage_ppo(ctx: Context, out: Path) -> dict:
-    from chatforge.dictionary import DEFINE
+    from chatforge.demo.dictionary import DEFINE
     from chatforge.ppo import PPOConfig, resolve_config, train_ppo
 
     prompts = out.parent / "ppo-prompts.txt"
@@ -246,7 +246,7 @@ def stage_ppo(ctx: Context, out: Path) -> dict:
 
 def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
-    from chatforge.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
+    from chatforge.demo.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
     from chatforge.evaluate import (
         Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy, question_ids,
     )
@@ -322,9 +322,9 @@ def _comparable(settings: dict) -> dict:
 def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Path:
     """Every stage not yet done, then the report; returns the run folder. `stage_overrides` are the
     preset's [run.<stage>] tables."""
-    from chatforge.corpora import find_data, read_wordnet
-    from chatforge.dictionary import demo_words, split_words, without_leaks
-    from chatforge.report import write_report
+    from chatforge.demo.corpora import find_data, read_wordnet
+    from chatforge.demo.dictionary import demo_words, split_words, without_leaks
+    from chatforge.demo.report import write_report
 
     run = Path(config.out)
     run.mkdir(parents=True, exist_ok=True)

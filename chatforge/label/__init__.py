@@ -1,0 +1,20 @@
+"""`chatforge label`: the human-feedback step of InstructGPT, where people rank a model's answers.
+
+Candidates (a prompt and K >= 2 sampled completions per JSONL line) are loaded into a SQLite database; a
+small web app (Starlette + uvicorn) shows each annotator a prompt and its answers in a stable random order;
+the annotator ranks them best to worst, flags unacceptable ones and rates each 1-7 for helpful, honest and
+harmless. `export` writes the rankings as JSONL for the reward model, `stats` reports progress and how often
+annotators agree (pairwise agreement and Kendall's tau).
+
+The database is the only state, so the server can be killed at any moment: a ranking is acknowledged only
+after its transaction has committed (WAL, synchronous=FULL), and every request opens its own connection, so
+concurrent requests never share one.
+"""
+
+from __future__ import annotations
+
+from chatforge.label.app import create_app, serve
+from chatforge.label.database import add_annotator, export_rankings
+from chatforge.label.stats import database_stats, format_stats
+
+__all__ = ["add_annotator", "create_app", "database_stats", "export_rankings", "format_stats", "serve"]

@@ -1,0 +1,186 @@
+"""The labeling web app (Starlette + uvicorn): the pages, the annotators' API, and `serve`.
+"""
+
+import base64
+import hashlib
+import json
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from chatforge.errors import UserError
+from chatforge.label.database import (
+    Conflict,
+    add_prompts,
+    annotator_for_token,
+    connect,
+    count_prompts,
+    init_database,
+    load_candidates,
+    next_task,
+    set_per_prompt,
+    submit_ranking,
+    transaction,
+)
+from chatforge.label.stats import compute_stats
+from chatforge.runtime import listen
+
+MAX_BODY_BYTES = 1 << 20
+WEB_DIR = Path(__file__).parent.parent / "web"
+# --- the web app -----------------------------------------------------------------------------------
+
+class ClientError(Exception):
+    """An error the client caused; sent as {"error": message} with its status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _page(name: str):
+    """An endpoint for a static page, with a Content-Security-Policy that allows exactly its own inline
+    script and style and requests to this server: nothing else runs, nothing is fetched from elsewhere."""
+    html = (WEB_DIR / name).read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+
+    headers = {"Cache-Control": "no-store", "Content-Security-Policy": (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
+
+    async def endpoint(request: Request) -> HTMLResponse:
+        return HTMLResponse(html, headers=headers)
+
+    return endpoint
+
+
+async def _in_db(request: Request, function, *args):
+    """Run `function(conn, *args)` on a connection of its own in a worker thread (sqlite3 blocks)."""
+    def call():
+        with connect(request.app.state.db) as conn:
+            return function(conn, *args)
+
+    return await run_in_threadpool(call)
+
+
+async def _annotator(request: Request) -> sqlite3.Row:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ClientError(401, "missing 'Authorization: Bearer TOKEN' header")
+    annotator = await _in_db(request, annotator_for_token, token.strip())
+    if annotator is None:
+        raise ClientError(401, "unknown token")
+    return annotator
+
+
+async def _json_body(request: Request) -> dict:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ClientError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ClientError(400, "request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ClientError(400, "request body must be a JSON object")
+    return value
+
+
+async def _me(request: Request) -> JSONResponse:
+    annotator = await _annotator(request)
+    return JSONResponse({"name": annotator["name"], "per_prompt": request.app.state.per_prompt})
+
+
+async def _next(request: Request) -> JSONResponse:
+    annotator = await _annotator(request)
+    return JSONResponse(await _in_db(request, next_task, annotator["id"], request.app.state.per_prompt))
+
+
+async def _submit(request: Request) -> JSONResponse:
+    annotator = await _annotator(request)
+    body = await _json_body(request)
+    try:
+        stored = await _in_db(request, submit_ranking, annotator["id"], body)
+    except ValueError as e:
+        raise ClientError(400, str(e)) from None
+    except Conflict as e:
+        raise ClientError(409, str(e)) from None
+    return JSONResponse(stored)
+
+
+async def _stats(request: Request) -> JSONResponse:
+    await _annotator(request)
+    return JSONResponse(await _in_db(request, compute_stats, request.app.state.per_prompt))
+
+
+async def _health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+def _api_error(request: Request, e: ClientError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+
+
+def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=e.headers)
+
+
+def _server_error(request: Request, e: Exception) -> JSONResponse:
+    """The traceback goes to the server's log (uvicorn prints it), never to the client."""
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+def create_app(db: str | Path, per_prompt: int = 1) -> Starlette:
+    """The Starlette app on an initialised database; every error reaches the client as JSON {"error": ...}."""
+    app = Starlette(routes=[
+        Route("/", _page("label.html")), Route("/stats", _page("stats.html")), Route("/health", _health),
+        Route("/api/me", _me), Route("/api/next", _next), Route("/api/rankings", _submit, methods=["POST"]),
+        Route("/api/stats", _stats),
+    ], exception_handlers={ClientError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.state.db = str(db)
+    app.state.per_prompt = per_prompt
+    return app
+
+
+def serve(db: str | Path, candidates_file: str | Path | None = None, per_prompt: int = 1,
+          host: str = "127.0.0.1", port: int = 8001) -> None:
+    """Load the candidates (all checked first: bad input writes nothing), then serve until interrupted."""
+    if per_prompt < 1:
+        raise UserError("--per-prompt must be at least 1")
+    db = Path(db)
+    candidates = load_candidates(candidates_file) if candidates_file is not None else []
+    if candidates_file is None and not db.is_file():
+        raise UserError(f"{db}: no such database; pass --input FILE with the candidates to rank")
+    sock = listen(host, port)
+    init_database(db)
+    with connect(db) as conn:
+        added = add_prompts(conn, candidates)
+        with transaction(conn):
+            set_per_prompt(conn, per_prompt)
+        total = count_prompts(conn)
+    if candidates_file is not None:
+        print(f"{added} new prompts from {candidates_file} ({len(candidates) - added} already loaded)")
+    if total == 0:
+        raise UserError(f"{db} holds no prompts; pass --input FILE with the candidates to rank")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: tokens travel unencrypted; put HTTPS in front of it", file=sys.stderr)
+    print(f"{total} prompts, {per_prompt} ranking(s) each; labeling on http://{host}:{sock.getsockname()[1]}/ "
+          f"(progress: /stats); Ctrl-C stops", flush=True)
+    config = uvicorn.Config(create_app(db, per_prompt), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,146 @@
+"""The server's settings and the API's shapes: requests and responses validated by pydantic (and
+documented in /openapi.json from the same models), and errors in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface; put HTTPS in front)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)"})
+    api_key: list[str] = field(default_factory=list, metadata={"help": "accept these bearer keys: --api-key K1 K2 ... (none: no key needed)"})
+    model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: the name of the folder given)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n)"})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting for room; more get 429"})
+    max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
+    max_n: int = field(default=8, metadata={"help": "largest n (answers per request)"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; more gets 413"})
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+# --- requests and responses: validated by pydantic, documented in /openapi.json -------------------------
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What both completion endpoints accept. Types are strict ("yes" is no boolean); unknown fields are
+    ignored, as OpenAI's clients send some."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: whatever the context leaves")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end an answer (not included)")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] = Field(description="text to continue; a list gives one choice per prompt")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class ChatCompletion(CompletionResponse):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(CompletionResponse):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chatforge"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading"]
+
+
+# What a client is told when the model did not load: the reason (paths, library errors) goes to the log only.
+LOAD_FAILED = "the model failed to load; the server's log says why"
+
+
+class ApiError(Exception):
+    """An error for the client, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, ErrorBody(message=message, type=type, code=code, param=param), headers
+
+
