@@ -60,14 +60,14 @@ def worker(args) -> None:
         model, _, task = build_ppo(config, device)
         optimizer = make_optimizer(model, config, device)
         step = iter(range(10**6))
-        task.train_step(model, optimizer, next(step), config.lr)  # optimizer state and first-call costs
-        _, peak = measuring.peak_memory(lambda: task.train_step(model, optimizer, next(step), config.lr), device)
+        task.iteration(model, optimizer, next(step), config.lr)  # optimizer state and first-call costs
+        _, peak = measuring.peak_memory(lambda: task.iteration(model, optimizer, next(step), config.lr), device)
         row = {"peak_bytes": peak}
         if batch == args.batches[0]:
             times = []
             for _ in range(args.iterations):
                 t0 = time.perf_counter()
-                task.train_step(model, optimizer, next(step), config.lr)
+                task.iteration(model, optimizer, next(step), config.lr)
                 times.append(time.perf_counter() - t0)
             row["samples_per_s"] = batch / statistics.median(times)
         result[batch] = row

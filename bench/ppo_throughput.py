@@ -90,7 +90,7 @@ class ChatforgePPO:
         out = []
         for _ in range(count):
             t0 = time.perf_counter()
-            record = self.task.train_step(self.policy, self.optimizer, self.step, self.config.lr)
+            record = self.task.iteration(self.policy, self.optimizer, self.step, self.config.lr)
             self.step += 1
             out.append({"total": time.perf_counter() - t0, "generate": record["generate_s"],
                         "score": record["score_s"], "train": record["train_s"], "tokens": record["answer_length"],

@@ -20,30 +20,27 @@ import torch.nn.functional as F
 from chatforge.chat_format import check_text
 from chatforge.checkpoint import load_model
 from chatforge.config import save_json
-from chatforge.data import BucketedEpochs, load_splits, parse_records
+from chatforge.data import load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.reward import last_token_outputs, right_pad, text_ids
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
-    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
 
 REPORT_FILE = "classification_report.json"
 
 
 @dataclass
-class ClassifyConfig(TrainConfig):
+class ClassifyConfig(FineTuneConfig):
     init: str = field(default="", metadata={"help": "checkpoint (or run folder) to start from: pretrained or SFT"})
     data: list[str] = field(default_factory=list, metadata={"help": "labelled text files (.jsonl/.parquet): {text, label}"})
-    val_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: val_fraction of --data)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "share of --data held out when no --val-data"})
     text_field: str = field(default="text", metadata={"help": "field holding the text"})
     label_field: str = field(default="label", metadata={"help": "field holding the class (a string or an integer)"})
     classes: list[str] = field(default_factory=list, metadata={
         "help": "class names in output order (default: the labels found in --data, sorted)"})
-    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training examples; sets max_steps when > 0"})
 
 
@@ -129,15 +126,11 @@ def format_report(report: dict) -> str:
 
 # --- the task --------------------------------------------------------------------------------------------
 
-class ClassifyTask(StepDeterminedData):
+class ClassifyTask(FineTuneTask):
     def __init__(self, config: ClassifyConfig, tokenizer: Tokenizer, train: list[Labelled], val: list[Labelled],
                  d: Dist, device: torch.device):
-        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
+        super().__init__(config, tokenizer, train, val, d, device, [len(x.ids) for x in train], "examples")
         self.classes = config.classes
-        self.batches = BucketedEpochs([len(x.ids) for x in train], config.batch_size, config.seed)
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise UserError(f"{len(train)} training examples, fewer than one batch (batch_size {config.batch_size})")
         self.seq_len = round(float(np.mean([len(x.ids) for x in train])))
         self.tokens_per_step = self.seq_len * config.batch_size
 
@@ -147,7 +140,7 @@ class ClassifyTask(StepDeterminedData):
         return ids.to(self.device), lengths, labels.to(self.device)
 
     def micro_batches(self, step: int, accumulation: int):
-        batch = [self.train[i] for i in self.batches.batch(step)]
+        batch = self.step_items(step)
         for part in process_share(batch, self.d, accumulation):
             yield self._collate(part), len(part) * self.d.world_size / len(batch)
 
@@ -172,13 +165,9 @@ class ClassifyTask(StepDeterminedData):
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:  # nothing held out (a validation fraction of 0)
             return {}
-        held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
-        loss, counts = self.held_out_metrics(model, held_out)
+        loss, counts = self.held_out_metrics(model, self.held_out())
         report = classification_report(counts, self.classes)
         return {"val_loss": loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
-
-    def samples(self, model: GPT) -> list[str]:
-        return []
 
     def finish(self, model: GPT) -> None:
         """The per-class report on the whole held-out set, printed and written to the run folder."""

@@ -106,21 +106,29 @@ def _flat_fields(cls, prefix: tuple[str, ...] = ()):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--option` per leaf field of `cls`; unset options stay absent so presets are not overwritten."""
+    """One `--option` per leaf field of `cls`; unset options stay absent so presets are not overwritten.
+    A field whose metadata says `positional` is a positional argument (a list: one or more), one that says
+    `required` an option that must be given."""
     seen: dict[str, tuple] = {}
     for path, f, tp in _flat_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if flag in seen:
             raise AssertionError(f"config fields {seen[flag]} and {path} share the flag {flag}")
         seen[flag] = path
+        dest, is_list = "cfg:" + ".".join(path), typing.get_origin(tp) is list
+        if f.metadata.get("positional"):
+            parser.add_argument(dest, metavar=f.name.upper(), nargs="+" if is_list else None,
+                                type=typing.get_args(tp)[0] if is_list else tp, help=f.metadata.get("help"))
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         section = f" [{path[0]}]" if len(path) > 1 else ""
-        help_text = f"{f.metadata.get('help', '')}{section} (default: {default!r})"
-        kwargs = dict(dest="cfg:" + ".".join(path), default=argparse.SUPPRESS, help=help_text)
+        required = bool(f.metadata.get("required"))
+        help_text = f"{f.metadata.get('help', '')}{section}" + ("" if required else f" (default: {default!r})")
+        kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=help_text, required=required)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], metavar="X", **kwargs)
+        elif is_list:
+            parser.add_argument(flag, nargs="+" if required else "*", type=typing.get_args(tp)[0], metavar="X", **kwargs)
         else:
             parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kwargs)
 

@@ -9,9 +9,9 @@ the pretraining loss mixed into the same step. Each term is a small function in 
 whose docstring shows its formula. Tensors are (B, T) over answer tokens, right-padded, with `mask` 1 on
 real answer tokens.
 
-This module holds the layout of a rollout batch, `make_experience` (a scored rollout with advantages),
-`ppo_epochs` (the minibatch updates), and the stage around them: models from checkpoints, the command,
-checkpoints and resume, diagnostics and alarms, and the comparison of two policies.
+This module holds `ppo_epochs` (the minibatch updates) and the stage around them: models from checkpoints,
+the command, checkpoints and resume, diagnostics and alarms, and the comparison of two policies. The
+experience the updates learn from (rollouts, their scores, advantages) is made in `rollout.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,179 +31,21 @@ import torch
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
 from chatforge.data import TokenWindows, load_splits
-from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
-    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, generalized_advantages,
-    kl_penalized_rewards, masked_mean, policy_terms, ppo_ptx_loss, token_logprobs, whiten,
+    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, masked_mean,
+    policy_terms, ppo_ptx_loss,
 )
 from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
-from chatforge.reward import reward_head, reward_ids, score_sequences, text_ids
+from chatforge.rollout import (
+    Experience, Reward, answer_texts, classifier_reward, explained_variance, make_experience, model_reward, rollout,
+    score_rollout,
+)
 from chatforge.runtime import Dist
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
-from chatforge.train import TrainConfig, make_optimizer, resolve_run_config, run_stage
-
-
-@dataclass
-class RolloutBatch:
-    """Prompts and their sampled answers as one (B, P + T) batch: prompts left-padded to width P (`pad`
-    slots per row, never attended to), answers right-padded to T (`mask` 1 on real answer tokens). The
-    models of PPO read it in micro-batches (`rows`), and each row computes what it would alone."""
-
-    ids: torch.Tensor  # (B, P + T)
-    pad: torch.Tensor  # (B,) left padding of each prompt
-    mask: torch.Tensor  # (B, T) float, 1 on answer tokens
-    prompt_width: int  # P
-
-    @classmethod
-    def build(cls, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
-              device=None) -> "RolloutBatch":
-        width = max(len(p) for p in prompts)
-        answer_width = max(1, max(len(a) for a in answers))
-        ids = torch.full((len(prompts), width + answer_width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), answer_width)
-        for row, (p, a) in enumerate(zip(prompts, answers)):
-            ids[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
-            ids[row, width : width + len(a)] = torch.tensor(a, dtype=torch.long)
-            mask[row, : len(a)] = 1
-        pad = torch.tensor([width - len(p) for p in prompts])
-        return cls(ids.to(device), pad.to(device), mask.to(device), width)
-
-    @property
-    def answer_tokens(self) -> torch.Tensor:
-        return self.ids[:, self.prompt_width :]
-
-    def rows(self, index: torch.Tensor | slice) -> "RolloutBatch":
-        """The rows `index` as a batch of their own, cut to their own widths (the left padding all of them
-        share and the answer columns none of them reaches are dropped): the same results in less work."""
-        pad, mask = self.pad[index], self.mask[index]
-        cut = int(pad.min())
-        width = max(1, int(mask.sum(1).max()))
-        return RolloutBatch(self.ids[index, cut : self.prompt_width + width], pad - cut, mask[:, :width],
-                            self.prompt_width - cut)
-
-    def answer_logits(self, model: torch.nn.Module) -> torch.Tensor:
-        """(B, T, vocab): the logits that predicted each answer token (positions P − 1 ... P + T − 2)."""
-        return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1)
-
-    def answer_values(self, model: torch.nn.Module) -> torch.Tensor:
-        """(B, T): a scalar-head model's value of the state before each answer token, V(x, y_<t)."""
-        return model(self.ids[:, :-1], pad=self.pad, head_from=self.prompt_width - 1) * self.mask
-
-
-# --- experience: one rollout, scored --------------------------------------------------------------------
-
-# (prompts' token ids, answers' token ids as sampled, finished) -> (B,) scores
-Reward = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[bool]], torch.Tensor]
-
-
-def model_reward(model: GPT, end_id: int, pad_id: int, batch_size: int = 16) -> Reward:
-    """A reward model's score of each answer, read from `reward_ids` (the very tokens the policy sampled,
-    closed by <|end|>, id `end_id`) as in its training and in `chatforge reward score`, `batch_size` answers
-    at a time."""
-
-    def score(prompts, answers, finished) -> torch.Tensor:
-        sequences = [reward_ids(p, a, f, end_id) for p, a, f in zip(prompts, answers, finished)]
-        return torch.tensor(score_sequences(model, sequences, pad_id, batch_size))
-
-    return score
-
-
-@dataclass
-class Experience:
-    """A rollout with everything the PPO epochs need; (B, T) tensors over answer tokens, 0 where masked."""
-
-    batch: RolloutBatch
-    logprobs: torch.Tensor  # log π_old(y_t): the policy that sampled
-    ref_logprobs: torch.Tensor  # log π_SFT(y_t)
-    values: torch.Tensor  # V_old(x, y_<t)
-    raw_scores: torch.Tensor  # (B,) the reward model's score
-    scores: torch.Tensor  # (B,) the score as rewarded: penalised when unfinished, normalised, clipped
-    finished: torch.Tensor  # (B,) bool: the answer ended with a stop token
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor  # whitened over the rollout when asked
-    returns: torch.Tensor
-
-    @property
-    def finite(self) -> bool:
-        """False when a score, log-prob or value is NaN or infinite (the step must then be skipped)."""
-        return all(bool(torch.isfinite(t).all()) for t in (self.scores, self.logprobs, self.ref_logprobs, self.values))
-
-
-@dataclass
-class ScoredRollout:
-    """A rollout's batch, the token log-probs of its answers under the policy and the reference, the value
-    model's values (None without one) and the reward's score of each answer; (B, T), 0 where masked."""
-
-    batch: RolloutBatch
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor | None
-    scores: torch.Tensor  # (B,)
-
-
-@torch.no_grad()
-def score_rollout(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module | None,
-                  reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                  finished: Sequence[bool], pad_id: int, micro_batch_size: int) -> ScoredRollout:
-    """Every model's reading of the rollout, `micro_batch_size` answers at a time: the peak memory is that of
-    one micro-batch (whatever the rollout's size) plus the rollout's ids and per-token scalars."""
-    batch = RolloutBatch.build(prompts, answers, pad_id, next(policy.parameters()).device)
-    logprobs, ref_logprobs = torch.zeros_like(batch.mask), torch.zeros_like(batch.mask)
-    values = torch.zeros_like(batch.mask) if value_model is not None else None
-    for start in range(0, len(answers), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        part = batch.rows(rows)
-        width = part.mask.shape[1]
-        logprobs[rows, :width] = token_logprobs(part.answer_logits(policy), part.answer_tokens) * part.mask
-        ref_logprobs[rows, :width] = token_logprobs(part.answer_logits(reference), part.answer_tokens) * part.mask
-        if value_model is not None:
-            values[rows, :width] = part.answer_values(value_model).float()
-    return ScoredRollout(batch, logprobs, ref_logprobs, values, reward(prompts, answers, finished).float().to(batch.mask.device))
-
-
-@torch.no_grad()
-def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_model: torch.nn.Module,
-                    reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                    finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
-                    unfinished_penalty: float = 0.0, reward_stats: RunningMoments | None = None,
-                    reward_clip: float = 0.0, whiten_advantages: bool = True, micro_batch_size: int = 8) -> Experience:
-    """Score sampled answers and turn them into advantages:
-
-    log-probs under the sampling policy and the reference, and values (`score_rollout`, in micro-batches,
-    no activations kept), the reward's score, minus `unfinished_penalty` for an answer cut off by the
-    length limit, normalised by the running statistics `reward_stats` when given (updated with this
-    rollout first), clipped to ±`reward_clip` when > 0; then per-token rewards (`kl_penalized_rewards`),
-    GAE advantages and returns.
-    """
-    scored = score_rollout(policy, reference, value_model, reward, prompts, answers, finished, pad_id, micro_batch_size)
-    batch, logprobs, ref_logprobs, values, raw_scores = (scored.batch, scored.logprobs, scored.ref_logprobs,
-                                                         scored.values, scored.scores)
-    done = torch.tensor(list(finished), dtype=torch.bool, device=batch.ids.device)
-    scores = torch.where(done, raw_scores, raw_scores - unfinished_penalty)
-    if reward_stats is not None:
-        reward_stats.update(scores)
-        scores = reward_stats.normalize(scores)
-    if reward_clip > 0:
-        scores = scores.clamp(-reward_clip, reward_clip)
-    rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, batch.mask, beta)
-    advantages, returns = generalized_advantages(rewards, values, batch.mask, gamma, lam)
-    if whiten_advantages:
-        advantages = whiten(advantages, batch.mask)
-    return Experience(batch, logprobs, ref_logprobs, values, raw_scores, scores, done, rewards, kl, advantages, returns)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var[R − V] / Var[R] over answer tokens: 1 when the value model predicts the returns, ≤ 0 when it
-    does no better than their mean."""
-    variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    error = returns - values
-    residual = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
-    return float(1 - residual / variance) if variance > 0 else 0.0
-
+from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage
 
 # --- the update ---------------------------------------------------------------------------------------
 
@@ -308,7 +150,6 @@ class PPOConfig(TrainConfig):
     reward_clip: float = field(default=0.0, metadata={"help": "clip scores to ±this (0: off)"})
     normalize_reward: bool = field(default=False, metadata={"help": "normalise scores by their running mean and std"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over each rollout"})
-    strict: bool = field(default=False, metadata={"help": "stop with a non-zero exit at the first alarm"})
     sample_answers: int = field(default=2, metadata={"help": "held-out answers shown at each evaluation"})
     lr: float = field(default=1e-5, metadata={"help": "policy's peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
@@ -369,21 +210,6 @@ def value_model_from(init: str, sft: GPT, reward_model: GPT) -> GPT:
     return value
 
 
-def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str, batch_size: int = 16) -> Reward:
-    """A classifier's log-probability (or logit) of class `label` for each answer's text, read the way the
-    classifier was trained (<|bos|> text <|eos|>)."""
-    to_reward = reward_head(model, label, kind)
-
-    def score(prompts, answers, finished) -> torch.Tensor:
-        sequences = [text_ids(t, tokenizer) for t in answer_texts(tokenizer, answers)]
-        # cut to the context, keeping the <|eos|> it reads
-        sequences = [s if len(s) <= model.config.max_seq_len else [*s[: model.config.max_seq_len - 1], s[-1]]
-                     for s in sequences]
-        return torch.tensor(score_sequences(model, sequences, tokenizer.pad_id, batch_size, to_reward))
-
-    return score
-
-
 def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, Reward]:
     model, reward_tokenizer, path = load_model(config.reward, device)
     if model.config.head == "lm":
@@ -415,26 +241,6 @@ def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, c
 
 def load_prompts(paths: list[str]) -> tuple[list[tuple[str, list[Message]]], int]:
     return [p for path in paths for p in read_prompts(path)], 0
-
-
-def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, stop_id: int, seed: int,
-            temperature: float = 1.0, rows: int = 0) -> tuple[list[list[int]], list[list[int]], list[bool]]:
-    """`n` answers to each prompt from the policy's own distribution (temperature 1: PPO's ratios and KL
-    are of that distribution), with the engine, `rows` answers at a time (0: all at once; each later chunk
-    draws from a seed of its own): (prompt of each answer, answers, finished)."""
-    per_chunk = max(1, rows // n) if rows else len(prompts)
-    answers = []
-    for i, start in enumerate(range(0, len(prompts), per_chunk)):
-        chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed)
-        part = prompts[start : start + per_chunk]
-        completions = generate_batch(policy, part, params, n=n, stop_ids=(stop_id,))
-        answers += [(p, c) for p, samples in zip(part, completions) for c in samples]
-    return [list(p) for p, _ in answers], [c.tokens for _, c in answers], [c.finish_reason == "stop" for _, c in answers]
-
-
-def answer_texts(tokenizer: Tokenizer, answers: Sequence[Sequence[int]]) -> list[str]:
-    return [tokenizer.decode(a, skip_special=True).strip() for a in answers]
 
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> float:
@@ -470,7 +276,7 @@ def rollout_diagnostics(experience: Experience, texts: list[str]) -> dict[str, f
     }
 
 
-class PPOTask:
+class PPOTask(Task):
     """PPO-ptx as the shared trainer's task: each step is one iteration (rollout, scoring, epochs of
     minibatch updates). The step is the prompt position (prompts are drawn in a seeded order per pass) and
     every random draw is seeded by (seed, step), so a resumed run continues exactly."""
@@ -515,7 +321,12 @@ class PPOTask:
 
     # --- one iteration --------------------------------------------------------------------------------
 
-    def train_step(self, model, optimizer, step: int, lr: float) -> dict:
+    def train_step(self, trainer: Trainer) -> dict:
+        with trainer.autocast():
+            return self.iteration(trainer.model, trainer.optimizer, trainer.step, trainer.learning_rate())
+
+    def iteration(self, model, optimizer, step: int, lr: float) -> dict:
+        """Rollout, scoring, and `ppo_epochs` passes of minibatch updates of the policy and value model."""
         c = self.config
         t0 = time.perf_counter()
         prompts, answers, finished = rollout(self.policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,

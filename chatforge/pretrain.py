@@ -18,7 +18,7 @@ from chatforge.errors import UserError
 from chatforge.model import GPT, GPTConfig
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import StepDeterminedData, TrainConfig, resolve_run_config, run_stage
+from chatforge.train import Task, TrainConfig, resolve_run_config, run_stage
 
 @dataclass
 class PretrainConfig(TrainConfig):
@@ -29,7 +29,7 @@ class PretrainConfig(TrainConfig):
     model: GPTConfig = field(default_factory=GPTConfig)
 
 
-class PretrainTask(StepDeterminedData):
+class PretrainTask(Task):
     """Random windows of the train split; validation on the first windows of the val split."""
 
     def __init__(self, config: PretrainConfig, tokenizer: Tokenizer, d: Dist, device: torch.device):

@@ -35,27 +35,24 @@ import torch
 
 from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
 from chatforge.checkpoint import load_model
-from chatforge.data import BucketedEpochs, load_splits, parse_records
+from chatforge.data import load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.objectives import centering_penalty, ranking_loss
 from chatforge.runtime import Dist, all_reduce_sum
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import (
-    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(FineTuneConfig):
     init: str = field(default="", metadata={"help": "SFT checkpoint (or run folder) to start from"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "comparison files (.jsonl/.parquet): rankings {prompt, completions, ranking}, pairs "
                 "{prompt, chosen, rejected}, or Anthropic-HH {chosen, rejected} dialogues"})
-    val_data: list[str] = field(default_factory=list, metadata={
-        "help": "held-out comparison files (default: val_fraction of --data)"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of --data prompts held out when no --val-data"})
-    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training prompts (InstructGPT: 1); sets max_steps when > 0"})
     margin: float = field(default=0.0, metadata={"help": "required score gap: log σ(r_w − r_l − margin)"})
     center_coef: float = field(default=0.0, metadata={"help": "weight λ of the centering term λ·E[r²] (0: off; 0.01 is common)"})
@@ -277,23 +274,19 @@ def pairs_ordered(scores: torch.Tensor, ranking: Sequence[int]) -> tuple[int, in
     return int(((ordered[:, None] - ordered[None, :])[above] > 0).sum()), int(above.sum())
 
 
-class RewardTask(StepDeterminedData):
+class RewardTask(FineTuneTask):
     """Batches of `batch_size` prompts, each with all its answers; each micro-batch pads its answers on
     the right and reads every score at the answer's last token."""
 
     def __init__(self, config: RewardConfig, tokenizer: Tokenizer, train: list[RankedAnswers], val: list[RankedAnswers],
                  d: Dist, device: torch.device):
-        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
-        self.batches = BucketedEpochs([g.tokens for g in train], config.batch_size, config.seed)
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise UserError(f"{len(train)} training prompts, fewer than one batch (batch_size {config.batch_size})")
+        super().__init__(config, tokenizer, train, val, d, device, [g.tokens for g in train], "prompts")
         mean_tokens = float(np.mean([g.tokens for g in train]))
         self.seq_len = round(mean_tokens / np.mean([len(g.sequences) for g in train]))
         self.tokens_per_step = round(mean_tokens * config.batch_size)
 
     def micro_batches(self, step: int, accumulation: int):
-        groups = [self.train[i] for i in self.batches.batch(step)]
+        groups = self.step_items(step)
         for part in process_share(groups, self.d, accumulation):
             yield self._collate(part), self.d.world_size / len(groups)
 
@@ -319,7 +312,7 @@ class RewardTask(StepDeterminedData):
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:  # nothing held out (a validation fraction of 0)
             return {}
-        held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
+        held_out = self.held_out()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, prompts, pairs right, pairs
         for start in range(0, len(held_out), self.config.micro_batch_size):
             batch = self._collate(held_out[start : start + self.config.micro_batch_size])
@@ -328,9 +321,6 @@ class RewardTask(StepDeterminedData):
                 sums += torch.tensor([ranking_loss(scores, ranking).item(), 1, right, pairs], device=self.device)
         loss, prompts, right, pairs = all_reduce_sum(sums, self.d).tolist()
         return {"val_loss": loss / max(prompts, 1), "val_accuracy": right / max(pairs, 1)}
-
-    def samples(self, model: GPT) -> list[str]:
-        return []
 
     def finish(self, model: GPT) -> None:
         """Shift the scores so that the training answers average 0."""

@@ -17,7 +17,7 @@ import torch
 
 from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
 from chatforge.checkpoint import load_model
-from chatforge.data import BucketedEpochs, load_splits, parse_records
+from chatforge.data import load_splits, parse_records
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.objectives import IGNORE_INDEX
@@ -25,19 +25,15 @@ from chatforge.model import GPT
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import (
-    StepDeterminedData, TrainConfig, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(FineTuneConfig):
     init: str = field(default="", metadata={"help": "pretrained checkpoint (or run folder) to start from"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "conversation files (.jsonl/.parquet): {messages}, {prompt, completion} or ShareGPT {conversations}"})
-    val_data: list[str] = field(default_factory=list, metadata={
-        "help": "held-out conversation files (default: val_fraction of --data)"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --val-data"})
-    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
-    epochs: float = field(default=0.0, metadata={"help": "passes over the training conversations; sets max_steps when > 0"})
     dropout: float = field(default=0.0, metadata={"help": "residual dropout while fine-tuning (InstructGPT used 0.2)"})
     sample_prompts: list[str] = field(default_factory=lambda: ["What can you do?"],
                                       metadata={"help": "user messages answered at each evaluation"})
@@ -129,20 +125,16 @@ def token_share(targets: torch.Tensor, step_targets: int, world_size: int) -> fl
     return int((targets != IGNORE_INDEX).sum()) * world_size / step_targets
 
 
-class SFTTask(StepDeterminedData):
+class SFTTask(FineTuneTask):
     def __init__(self, config: SFTConfig, tokenizer: Tokenizer, train: list[Example], val: list[Example],
                  d: Dist, device: torch.device):
-        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
-        self.batches = BucketedEpochs([len(e.ids) for e in train], config.batch_size, config.seed)
-        self.steps_per_epoch = self.batches.steps_per_epoch
-        if self.steps_per_epoch < 1:
-            raise UserError(f"{len(train)} training conversations, fewer than one batch (batch_size {config.batch_size})")
+        super().__init__(config, tokenizer, train, val, d, device, [len(e.ids) for e in train], "conversations")
         lengths = [len(e.ids) - 1 for e in train]
         self.seq_len = round(float(np.mean(lengths)))  # for FLOPs/token: attention cost at the typical length
         self.tokens_per_step = round(float(np.mean(lengths)) * config.batch_size)
 
     def micro_batches(self, step: int, accumulation: int):
-        batch = [self.train[i] for i in self.batches.batch(step)]
+        batch = self.step_items(step)
         step_targets = sum(e.targets for e in batch)
         for part in process_share(batch, self.d, accumulation):
             inputs, targets = pad_batch(part, self.tokenizer.pad_id)
@@ -155,7 +147,7 @@ class SFTTask(StepDeterminedData):
     def evaluate(self, model) -> dict[str, float]:
         if not self.val:  # nothing held out (a validation fraction of 0)
             return {}
-        held_out = self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
+        held_out = self.held_out()
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         for start in range(0, len(held_out), self.config.micro_batch_size):

@@ -1,7 +1,7 @@
 """The training loop every stage shares.
 
-A stage (pretraining now; SFT, reward model and PPO later) supplies a `Task`: its batches, its loss and
-its evaluation. The `Trainer` owns everything else: AdamW, warmup + cosine schedule, gradient
+Every stage (pretrain, SFT, reward model, classifier, PPO) supplies a `Task`: its batches and loss (or
+its own step), its evaluation, samples and pictures. The `Trainer` owns everything else: AdamW, warmup + cosine schedule, gradient
 accumulation, clipping, mixed precision, torch.compile, DistributedDataParallel, metrics (JSON lines),
 the progress bar, checkpoints and exact resume.
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chatforge import config as cfg
+from chatforge.data import BucketedEpochs
 from chatforge.checkpoint import (
     load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
 )
@@ -64,6 +65,7 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    strict: bool = field(default=False, metadata={"help": "stop with a non-zero exit at the first alarm"})
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches", "checkpoint_every"):
@@ -73,49 +75,87 @@ class TrainConfig:
             raise ValueError("warmup_steps and keep_checkpoints must be >= 0, lr > 0")
 
 
-class Task(Protocol):
-    """What a stage gives the trainer."""
+@dataclass
+class FineTuneConfig(TrainConfig):
+    """What the stages that fine-tune on a fixed set of records share (SFT, reward model, classifier)."""
+
+    init: str = field(default="", metadata={"help": "checkpoint (or run folder) to start from"})
+    data: list[str] = field(default_factory=list, metadata={"help": "training files (.jsonl/.parquet)"})
+    val_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: val_fraction of --data)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of --data held out when no --val-data"})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training records; sets max_steps when > 0"})
+
+
+class Task:
+    """What a stage gives the trainer. A stage subclasses this and overrides what it has; the defaults are
+    a stage with nothing more to say (no held-out metrics, samples, pictures or state beyond the step).
+
+    A stage whose step is one gradient step gives `micro_batches` and `loss`; a stage whose step is more
+    (PPO: a rollout, then epochs of minibatch updates) overrides `train_step` instead.
+    """
 
     tokens_per_step: int  # tokens per optimizer step over all processes, for tokens/s and MFU
-    seq_len: int
+    seq_len: int  # the typical sequence length, for the attention FLOPs
+    progress_keys: tuple[str, ...] = ("loss",)  # the metrics shown on the progress bar
 
     def micro_batches(self, step: int, accumulation: int) -> Iterable[Any]:
         """This process's `accumulation` micro-batches for optimizer step `step`."""
+        raise NotImplementedError(f"{type(self).__name__} gives neither micro_batches nor its own train_step")
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """This micro-batch's share of the step's loss: the step's loss is the sum of the shares of a
         process's micro-batches, averaged over processes (as DDP averages gradients)."""
+        raise NotImplementedError(f"{type(self).__name__} gives micro_batches but no loss")
+
+    def train_step(self, trainer: Trainer) -> dict:
+        """One step and its metrics: by default one gradient step over `micro_batches`. A stage's own step
+        may report "tokens" and "flops" (for tokens/s and MFU), "skipped", and "alarms" (messages; with
+        `strict` the run stops)."""
+        return trainer.gradient_step()
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Held-out metrics, averaged over processes (called on every process)."""
+        return {}
 
     def samples(self, model: GPT) -> list[str]:
         """A few generations to eyeball (called on the main process only)."""
+        return []
+
+    def plot(self, metrics: list[dict], run_dir: Path) -> None:
+        """The stage's own pictures, drawn at each evaluation next to the training curves."""
+
+    def finish(self, model: GPT) -> None:
+        """Called on every process after the last step, before the final checkpoint (the reward model
+        stores its score offset here)."""
 
     def state_dict(self) -> dict:
-        """Data position and other stage state that a resume needs beyond the step."""
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-    # Optional hooks:
-    # - `finish(model)`, called on every process after the last step, before the final checkpoint (the
-    #   reward model stores its score offset there);
-    # - `train_step(model, optimizer, step, lr) -> metrics`, for a stage whose step is more than one gradient
-    #   step (PPO: a rollout, then epochs of minibatch updates); it may report "tokens", "flops" (for
-    #   tokens/s and MFU), "skipped" and "alarms" (messages; with a `strict` config the run stops);
-    # - `plot(metrics, run_dir)`, the stage's own pictures, drawn at each evaluation;
-    # - `progress_keys`, the metrics shown on the progress bar (default: loss).
-
-
-class StepDeterminedData:
-    """For tasks whose batches are a pure function of (seed, step): the step is the whole data position,
-    so a checkpoint needs no data state."""
-
-    def state_dict(self) -> dict:
+        """What a resume needs beyond the step: nothing when batches are a pure function of (seed, step)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class FineTuneTask(Task):
+    """A stage that passes over a fixed list of training items in length-bucketed batches (SFT, reward
+    model, classifier), with held-out items for evaluation."""
+
+    def __init__(self, config: FineTuneConfig, tokenizer: Tokenizer, train: list, val: list, d: Dist,
+                 device: torch.device, lengths: list[int], items: str):
+        self.config, self.tokenizer, self.train, self.val, self.d, self.device = config, tokenizer, train, val, d, device
+        self.batches = BucketedEpochs(lengths, config.batch_size, config.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(train)} training {items}, fewer than one batch (batch_size {config.batch_size})")
+
+    def step_items(self, step: int) -> list:
+        """The training items of optimizer step `step` (over all processes)."""
+        return [self.train[i] for i in self.batches.batch(step)]
+
+    def held_out(self) -> list:
+        """This process's share of the held-out items an evaluation reads (`eval_batches` batches)."""
+        return self.val[: self.config.eval_batches * self.config.batch_size][self.d.rank :: self.d.world_size]
 
 
 def process_share(batch: list, d: Dist, accumulation: int) -> Iterator[list]:
@@ -197,15 +237,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and the GPU's when training on one (dropout draws from it there)."""
+    state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _say(bar: tqdm | None, text: str) -> None:
@@ -246,8 +289,8 @@ class Trainer:
 
     # --- checkpoint state ---------------------------------------------------------------------------
 
-    def _gather_rng(self) -> list[torch.Tensor]:
-        state = _rng_state(self.device).cpu()
+    def _gather_rng(self) -> list[dict[str, torch.Tensor]]:
+        state = _rng_state(self.device)
         if not self.d.enabled:
             return [state]
         states: list = [None] * self.d.world_size
@@ -286,7 +329,7 @@ class Trainer:
     def evaluate(self, bar: tqdm | None) -> None:
         model = self.model.module if self.d.enabled else self.model  # no DDP hooks: ranks may differ in work
         model.eval()
-        with torch.no_grad(), autocast(self.device, self.dtype):
+        with torch.no_grad(), self.autocast():
             record = {"step": self.step, **self.task.evaluate(model)}
         model.train()
         if self.d.is_main:
@@ -300,8 +343,7 @@ class Trainer:
                 _say(bar, f"  sample: {s!r}")
             metrics = read_metrics(self.run_dir)
             plot_training_curves(metrics, self.run_dir / CURVES_FILE, f"{self.stage}: {self.run_dir}")
-            if hasattr(self.task, "plot"):
-                self.task.plot(metrics, self.run_dir)
+            self.task.plot(metrics, self.run_dir)
 
     def learning_rate(self) -> float:
         """The schedule is a function of the step alone, so a resumed run (even with a new max_steps or lr)
@@ -310,26 +352,27 @@ class Trainer:
         return c.lr * lr_factor(self.step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
 
     def train_step(self) -> dict:
-        """One step (one optimizer step over `batch_size` sequences, or the task's own step); its metrics."""
+        """One step (the task's: by default one optimizer step over `batch_size` sequences); its metrics."""
         t0 = time.perf_counter()
-        if hasattr(self.task, "train_step"):
-            with autocast(self.device, self.dtype):
-                record = {"step": self.step + 1,
-                          **self.task.train_step(self.model, self.optimizer, self.step, self.learning_rate())}
-        else:
-            record = self._gradient_step()
+        record = {"step": self.step + 1, **self.task.train_step(self)}
         self.step += 1
         record["step_time"] = time.perf_counter() - t0
         return record
 
-    def _gradient_step(self) -> dict:
+    def autocast(self):
+        """The mixed-precision context of this run's forward passes."""
+        return autocast(self.device, self.dtype)
+
+    def gradient_step(self) -> dict:
+        """One optimizer step over the task's micro-batches: accumulated, averaged over processes, clipped;
+        skipped (with an alarm) when the loss or the gradient is not finite."""
         total = torch.zeros((), device=self.device)
         batches = list(self.task.micro_batches(self.step, self.accumulation))
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             sync = self.model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
             with sync:
-                with autocast(self.device, self.dtype):
+                with self.autocast():
                     loss = self.task.loss(self.model, batch)
                 loss.backward()
             total += loss.detach()
@@ -338,7 +381,7 @@ class Trainer:
             self.raw_model.parameters(), self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         )
         lr = self.learning_rate()
-        record = {"step": self.step + 1, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        record = {"loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()}
         if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -372,15 +415,15 @@ class Trainer:
             if self.d.is_main:
                 for alarm in alarms:
                     _say(bar, f"step {self.step}: ALARM: {alarm}")
-            if alarms and getattr(c, "strict", False):
+            if alarms and c.strict:
                 raise UserError(f"step {self.step}: stopped by --strict: {'; '.join(alarms)}")
             if bar:
-                shown = {k: f"{record[k]:.3f}" for k in getattr(self.task, "progress_keys", ("loss",)) if k in record}
+                shown = {k: f"{record[k]:.3f}" for k in self.task.progress_keys if k in record}
                 bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.0%}")
                 bar.update(1)
             if self.step % c.eval_every == 0 or self.step == c.max_steps:
                 self.evaluate(bar)
-            if self.step == c.max_steps and hasattr(self.task, "finish"):
+            if self.step == c.max_steps:
                 self.task.finish(self.raw_model)
             if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                 self.save()
@@ -412,7 +455,7 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
     missing = [f"--{name.replace('_', '-')} {usage}" for name, usage in (needs or {}).items() if not getattr(config, name)]
     if missing:
         raise UserError(f"{stage} needs {' and '.join(missing)}")
-    if getattr(config, "epochs", 0) > 0 and "max_steps" in overrides:
+    if isinstance(config, FineTuneConfig) and config.epochs > 0 and "max_steps" in overrides:
         raise UserError(f"--max-steps and --epochs ({config.epochs:g}) both set the length of the run: "
                         f"pass --epochs 0 to count steps")
     if not resume and step_checkpoints(config.out):
@@ -421,9 +464,9 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
     return config, checkpoint
 
 
-def set_max_steps_from_epochs(config: TrainConfig, steps_per_epoch: int) -> None:
-    """`epochs` > 0 (the fine-tuning stages' option) sets the run's length in steps."""
-    if getattr(config, "epochs", 0) > 0:
+def set_max_steps_from_epochs(config: FineTuneConfig, steps_per_epoch: int) -> None:
+    """`epochs` > 0 sets the run's length in steps."""
+    if config.epochs > 0:
         config.max_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
 
 

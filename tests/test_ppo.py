@@ -127,7 +127,7 @@ def test_a_rollout_batch_reads_each_row_as_it_would_alone():
     appended to the one that was cut off."""
     from chatforge.engine import SamplingParams, generate_batch
     from chatforge.objectives import token_logprobs
-    from chatforge.ppo import RolloutBatch, model_reward
+    from chatforge.rollout import RolloutBatch, model_reward
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
@@ -173,7 +173,7 @@ class ConstantValue(torch.nn.Module):
 def test_experience_from_a_rollout():
     """Policy = reference: no KL, so each answer's only reward is its score on its last token; advantages
     and returns are GAE's, worked out by hand; an answer cut off by the length limit pays the penalty."""
-    from chatforge.ppo import make_experience
+    from chatforge.rollout import make_experience
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)).eval()
@@ -215,7 +215,8 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
     import copy
 
     from chatforge.engine import SamplingParams, generate_batch
-    from chatforge.ppo import make_experience, ppo_epochs
+    from chatforge.ppo import ppo_epochs
+    from chatforge.rollout import make_experience
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, max_seq_len=32))
@@ -242,7 +243,7 @@ def test_ppo_raises_a_rule_defined_reward_with_bounded_kl():
 
 def test_running_moments_and_explained_variance_by_hand():
     from chatforge.objectives import RunningMoments
-    from chatforge.ppo import explained_variance
+    from chatforge.rollout import explained_variance
 
     stats = RunningMoments()
     stats.update(torch.tensor([1.0, 2.0, float("nan")]))  # a non-finite score is left out
@@ -372,7 +373,7 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     task.reward = lambda prompts, answers, finished: torch.full((len(answers),), float("nan"))
     before = [p.clone() for m in (policy, task.value_model) for p in m.parameters()]
-    record = task.train_step(policy, optimizer, step=0, lr=1e-3)
+    record = task.iteration(policy, optimizer, step=0, lr=1e-3)
     assert record["skipped"] and "non-finite rewards" in record["alarms"][-1]
     after = [p for m in (policy, task.value_model) for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "nothing applied"
@@ -444,7 +445,7 @@ def test_ppo_errors(please, tmp_path):
 
 def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):
     from chatforge.chat_format import Message, render
-    from chatforge.ppo import classifier_reward
+    from chatforge.rollout import classifier_reward
     from chatforge.reward import text_ids
     from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
@@ -485,7 +486,8 @@ def test_a_ppo_iterations_peak_memory_does_not_grow_with_the_rollout():
     per-token scalars grow). Scoring the whole rollout in one pass held 2.8x. The rollout is generated in
     chunks too (`rows`), but this model's KV cache is too small for the bound to see it:
     bench/ppo_memory.py measures that part on the cpu architecture."""
-    from chatforge.ppo import make_experience, ppo_epochs, rollout
+    from chatforge.ppo import ppo_epochs
+    from chatforge.rollout import make_experience, rollout
     from chatforge.runtime import peak_memory
 
     torch.manual_seed(0)
@@ -512,6 +514,7 @@ def test_ppo_scores_sampled_answers_as_reward_score_does_from_the_candidates_fil
     """Answers sampled by the engine, finished and cut off: the reward model's score inside a PPO iteration
     equals what `chatforge reward score` gives for the same records read from `chatforge sample`'s file."""
     import chatforge.ppo as ppo
+    import chatforge.rollout as rollout
     from chatforge.chat_format import prompt_messages, render
     from conftest import run_cli
 
@@ -527,15 +530,15 @@ def test_ppo_scores_sampled_answers_as_reward_score_does_from_the_candidates_fil
     prompts = [render(prompt_messages(r["prompt"]), tokenizer, add_generation_prompt=True)
                for r in records for _ in r["completions"]]
     answers = [ids for r in records for ids in r["completion_ids"]]
-    experience = ppo.make_experience(policy, task.reference, task.value_model, task.reward, prompts, answers,
-                                     [reason == "stop" for reason in reasons], tokenizer.pad_id, beta=0.02,
-                                     micro_batch_size=3)
+    experience = rollout.make_experience(policy, task.reference, task.value_model, task.reward, prompts, answers,
+                                         [reason == "stop" for reason in reasons], tokenizer.pad_id, beta=0.02,
+                                         micro_batch_size=3)
     expected = torch.tensor([score for r in records for score in r["rewards"]])
     torch.testing.assert_close(experience.raw_scores, expected, rtol=0, atol=1e-5)
 
 
 def test_a_rollout_in_chunks_keeps_the_order_and_draws_each_chunk_afresh():
-    from chatforge.ppo import rollout
+    from chatforge.rollout import rollout
 
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=32)).eval()

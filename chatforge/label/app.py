@@ -19,17 +19,8 @@ from starlette.routing import Route
 
 from chatforge.errors import UserError
 from chatforge.label.database import (
-    Conflict,
-    add_prompts,
-    annotator_for_token,
-    connect,
-    count_prompts,
-    init_database,
-    load_candidates,
-    next_task,
-    set_per_prompt,
-    submit_ranking,
-    transaction,
+    Conflict, add_prompts, annotator_for_token, connect, count_prompts, init_database, load_candidates, next_task,
+    set_per_prompt, submit_ranking, transaction,
 )
 from chatforge.label.stats import compute_stats
 from chatforge.runtime import listen

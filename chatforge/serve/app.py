@@ -27,23 +27,9 @@ from chatforge.engine import SamplingParams, TokenEvent, cut_at_stop
 from chatforge.serve.metrics import Metrics
 from chatforge.serve.scheduler import Job, QueueFull, Scheduler
 from chatforge.serve.schemas import (
-    LOAD_FAILED,
-    ApiError,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionChoice,
-    CompletionRequest,
-    ErrorBody,
-    ErrorResponse,
-    Health,
-    ModelCard,
-    ModelList,
-    SamplingRequest,
-    ServeConfig,
-    TextCompletion,
-    Usage,
+    LOAD_FAILED, ApiError, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, CompletionChoice,
+    CompletionRequest, ErrorBody, ErrorResponse, Health, ModelCard, ModelList, SamplingRequest, ServeConfig,
+    TextCompletion, Usage,
 )
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
 
