@@ -28,7 +28,8 @@ from chatforge import config as cfg
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.objectives import ranking_loss
-from chatforge.reward import RankedAnswers, last_token_outputs, right_pad
+from chatforge.comparisons import RankedAnswers
+from chatforge.reward import last_token_outputs, right_pad
 from timing import timed, write_report  # bench/timing.py
 
 

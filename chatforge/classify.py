@@ -19,12 +19,13 @@ import torch.nn.functional as F
 
 from chatforge.chat_format import check_text
 from chatforge.checkpoint import load_model
-from chatforge.config import save_json
+from chatforge.config import DEVICE_HELP, save_json
 from chatforge.data import load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
-from chatforge.reward import last_token_outputs, right_pad, text_ids
-from chatforge.runtime import Dist, all_reduce_sum
+from chatforge.comparisons import text_ids
+from chatforge.reward import last_token_outputs, right_pad
+from chatforge.runtime import Dist, all_reduce_sum, pick_device
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
@@ -50,7 +51,8 @@ class Labelled:
     label: str
 
 
-def load_labelled(paths: list[str], config: ClassifyConfig, tokenizer: Tokenizer, max_seq_len: int) -> tuple[list[Labelled], int]:
+def load_labelled(paths: list[str], config: ClassifyConfig | ClassifyEvalConfig, tokenizer: Tokenizer,
+                  max_seq_len: int) -> tuple[list[Labelled], int]:
     def parse(record: dict) -> Labelled:
         text, label = record.get(config.text_field), record.get(config.label_field)
         if not isinstance(text, str) or not text.strip():
@@ -217,3 +219,38 @@ def train_classifier(config: ClassifyConfig, resume_from: Path | None = None) ->
         return model, tokenizer, task
 
     return run_stage(config, "classify", setup, resume_from)
+
+
+# --- the command: classify eval --------------------------------------------------------------------------
+
+@dataclass
+class ClassifyEvalConfig:
+    checkpoint: str = field(default="", metadata={"help": "classifier checkpoint, or its run folder", "positional": True})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "labelled files (.jsonl/.parquet) of {text, label}", "required": True})
+    text_field: str = field(default="text", metadata={"help": "field holding the text"})
+    label_field: str = field(default="label", metadata={"help": "field holding the class"})
+    out: str = field(default="", metadata={"help": "also write the report as JSON here"})
+    batch_size: int = field(default=16, metadata={"help": "texts per forward pass"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def eval_classifier(config: ClassifyEvalConfig) -> dict:
+    """`chatforge classify eval`: per-class precision, recall and F1, accuracy and the confusion matrix on
+    labelled text, printed (and written to `out`); the report."""
+    model, tokenizer, path = load_model(config.checkpoint, pick_device(config.device))
+    if model.config.head != "classifier":
+        raise UserError(f"{path}: not a classifier (its head is {model.config.head!r})")
+    examples, skipped = load_labelled(config.data, config, tokenizer, model.config.max_seq_len)
+    report = evaluate_classifier(model, tokenizer, examples, config.batch_size)
+    print(format_report(report) + (f"\n({skipped:,} invalid record(s) skipped)" if skipped else ""))
+    if config.out:
+        save_json(report, config.out)
+        print(f"-> {config.out}")
+    return report
+

@@ -40,6 +40,17 @@ def _data_sample_corpus(args) -> None:
     print(f"sample corpus: {count:,} documents of Python's documentation -> {path}")
 
 
+def _command(config_class, run):
+    """A command whose flags are `config_class`'s fields: `run(config)` does the work."""
+
+    def command(args) -> None:
+        from chatforge import config as cfg
+
+        run(cfg.from_args(config_class, args, f"{args.command} config"))
+
+    return command
+
+
 def _training_stage(module: str, run: str):
     """The command of a training stage: its config (preset < flags, or a run's saved config with
     --resume), then `chatforge.<module>.<run>(config, resume_from=...)`."""
@@ -54,85 +65,6 @@ def _training_stage(module: str, run: str):
         getattr(stage, run)(config, resume_from=checkpoint)
 
     return command
-
-
-def _classify_eval(args) -> None:
-    from chatforge.checkpoint import load_model
-    from chatforge.classify import ClassifyConfig, evaluate_classifier, format_report, load_labelled
-    from chatforge.runtime import pick_device
-
-    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
-    if model.config.head != "classifier":
-        raise UserError(f"{path}: not a classifier (its head is {model.config.head!r})")
-    fields = ClassifyConfig(text_field=args.text_field, label_field=args.label_field)
-    examples, _ = load_labelled(args.data, fields, tokenizer, model.config.max_seq_len)
-    report = evaluate_classifier(model, tokenizer, examples, args.batch_size)
-    print(format_report(report))
-    if args.out:
-        from chatforge.config import save_json
-
-        save_json(report, args.out)
-        print(f"-> {args.out}")
-
-
-def _load_reward_model(args):
-    from chatforge.checkpoint import load_model
-    from chatforge.runtime import pick_device
-
-    model, tokenizer, path = load_model(args.checkpoint, pick_device(args.device))
-    if model.config.head == "lm":
-        raise UserError(f"{path}: a language model, not a reward model or classifier")
-    return model, tokenizer
-
-
-def _reward_eval(args) -> None:
-    from pathlib import Path
-
-    from chatforge.config import save_json
-    from chatforge.plots import plot_calibration
-    from chatforge.reward import evaluate_rankings, load_groups
-
-    model, tokenizer = _load_reward_model(args)
-    if model.config.head != "scalar":
-        raise UserError(f"{args.checkpoint}: `reward eval` measures reward models; evaluate a classifier with `classify eval`")
-    groups, _ = load_groups(args.data, tokenizer, model.config.max_seq_len, skip_invalid=None)
-    report = evaluate_rankings(model, groups, tokenizer.pad_id, args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(report, out / "reward_eval.json")
-    plot_calibration(report["calibration"], out / "calibration.png", f"calibration: {args.checkpoint}")
-    print(f"{report['prompts']:,} prompts, {report['pairs']:,} pairs: accuracy {report['accuracy']:.1%}, "
-          f"calibration error {report['calibration_error']:.3f}, reward {report['mean_reward']:+.3f} "
-          f"± {report['std_reward']:.3f}, correlation with length {report['length_correlation']:+.2f}")
-    if abs(report["length_correlation"]) > 0.5:
-        print("warning: the reward follows answer length closely; PPO may learn to game it with long (or short) answers")
-    print(f"-> {out}/reward_eval.json, {out}/calibration.png")
-
-
-def _reward_score(args) -> None:
-    from chatforge.data import parse_records
-    from chatforge.reward import answers_to_score, reward_head, score_sequences
-    from chatforge.sample import write_jsonl_atomic
-
-    model, tokenizer = _load_reward_model(args)
-    to_reward = reward_head(model, args.label, args.kind)
-    context = model.config.max_seq_len
-
-    def parse(record: dict) -> tuple[dict, list[list[int]]]:
-        sequences = answers_to_score(record, model, tokenizer)
-        if max(map(len, sequences)) > context:
-            raise ValueError(f"{max(map(len, sequences))} tokens, longer than the model's context ({context})")
-        return record, sequences
-
-    items, _ = parse_records([args.input], parse, skip_invalid=None, what="answer")
-    sequences = [s for _, (_, seqs) in items for s in seqs]
-    scores = iter(score_sequences(model, sequences, tokenizer.pad_id, args.batch_size, to_reward))
-    records = []
-    for _, (record, seqs) in items:
-        rewards = [next(scores) for _ in seqs]
-        records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
-    write_jsonl_atomic(records, args.out)
-    print(f"scored {len(sequences):,} answer(s) -> {args.out}")
 
 
 def _sample(args) -> None:
@@ -335,44 +267,6 @@ def _serve(args) -> None:
     serve(args.checkpoint, cfg.from_dict(ServeConfig, overrides, "serve config"))
 
 
-def _ppo_eval(args) -> None:
-    from pathlib import Path
-
-    from chatforge.checkpoint import load_model
-    from chatforge.config import save_json
-    from chatforge.ppo import PPOConfig, compare_policies, frozen, load_prompts, load_reward, prompt_ids, same_tokenizer
-    from chatforge.runtime import pick_device
-    from chatforge.sample import write_jsonl_atomic
-
-    device = pick_device(args.device)
-    policy, tokenizer, policy_path = load_model(args.policy, device)
-    reference, reference_tokenizer, reference_path = load_model(args.reference, device)
-    for model, path in ((policy, policy_path), (reference, reference_path)):
-        if model.config.head != "lm":
-            raise UserError(f"{path}: not a language model (its head is {model.config.head!r})")
-    if not same_tokenizer(tokenizer, reference_tokenizer):
-        raise UserError(f"{reference_path}: its tokenizer differs from {policy_path}'s")
-    config = PPOConfig(policy=args.reference, reward=args.reward, reward_label=args.reward_label or "",
-                       reward_kind=args.reward_kind)
-    _, reward = load_reward(config, tokenizer, device)
-    prompts, _ = load_prompts(args.prompts)
-    ids = prompt_ids(prompts, tokenizer, policy.config.max_seq_len, args.max_new_tokens)
-    report = compare_policies(frozen(policy), frozen(reference), reward, tokenizer, ids, args.max_new_tokens,
-                              args.seed, args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(report.pop("answers"), out / "answers.jsonl")
-    save_json(report, out / "ppo_eval.json")
-    p, r = report["policy"], report["reference"]
-    print(f"{report['prompts']:,} held-out prompts\n"
-          f"{'':>10} {'reward':>8} {'length':>8} {'finished':>9}\n"
-          f"{'PPO':>10} {p['reward']:>+8.3f} {p['length']:>8.1f} {p['finished']:>9.0%}\n"
-          f"{'SFT':>10} {r['reward']:>+8.3f} {r['length']:>8.1f} {r['finished']:>9.0%}\n"
-          f"win rate of PPO over SFT under the reward model: {report['win_rate']:.1%}\n"
-          f"KL(PPO || SFT): {report['kl_per_answer']:.3f} nats per answer")
-    print(f"-> {out}/ppo_eval.json, {out}/answers.jsonl")
-
-
 def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int, prompting: bool = True) -> None:
     """Sampling options; with `prompting`, also few-shot examples and chain of thought."""
     if prompting:
@@ -401,11 +295,11 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, config_class, stage: s
 
 def build_parser() -> argparse.ArgumentParser:
     from chatforge import config as cfg
-    from chatforge.classify import ClassifyConfig
+    from chatforge.classify import ClassifyConfig, ClassifyEvalConfig, eval_classifier
     from chatforge.demo.pipeline import RunConfig
-    from chatforge.ppo import PPOConfig
+    from chatforge.ppo import PPOConfig, PPOEvalConfig, eval_ppo
     from chatforge.pretrain import PretrainConfig
-    from chatforge.reward import RewardConfig
+    from chatforge.reward import RewardConfig, RewardEvalConfig, RewardScoreConfig, eval_reward_model, score_answers
     from chatforge.serve import ServeConfig
     from chatforge.sft import SFTConfig
 
@@ -481,12 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pairwise accuracy on held-out rankings, calibration (predicted P(win) = σ(r₁ − r₂) against "
                     "observed, as a plot), and the correlation of reward with answer length (a reward that "
                     "follows length can be gamed by PPO).")
-    p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
-    p.add_argument("--data", nargs="+", required=True, help="held-out comparison files (formats as for `reward train`)")
-    p.add_argument("--out", default="reward-eval", help="folder for reward_eval.json and calibration.png (default: reward-eval)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
-    _add_device_argument(p)
-    p.set_defaults(func=_reward_eval)
+    cfg.add_config_arguments(p, RewardEvalConfig)
+    p.set_defaults(func=_command(RewardEvalConfig, eval_reward_model))
     p = reward_commands.add_parser(
         "score", help="score answers to prompts",
         description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', "
@@ -494,15 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "are read from their sampled tokens where the record has them (`chatforge sample`'s "
                     "completion_ids and finish_reasons), from their text otherwise. "
                     "The model is a reward model, or a classifier whose class --label gives the reward.")
-    p.add_argument("checkpoint", help="reward model checkpoint, or its run folder")
-    p.add_argument("--input", required=True, help="JSONL file of {prompt, completion} or {prompt, completions}")
-    p.add_argument("--out", required=True, help="JSONL file to write (the records with their rewards)")
-    p.add_argument("--label", help="with a classifier (`chatforge classify train`): the class whose score is the reward")
-    p.add_argument("--kind", choices=["logprob", "logit"], default="logprob",
-                   help="with a classifier: reward = log-probability or logit of --label (default: logprob)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="answers per forward pass (default: 16)")
-    _add_device_argument(p)
-    p.set_defaults(func=_reward_score)
+    cfg.add_config_arguments(p, RewardScoreConfig)
+    p.set_defaults(func=_command(RewardScoreConfig, score_answers))
 
     p = commands.add_parser(
         "ppo", help="RLHF: PPO-ptx against a reward model (`ppo eval`: compare with SFT)",
@@ -519,19 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Both policies answer each held-out prompt (the same seed); the reward model scores every "
                     "answer. Reports mean reward, the win rate of PPO over SFT under the reward model, "
                     "KL(PPO || SFT) per answer and answer length; writes ppo_eval.json and answers.jsonl.")
-    p.add_argument("--policy", required=True, help="the PPO policy: checkpoint or run folder")
-    p.add_argument("--reference", required=True, help="the SFT policy it started from")
-    p.add_argument("--reward", required=True, help="the reward model (or a classifier with --reward-label)")
-    p.add_argument("--reward-label", help="with a classifier: the class whose score is the reward")
-    p.add_argument("--reward-kind", choices=["logprob", "logit"], default="logprob",
-                   help="with a classifier: reward = log-probability or logit of --reward-label (default: logprob)")
-    p.add_argument("--prompts", nargs="+", required=True, help="held-out prompt files (.txt, or .jsonl/.parquet with 'prompt')")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both policies (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts answered together (default: 16)")
-    p.add_argument("--out", default="ppo-eval", help="folder for ppo_eval.json and answers.jsonl (default: ppo-eval)")
-    _add_device_argument(p)
-    p.set_defaults(func=_ppo_eval)
+    cfg.add_config_arguments(p, PPOEvalConfig)
+    p.set_defaults(func=_command(PPOEvalConfig, eval_ppo))
 
     classify = commands.add_parser("classify", help="fine-tune and evaluate a text classifier")
     classify_commands = classify.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -545,14 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = classify_commands.add_parser("eval", help="accuracy, precision, recall and F1 on labelled text",
                                      description="Evaluate a classifier on labelled text: per-class precision, "
                                                  "recall, F1 and support, accuracy, macro F1, confusion matrix.")
-    p.add_argument("checkpoint", help="classifier checkpoint, or its run folder")
-    p.add_argument("--data", nargs="+", required=True, help="labelled files (.jsonl/.parquet) of {text, label}")
-    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
-    p.add_argument("--label-field", default="label", help="field holding the class (default: label)")
-    p.add_argument("--out", help="also write the report as JSON here")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass (default: 16)")
-    _add_device_argument(p)
-    p.set_defaults(func=_classify_eval)
+    cfg.add_config_arguments(p, ClassifyEvalConfig)
+    p.set_defaults(func=_command(ClassifyEvalConfig, eval_classifier))
 
     p = commands.add_parser(
         "sample", help="sample K answers per prompt, to be ranked",

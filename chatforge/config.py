@@ -167,3 +167,11 @@ def save_json(value, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else value, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+def from_args(cls, args: argparse.Namespace, where: str):
+    """A command's config from its parsed command line (defaults for what was not given)."""
+    return from_dict(cls, overrides_from_args(args), where)

@@ -31,19 +31,19 @@ import torch
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
 from chatforge.data import TokenWindows, load_splits
+from chatforge.config import DEVICE_HELP, save_json
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
-    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, masked_mean,
-    policy_terms, ppo_ptx_loss,
+    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, policy_terms, ppo_ptx_loss,
 )
 from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
 from chatforge.rollout import (
-    Experience, Reward, answer_texts, classifier_reward, explained_variance, make_experience, model_reward, rollout,
-    score_rollout,
+    Experience, Reward, answer_texts, classifier_reward, collapse_alarm, make_experience, model_reward, rollout,
+    rollout_diagnostics, score_rollout,
 )
-from chatforge.runtime import Dist
-from chatforge.sample import read_prompts
+from chatforge.runtime import Dist, pick_device
+from chatforge.sample import read_prompts, write_jsonl_atomic
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage
 
@@ -181,10 +181,6 @@ class PPOConfig(TrainConfig):
         return self.rollout_batch_size or self.batch_size
 
 
-# A rollout "collapsed" when every answer is the same, or when most are empty.
-EMPTY_SHARE_ALARM = 0.9
-
-
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return a.fingerprint == b.fingerprint
 
@@ -211,16 +207,23 @@ def value_model_from(init: str, sft: GPT, reward_model: GPT) -> GPT:
 
 
 def load_reward(config: PPOConfig, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, Reward]:
-    model, reward_tokenizer, path = load_model(config.reward, device)
+    return reward_from_checkpoint(config.reward, tokenizer, device, config.reward_label, config.reward_kind,
+                                  config.scoring_rows)
+
+
+def reward_from_checkpoint(checkpoint: str, tokenizer: Tokenizer, device: torch.device, label: str = "",
+                           kind: str = "logprob", batch_size: int = 16) -> tuple[GPT, Reward]:
+    """The frozen reward model (or classifier, whose class `label` is the reward) at `checkpoint`, and the
+    reward function PPO calls; its tokenizer must be the policy's (`tokenizer`)."""
+    model, reward_tokenizer, path = load_model(checkpoint, device)
     if model.config.head == "lm":
         raise UserError(f"{path}: a language model, not a reward model (`reward train`) or a classifier")
     if not same_tokenizer(tokenizer, reward_tokenizer):
-        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's ({config.policy}); "
-                        "train it from the same SFT model")
+        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's; train it from the same SFT model")
     model = frozen(model)
     if model.config.head == "classifier":
-        return model, classifier_reward(model, tokenizer, config.reward_label, config.reward_kind, config.scoring_rows)
-    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, config.scoring_rows)
+        return model, classifier_reward(model, tokenizer, label, kind, batch_size)
+    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, batch_size)
 
 
 def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int) -> list[list[int]]:
@@ -241,39 +244,6 @@ def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, c
 
 def load_prompts(paths: list[str]) -> tuple[list[tuple[str, list[Message]]], int]:
     return [p for path in paths for p in read_prompts(path)], 0
-
-
-def correlation(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's r; 0 when either side is constant."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else 0.0
-
-
-def collapse_alarm(texts: list[str]) -> str | None:
-    """A message when the answers collapsed: all the same, or mostly empty."""
-    empty = sum(not t for t in texts) / len(texts)
-    if empty >= EMPTY_SHARE_ALARM:
-        return f"answers collapsed: {empty:.0%} of them are empty"
-    if len(texts) > 1 and len(set(texts)) == 1:
-        return f"answers collapsed: all {len(texts)} are the same ({texts[0][:40]!r})"
-    return None
-
-
-def rollout_diagnostics(experience: Experience, texts: list[str]) -> dict[str, float]:
-    """What a PPO user watches in each rollout: reward, KL (per token and per answer), answer length, how
-    far the value model explains the returns, and whether the reward follows length (reward hacking)."""
-    mask = experience.batch.mask
-    lengths = mask.sum(1)
-    kl_per_answer = experience.kl.sum(1)
-    return {
-        "reward": float(experience.raw_scores.mean()), "reward_std": float(experience.raw_scores.std(correction=0)),
-        "score": float(experience.scores.mean()),
-        "kl": float(masked_mean(experience.kl, mask)), "kl_per_answer": float(kl_per_answer.mean()),
-        "answer_length": float(lengths.mean()), "finished": float(experience.finished.float().mean()),
-        "reward_length_corr": correlation(experience.raw_scores.tolist(), lengths.tolist()),
-        "explained_variance": explained_variance(experience.values, experience.returns, mask),
-        "distinct_answers": len(set(texts)) / len(texts), "empty_answers": sum(not t for t in texts) / len(texts),
-    }
 
 
 class PPOTask(Task):
@@ -497,3 +467,58 @@ def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tok
             answer.update(reference=text, reference_reward=score)
     summary["answers"] = answers
     return summary
+
+
+@dataclass
+class PPOEvalConfig:
+    policy: str = field(default="", metadata={"help": "the PPO policy: checkpoint or run folder", "required": True})
+    reference: str = field(default="", metadata={"help": "the SFT policy it started from", "required": True})
+    reward: str = field(default="", metadata={"help": "the reward model (or a classifier with --reward-label)", "required": True})
+    reward_label: str = field(default="", metadata={"help": "with a classifier: the class whose score is the reward"})
+    reward_kind: str = field(default="logprob", metadata={
+        "help": "with a classifier: reward = logprob (log-probability) or logit of --reward-label"})
+    prompts: list[str] = field(default_factory=list, metadata={
+        "help": "held-out prompt files (.txt, or .jsonl/.parquet with 'prompt')", "required": True})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest answer"})
+    seed: int = field(default=0, metadata={"help": "sampling seed, the same for both policies"})
+    batch_size: int = field(default=16, metadata={"help": "prompts answered together"})
+    out: str = field(default="ppo-eval", metadata={"help": "folder for ppo_eval.json and answers.jsonl"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def eval_ppo(config: PPOEvalConfig) -> dict:
+    """`chatforge ppo eval`: both policies answer the held-out prompts with the same seed, the reward model
+    scores every answer; writes `out`/ppo_eval.json and `out`/answers.jsonl, prints a table, returns the
+    report."""
+    device = pick_device(config.device)
+    policy, tokenizer, policy_path = load_model(config.policy, device)
+    reference, reference_tokenizer, reference_path = load_model(config.reference, device)
+    for model, path in ((policy, policy_path), (reference, reference_path)):
+        if model.config.head != "lm":
+            raise UserError(f"{path}: not a language model (its head is {model.config.head!r})")
+    if not same_tokenizer(tokenizer, reference_tokenizer):
+        raise UserError(f"{reference_path}: its tokenizer differs from {policy_path}'s")
+    _, reward = reward_from_checkpoint(config.reward, tokenizer, device, config.reward_label, config.reward_kind,
+                                       config.batch_size)
+    prompts, _ = load_prompts(config.prompts)
+    ids = prompt_ids(prompts, tokenizer, policy.config.max_seq_len, config.max_new_tokens)
+    report = compare_policies(frozen(policy), frozen(reference), reward, tokenizer, ids, config.max_new_tokens,
+                              config.seed, config.batch_size)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(report["answers"], out / "answers.jsonl")
+    save_json({k: v for k, v in report.items() if k != "answers"}, out / "ppo_eval.json")
+    p, r = report["policy"], report["reference"]
+    print(f"{report['prompts']:,} held-out prompts\n"
+          f"{'':>10} {'reward':>8} {'length':>8} {'finished':>9}\n"
+          f"{'PPO':>10} {p['reward']:>+8.3f} {p['length']:>8.1f} {p['finished']:>9.0%}\n"
+          f"{'SFT':>10} {r['reward']:>+8.3f} {r['length']:>8.1f} {r['finished']:>9.0%}\n"
+          f"win rate of PPO over SFT under the reward model: {report['win_rate']:.1%}\n"
+          f"KL(PPO || SFT): {report['kl_per_answer']:.3f} nats per answer")
+    print(f"-> {out}/ppo_eval.json, {out}/answers.jsonl")
+    return report

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import itertools
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
 from chatforge.checkpoint import load_model
+from chatforge.comparisons import RankedAnswers, answers_to_score, load_groups
+from chatforge.config import DEVICE_HELP, save_json
 from chatforge.data import load_splits, parse_records
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.objectives import centering_penalty, ranking_loss
-from chatforge.runtime import Dist, all_reduce_sum
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.plots import plot_calibration
+from chatforge.runtime import Dist, all_reduce_sum, pick_device
+from chatforge.sample import write_jsonl_atomic
+from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
@@ -56,179 +58,6 @@ class RewardConfig(FineTuneConfig):
     epochs: float = field(default=1.0, metadata={"help": "passes over the training prompts (InstructGPT: 1); sets max_steps when > 0"})
     margin: float = field(default=0.0, metadata={"help": "required score gap: log σ(r_w − r_l − margin)"})
     center_coef: float = field(default=0.0, metadata={"help": "weight λ of the centering term λ·E[r²] (0: off; 0.01 is common)"})
-
-
-# --- comparisons ---------------------------------------------------------------------------------------
-
-@dataclass
-class Comparison:
-    """K answers to one prompt, ranked: `ranking` lists answer indices, best first. `answer_ids` and
-    `finished` hold each answer's tokens as sampled and whether it ended (None: only the text is known)."""
-
-    prompt: list[Message]
-    answers: list[str]
-    ranking: list[int]
-    answer_ids: list[list[int]] | None = None
-    finished: list[bool] | None = None
-
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
-
-
-def hh_dialogue(text: str) -> list[Message]:
-    """An Anthropic-HH dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages."""
-    parts = HH_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
-        raise ValueError("expected a dialogue of '\\n\\nHuman: ' and '\\n\\nAssistant: ' turns")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
-
-
-def _dialogue(value) -> list[Message]:
-    if isinstance(value, str):
-        return hh_dialogue(value)
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        return [Message(m.get("role"), m.get("content")) for m in value]
-    raise ValueError("'chosen' and 'rejected' must be dialogue strings or lists of {role, content} messages")
-
-
-def _answer(value, name: str) -> str:
-    """An answer given as text, or as the conversational format's [{"role": "assistant", "content": ...}]."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
-        value = value[0].get("content")
-    if not isinstance(value, str):
-        raise ValueError(f"{name!r} must be a string (or one assistant message)")
-    return value
-
-
-def comparison_from_record(record: dict) -> Comparison:
-    """A checked comparison from any of the accepted formats; ValueError names what is wrong."""
-    if "completions" in record or "ranking" in record:
-        prompt = prompt_messages(record.get("prompt"))
-        answers, ranking = record.get("completions"), record.get("ranking")
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise ValueError("'completions' must be a list of strings")
-        if (not isinstance(ranking, list) or not all(type(r) is int for r in ranking)
-                or sorted(ranking) != list(range(len(answers)))):
-            raise ValueError(f"'ranking' must list every completion index 0..{len(answers) - 1} once, best first")
-    elif "chosen" in record and "rejected" in record:
-        if "prompt" in record:
-            prompt = prompt_messages(record["prompt"])
-            answers = [_answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")]
-        else:  # whole dialogues that differ in their last answer (Anthropic HH)
-            chosen, rejected = _dialogue(record["chosen"]), _dialogue(record["rejected"])
-            for dialogue in (chosen, rejected):
-                check_conversation(dialogue)
-            if chosen[:-1] != rejected[:-1]:
-                raise ValueError("'chosen' and 'rejected' differ before their last answer")
-            prompt, answers = chosen[:-1], [chosen[-1].content, rejected[-1].content]
-        ranking = [0, 1]
-    else:
-        raise ValueError("expected {prompt, completions, ranking}, {prompt, chosen, rejected} or {chosen, rejected}")
-    if len(answers) < 2:
-        raise ValueError("a comparison needs at least 2 answers")
-    for i, answer in enumerate(answers):  # an empty answer may be ranked (last, usually): it is what models do
-        check_text(answer, f"answer {i}")
-    ids, finished = sampled_tokens(record, len(answers), "completion_ids", "finish_reasons")
-    return Comparison(prompt, answers, list(ranking), ids, finished)
-
-
-# --- what a reward model reads ----------------------------------------------------------------------------
-
-def reward_ids(prompt_ids: Sequence[int], answer_ids: Sequence[int], finished: bool, end_id: int) -> list[int]:
-    """The token ids a reward model reads, for every use of it (training, `reward eval`, `reward score`,
-    the pipeline and PPO): the prompt as rendered for the assistant to answer, the answer's tokens as they
-    were sampled (never re-encoded from its text, which can split into other tokens), and <|end|>, where the
-    score is read. A finished answer already ends in the <|end|> it sampled (one stopped by another stop
-    token gets one appended). An answer that did not finish (cut off at the length limit) gets one appended,
-    so that every score is read at the position the head learned to score; PPO subtracts its explicit
-    `unfinished_penalty` from such an answer's score besides. An answer said to be cut off that ends in
-    <|end|> is a ValueError: its record is inconsistent."""
-    ended = bool(answer_ids) and answer_ids[-1] == end_id
-    if ended and not finished:
-        raise ValueError("an answer ending in <|end|> is said to be cut off ('length')")
-    return [*prompt_ids, *answer_ids] + ([] if ended else [end_id])
-
-
-def sampled_tokens(record: dict, count: int, ids_field: str, reasons_field: str) -> tuple[list[list[int]] | None, list[bool] | None]:
-    """(token ids as sampled, finished) of a record's `count` answers, from `ids_field` (lists of token ids)
-    and `reasons_field` ("stop" or "length" each) as `chatforge sample` writes them; (None, None) when the
-    record has only text. ValueError names what is wrong."""
-    ids, reasons = record.get(ids_field), record.get(reasons_field)
-    if reasons is not None and (not isinstance(reasons, list) or len(reasons) != count
-                                or not all(r in ("stop", "length") for r in reasons)):
-        raise ValueError(f"{reasons_field!r} must list 'stop' or 'length' for each of the {count} answers")
-    if ids is None:
-        return None, None if reasons is None else [r == "stop" for r in reasons]
-    if (not isinstance(ids, list) or len(ids) != count
-            or not all(isinstance(a, list) and all(type(t) is int and t >= 0 for t in a) for a in ids)):
-        raise ValueError(f"{ids_field!r} must hold a list of token ids for each of the {count} answers")
-    return ids, [True] * count if reasons is None else [r == "stop" for r in reasons]
-
-
-def encode_answers(prompt: list[Message], answers: list[str], answer_ids: list[list[int]] | None,
-                   finished: list[bool] | None, tokenizer: Tokenizer, made_with: str | None) -> list[list[int]]:
-    """`reward_ids` of each answer to `prompt`: from its sampled token ids when there are some, else from
-    its text, encoded once (a written answer counts as finished unless its finish reason says otherwise).
-    `made_with` is the fingerprint of the tokenizer that sampled the ids (None: not recorded). Ids that do
-    not decode to their answer's text are refused: the reward model would learn from other answers than
-    the ones ranked."""
-    end = tokenizer.special[END_OF_TURN]
-    if answer_ids is not None:
-        if made_with is not None and made_with != tokenizer.fingerprint:
-            raise ValueError(f"its token ids were sampled with another tokenizer ({made_with}, this model's is "
-                             f"{tokenizer.fingerprint}): drop 'completion_ids' to encode the text instead")
-        for i, (text, ids) in enumerate(zip(answers, answer_ids)):
-            if any(t >= tokenizer.vocab_size for t in ids):
-                raise ValueError(f"answer {i}: a token id is outside the model's vocabulary ({tokenizer.vocab_size} tokens)")
-            if tokenizer.decode(ids, skip_special=True).strip() != text.strip():
-                raise ValueError(f"answer {i}: its completion_ids do not decode to its text")
-    else:
-        answer_ids = [tokenizer.encode(a) for a in answers]
-    finished = finished or [True] * len(answers)
-    prompt_ids = render(prompt, tokenizer, add_generation_prompt=True)
-    return [reward_ids(prompt_ids, a, f, end) for a, f in zip(answer_ids, finished)]
-
-
-def text_ids(text: str, tokenizer: Tokenizer) -> list[int]:
-    """What a classifier reads: <|bos|> text <|eos|>, classified at the <|eos|>."""
-    return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-
-
-@dataclass
-class RankedAnswers:
-    """A tokenized comparison: one sequence per answer (the prompt's `prompt_tokens` tokens, then the
-    answer), the ranking (indices, best first), and a key naming the prompt."""
-
-    sequences: list[np.ndarray]
-    ranking: list[int]
-    where: str
-    prompt_tokens: int = 0
-    key: str = ""
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
-
-
-def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[RankedAnswers], int]:
-    """Tokenized comparisons of `paths`, and how many invalid records were skipped."""
-
-    def parse(record: dict) -> tuple[Comparison, list[list[int]]]:
-        comparison = comparison_from_record(record)
-        sequences = encode_answers(comparison.prompt, comparison.answers, comparison.answer_ids, comparison.finished,
-                                   tokenizer, record.get("tokenizer"))
-        longest = max(map(len, sequences))
-        if longest > max_seq_len:
-            raise ValueError(f"{longest} tokens, longer than the model's context ({max_seq_len})")
-        return comparison, sequences
-
-    items, skipped = parse_records(paths, parse, skip_invalid, "comparison")
-    groups = [RankedAnswers([np.array(s, dtype=np.int64) for s in sequences], c.ranking, where,
-                    prompt_tokens=len(render(c.prompt, tokenizer, add_generation_prompt=True)),
-                    key=repr([(m.role, m.content) for m in c.prompt]))
-              for where, (c, sequences) in items]
-    return groups, skipped
 
 
 # --- scores and the loss -------------------------------------------------------------------------------
@@ -444,23 +273,91 @@ def hash_bit(*key) -> bool:
     return hashlib.blake2b(repr(key).encode(), digest_size=1).digest()[0] & 1 == 1
 
 
-def answers_to_score(record: dict, model: GPT, tokenizer: Tokenizer) -> list[list[int]]:
-    """What `model` reads for each answer of a record to score: {prompt, completion} or {prompt,
-    completions: [...]}, with the sampled token ids and finish reasons when the record has them
-    (`completion_ids` and `finish_reasons`, or `completion_ids` and `finish_reason` for one completion).
-    A reward model reads `reward_ids`; a classifier (trained on plain text) the answer's text alone."""
-    prompt = prompt_messages(record.get("prompt"))
-    one = "completion" in record
-    answers = [record["completion"]] if one else record.get("completions")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError("expected 'completion' (a string) or 'completions' (a list of strings)")
-    for i, answer in enumerate(answers):
-        check_text(answer, f"answer {i}")
-    if model.config.head == "classifier":
-        return [text_ids(a, tokenizer) for a in answers]
-    if one:  # one completion: its fields hold one value each
-        fields = {key: [record[key]] for key in ("completion_ids", "finish_reason") if key in record}
-        ids, finished = sampled_tokens(fields, 1, "completion_ids", "finish_reason")
-    else:
-        ids, finished = sampled_tokens(record, len(answers), "completion_ids", "finish_reasons")
-    return encode_answers(prompt, answers, ids, finished, tokenizer, record.get("tokenizer"))
+# --- the commands: reward eval, reward score -----------------------------------------------------------
+
+@dataclass
+class RewardEvalConfig:
+    checkpoint: str = field(default="", metadata={"help": "reward model checkpoint, or its run folder", "positional": True})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "held-out comparison files (formats as for `reward train`)", "required": True})
+    out: str = field(default="reward-eval", metadata={"help": "folder for reward_eval.json and calibration.png"})
+    batch_size: int = field(default=16, metadata={"help": "answers per forward pass"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class RewardScoreConfig:
+    checkpoint: str = field(default="", metadata={"help": "reward model checkpoint, or its run folder", "positional": True})
+    input: str = field(default="", metadata={
+        "help": "JSONL file of {prompt, completion} or {prompt, completions}", "required": True})
+    out: str = field(default="", metadata={"help": "JSONL file to write (the records with their rewards)", "required": True})
+    label: str = field(default="", metadata={
+        "help": "with a classifier (`chatforge classify train`): the class whose score is the reward"})
+    kind: str = field(default="logprob", metadata={
+        "help": "with a classifier: reward = logprob (log-probability) or logit of --label"})
+    batch_size: int = field(default=16, metadata={"help": "answers per forward pass"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.kind not in ("logprob", "logit"):
+            raise ValueError(f"kind must be logprob or logit, got {self.kind!r}")
+
+
+def load_scorer(checkpoint: str, device: str) -> tuple[GPT, Tokenizer, Path]:
+    """A reward model or a classifier (whose class can be the reward), for scoring."""
+    model, tokenizer, path = load_model(checkpoint, pick_device(device))
+    if model.config.head == "lm":
+        raise UserError(f"{path}: a language model, not a reward model or classifier")
+    return model, tokenizer, path
+
+
+def eval_reward_model(config: RewardEvalConfig) -> dict:
+    """`chatforge reward eval`: accuracy, calibration and length bias on held-out rankings, written to
+    `out`/reward_eval.json and `out`/calibration.png; the report."""
+    model, tokenizer, path = load_scorer(config.checkpoint, config.device)
+    if model.config.head != "scalar":
+        raise UserError(f"{path}: `reward eval` measures reward models; evaluate a classifier with `classify eval`")
+    groups, _ = load_groups(config.data, tokenizer, model.config.max_seq_len, skip_invalid=None)
+    report = evaluate_rankings(model, groups, tokenizer.pad_id, config.batch_size)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(report, out / "reward_eval.json")
+    plot_calibration(report["calibration"], out / "calibration.png", f"calibration: {config.checkpoint}")
+    print(f"{report['prompts']:,} prompts, {report['pairs']:,} pairs: accuracy {report['accuracy']:.1%}, "
+          f"calibration error {report['calibration_error']:.3f}, reward {report['mean_reward']:+.3f} "
+          f"± {report['std_reward']:.3f}, correlation with length {report['length_correlation']:+.2f}")
+    if abs(report["length_correlation"]) > 0.5:
+        print("warning: the reward follows answer length closely; PPO may learn to game it with long (or short) answers")
+    print(f"-> {out}/reward_eval.json, {out}/calibration.png")
+    return report
+
+
+def score_answers(config: RewardScoreConfig) -> int:
+    """`chatforge reward score`: each record of `input` with its answers' rewards, written to `out`; the
+    number of answers scored."""
+    model, tokenizer, _ = load_scorer(config.checkpoint, config.device)
+    to_reward = reward_head(model, config.label or None, config.kind)
+    context = model.config.max_seq_len
+
+    def parse(record: dict) -> tuple[dict, list[list[int]]]:
+        sequences = answers_to_score(record, model, tokenizer)
+        if max(map(len, sequences)) > context:
+            raise ValueError(f"{max(map(len, sequences))} tokens, longer than the model's context ({context})")
+        return record, sequences
+
+    items, _ = parse_records([config.input], parse, skip_invalid=None, what="answer")
+    sequences = [s for _, (_, seqs) in items for s in seqs]
+    scores = iter(score_sequences(model, sequences, tokenizer.pad_id, config.batch_size, to_reward))
+    records = []
+    for _, (record, seqs) in items:
+        rewards = [next(scores) for _ in seqs]
+        records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
+    write_jsonl_atomic(records, config.out)
+    print(f"scored {len(sequences):,} answer(s) -> {config.out}")
+    return len(sequences)

@@ -17,7 +17,8 @@ from chatforge.model import GPT
 from chatforge.objectives import (
     RunningMoments, generalized_advantages, kl_penalized_rewards, masked_mean, token_logprobs, whiten,
 )
-from chatforge.reward import reward_head, reward_ids, score_sequences, text_ids
+from chatforge.comparisons import reward_ids, text_ids
+from chatforge.reward import reward_head, score_sequences
 from chatforge.tokenizer import Tokenizer
 
 
@@ -214,3 +215,42 @@ def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_token
 
 def answer_texts(tokenizer: Tokenizer, answers: Sequence[Sequence[int]]) -> list[str]:
     return [tokenizer.decode(a, skip_special=True).strip() for a in answers]
+
+
+# --- diagnostics: what a rollout says about the policy ---------------------------------------------------
+
+# A rollout "collapsed" when every answer is the same, or when most are empty.
+EMPTY_SHARE_ALARM = 0.9
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; 0 when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else 0.0
+
+
+def collapse_alarm(texts: list[str]) -> str | None:
+    """A message when the answers collapsed: all the same, or mostly empty."""
+    empty = sum(not t for t in texts) / len(texts)
+    if empty >= EMPTY_SHARE_ALARM:
+        return f"answers collapsed: {empty:.0%} of them are empty"
+    if len(texts) > 1 and len(set(texts)) == 1:
+        return f"answers collapsed: all {len(texts)} are the same ({texts[0][:40]!r})"
+    return None
+
+
+def rollout_diagnostics(experience: Experience, texts: list[str]) -> dict[str, float]:
+    """What a PPO user watches in each rollout: reward, KL (per token and per answer), answer length, how
+    far the value model explains the returns, and whether the reward follows length (reward hacking)."""
+    mask = experience.batch.mask
+    lengths = mask.sum(1)
+    kl_per_answer = experience.kl.sum(1)
+    return {
+        "reward": float(experience.raw_scores.mean()), "reward_std": float(experience.raw_scores.std(correction=0)),
+        "score": float(experience.scores.mean()),
+        "kl": float(masked_mean(experience.kl, mask)), "kl_per_answer": float(kl_per_answer.mean()),
+        "answer_length": float(lengths.mean()), "finished": float(experience.finished.float().mean()),
+        "reward_length_corr": correlation(experience.raw_scores.tolist(), lengths.tolist()),
+        "explained_variance": explained_variance(experience.values, experience.returns, mask),
+        "distinct_answers": len(set(texts)) / len(texts), "empty_answers": sum(not t for t in texts) / len(texts),
+    }

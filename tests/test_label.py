@@ -18,7 +18,7 @@ from chatforge.errors import UserError
 from chatforge.label import add_annotator, serve
 from chatforge.label.database import check_submission, load_candidates
 from chatforge.label.stats import agreement, kendall_tau, pairwise_agreement
-from chatforge.reward import comparison_from_record
+from chatforge.comparisons import comparison_from_record
 
 CANDIDATES = [
     {"prompt": "What is a tuple?", "completions": ["An immutable sequence.", "A list.", "A fish."],

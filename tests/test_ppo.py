@@ -403,7 +403,7 @@ def test_non_finite_rewards_skip_the_step_with_an_alarm(please, tmp_path, monkey
 
 
 def test_collapse_alarms():
-    from chatforge.ppo import collapse_alarm
+    from chatforge.rollout import collapse_alarm
 
     assert collapse_alarm(["a b", "c", ""]) is None
     assert "all 3 are the same" in collapse_alarm(["yes", "yes", "yes"])
@@ -446,7 +446,7 @@ def test_ppo_errors(please, tmp_path):
 def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):
     from chatforge.chat_format import Message, render
     from chatforge.rollout import classifier_reward
-    from chatforge.reward import text_ids
+    from chatforge.comparisons import text_ids
     from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)

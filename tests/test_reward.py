@@ -10,9 +10,9 @@ from chatforge.checkpoint import load_model
 from chatforge.data import load_splits, parse_records
 from chatforge.model import GPT, GPTConfig
 from chatforge.objectives import ranking_loss
+from chatforge.comparisons import RankedAnswers, comparison_from_record, load_groups
 from chatforge.reward import (
-    RankedAnswers, RewardTask, calibration_bins, comparison_from_record, expected_calibration_error, last_token_outputs,
-    load_groups, right_pad, score_sequences,
+    RewardTask, calibration_bins, expected_calibration_error, last_token_outputs, right_pad, score_sequences,
 )
 from chatforge.runtime import Dist
 from chatforge.train import read_metrics
@@ -287,7 +287,7 @@ def test_answers_are_scored_on_the_tokens_sampled_not_their_text_re_encoded(toke
     model reads the sampled tokens, in training files and in `reward score` records alike; a record whose
     ids belong to another tokenizer is refused."""
     from chatforge.chat_format import render
-    from chatforge.reward import answers_to_score
+    from chatforge.comparisons import answers_to_score
     from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)

@@ -204,7 +204,8 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
 
 
 def stage_reward(ctx: Context, out: Path) -> dict:
-    from chatforge.reward import RewardConfig, evaluate_rankings, load_groups, resolve_config, train_reward_model
+    from chatforge.comparisons import load_groups
+    from chatforge.reward import RewardConfig, evaluate_rankings, resolve_config, train_reward_model
 
     train = _ranked(ctx, ctx.train_words[: ctx.config.preference_words], ctx.run / "sft", out.parent / "rankings.jsonl",
                     ctx.config.seed)

@@ -96,7 +96,7 @@ def parse_candidate(record: dict) -> Candidate:
     sampling = record.get("sampling")
     if sampling is not None and not isinstance(sampling, dict):
         raise ValueError(f"'sampling' must be an object, got {type(sampling).__name__}")
-    from chatforge.reward import sampled_tokens  # the reward model's rule for these fields
+    from chatforge.comparisons import sampled_tokens  # the reward model's rule for these fields
 
     ids, _ = sampled_tokens(record, len(completions), "completion_ids", "finish_reasons")
     tokens = {key: record[key] for key in SAMPLED_FIELDS if key in record} if ids is not None else None
