@@ -23,7 +23,8 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, run_cli
+from conftest import (CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, assert_strict_page_headers,
+                      run_cli, watch_csp)
 
 KEY = "sk-test-key"
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -412,7 +413,8 @@ def test_the_chat_page_answers_streams_stops_and_keeps_conversations(chat_server
             page = context.new_page()
             errors = []  # script errors, content the policy blocked, failed requests
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(chat_server.url + "/")  # its first call has no key yet: 401, shown in the settings
+            violations = watch_csp(page)
+            assert_strict_page_headers(page.goto(chat_server.url + "/").headers)  # no key yet: 401, in the settings
             expect(page.locator("#model")).to_contain_text("API key")
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
             assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
@@ -439,6 +441,7 @@ def test_the_chat_page_answers_streams_stops_and_keeps_conversations(chat_server
             expect(page.locator("#conversations li span")).to_have_text(question)
             expect(page.locator(".message.assistant .body")).to_have_text(answer)
             assert errors == []
+            assert violations == []
 
             page = browser.new_page()  # the stop button, on a model whose answers go on and on
             page.goto(long_server.url + "/")
