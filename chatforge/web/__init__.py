@@ -28,7 +28,7 @@ WEB_DIR = Path(__file__).parent
 
 def _hashes(html: str, tag: str) -> str:
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-                    for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+                    for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL))
 
 
 def page_headers(html: str) -> dict[str, str]:
