@@ -43,6 +43,28 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright (no browser dow
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-proxy-server"]
 
+# Chromium logs the policy's refusals as console errors; the event also catches them before a listener is on.
+_CSP_WATCH = """document.addEventListener("securitypolicyviolation", (e) =>
+  console.error(`Content Security Policy violation: ${e.violatedDirective} refused ${e.blockedURI || "inline code"}`));"""
+
+
+def watch_csp(page) -> list[str]:
+    """Every Content-Security-Policy violation on `page` (and on its reloads), from its first load on."""
+    violations = []
+    page.add_init_script(_CSP_WATCH)
+    page.on("console", lambda m: "Content Security Policy" in m.text and violations.append(m.text))
+    return violations
+
+
+def assert_strict_page_headers(headers: dict) -> None:
+    """A page's own inline script and style run (by hash), nothing else; no framing, sniffing or referrer."""
+    directives = dict(d.strip().split(" ", 1) for d in headers["content-security-policy"].split(";"))
+    for name in ("script-src", "style-src"):
+        sources = directives[name].split()
+        assert sources and all(s.startswith("'sha256-") for s in sources), (name, directives[name])
+    assert directives["default-src"] == directives["frame-ancestors"] == "'none'", directives
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+
 
 QA = [
     ("What is a tuple?", "An immutable sequence."),

@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_error, run_cli, write_jsonl
+from conftest import (CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_error, assert_strict_page_headers,
+                      run_cli, watch_csp, write_jsonl)
 
 from chatforge.errors import UserError
 from chatforge.label import add_annotator, serve
@@ -201,7 +202,8 @@ def test_server_errors_are_logged_not_sent(shared):
     finally:
         with sqlite3.connect(db) as conn:
             conn.execute("ALTER TABLE annotators_away RENAME TO annotators")
-    assert (status, answer) == (500, {"error": "internal server error"})
+    assert (status, answer) == (500, {"error": {"message": "internal server error", "type": "server_error",
+                                                "param": None, "code": None}})
     deadline = time.monotonic() + 10  # the server logs it after sending the response
     while "no such table: annotators" not in server.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -221,10 +223,12 @@ def test_browser_ranks_submits_and_the_database_holds_exactly_that(shared):
             page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
             errors = []  # script errors, blocked content (CSP), failed requests
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
+            violations = watch_csp(page)
+            assert_strict_page_headers(page.goto(server.url + "/").headers)
             page.fill("#token-input", "wrong")
             page.click("#login-button")
             expect(page.locator("#login-error")).to_contain_text("not valid")
+            expect(page.locator("#login-error")).to_contain_text("unknown token")  # the error's message, read
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))  # from here on, no 401s
             page.fill("#token-input", tokens["carol"])
             page.click("#login-button")
@@ -260,7 +264,15 @@ def test_browser_ranks_submits_and_the_database_holds_exactly_that(shared):
             page.click("#submit")
             expect(page.locator("#progress")).to_contain_text("1 done / ")
             expect(task).not_to_have_attribute("data-prompt-id", str(prompt_id))  # the next prompt loaded
+
+            assert_strict_page_headers(page.goto(server.url + "/stats").headers)  # signed in: the same token
+            expect(page.locator('#annotators tr[data-annotator="carol"]')).to_have_count(1)
+            expect(page.locator("#stats")).to_be_visible()
             assert errors == []
+            assert violations == []
+            page.evaluate("localStorage.setItem('chatforge-label-token', 'wrong')")
+            page.reload()
+            expect(page.locator("#error")).to_have_text("unknown token")  # the error's message, read
         finally:
             browser.close()
     assert [r for r in rankings_in(db) if r["annotator"] == "carol"] == [
@@ -293,9 +305,9 @@ def test_concurrent_submissions_are_both_stored(shared):
     status, answer = call(server.url, "/api/rankings", tokens["alice"], bodies["alice"])
     assert status == 200 and answer["duplicate"] and answer["id"] == results["alice"][1]["id"]
     status, answer = call(server.url, "/api/rankings", tokens["alice"], {**bodies["alice"], "ranking": [2, 1, 0]})
-    assert status == 409 and "already ranked" in answer["error"]
+    assert status == 409 and "already ranked" in answer["error"]["message"]
     status, answer = call(server.url, "/api/rankings", tokens["alice"], {**bodies["alice"], "prompt_id": 99})
-    assert status == 400 and "unknown prompt_id 99" in answer["error"]
+    assert status == 400 and "unknown prompt_id 99" in answer["error"]["message"]
     assert len([r for r in rankings_in(db) if r["prompt_id"] == prompt_id]) == 2
     # the prompt is complete (2 rankings): nobody else is given it
     status, task = call(server.url, "/api/next", tokens["carol"])

@@ -23,7 +23,8 @@ from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, run_cli
+from conftest import (CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, assert_strict_page_headers,
+                      run_cli, watch_csp)
 
 KEY = "sk-test-key"
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -373,11 +374,13 @@ def test_the_schema_matches_the_server_under_fuzzing(chat_server, tmp_path):
     for operation in schema["paths"]["/v1/chat/completions"].values():
         assert {"400", "401", "404", "429", "503"} <= set(operation["responses"]) and "422" not in operation["responses"]
     schemathesis = Path(sys.executable).with_name("schemathesis")
+    hooks = Path(__file__).with_name("schemathesis_hooks.py")  # lone surrogates in the bodies' strings
     result = subprocess.run(
-        [str(schemathesis), "run", f"{chat_server.url}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "15", "--seed", "1", "--header", f"Authorization: Bearer {KEY}", "--no-color",
-         "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "NO_PROXY": "*"}, cwd=tmp_path)
+        [str(schemathesis), "run", f"{chat_server.url}/openapi.json", "--checks",
+         "not_a_server_error,lone_surrogates_are_400", "--max-examples", "15", "--seed", "1",
+         "--header", f"Authorization: Bearer {KEY}", "--no-color", "--request-timeout", "30"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "NO_PROXY": "*", "SCHEMATHESIS_HOOKS": str(hooks)})
     assert result.returncode == 0, result.stdout[-4000:]
     assert "passed" in result.stdout.lower()
 
@@ -410,7 +413,8 @@ def test_the_chat_page_answers_streams_stops_and_keeps_conversations(chat_server
             page = context.new_page()
             errors = []  # script errors, content the policy blocked, failed requests
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(chat_server.url + "/")  # its first call has no key yet: 401, shown in the settings
+            violations = watch_csp(page)
+            assert_strict_page_headers(page.goto(chat_server.url + "/").headers)  # no key yet: 401, in the settings
             expect(page.locator("#model")).to_contain_text("API key")
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
             assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
@@ -437,6 +441,7 @@ def test_the_chat_page_answers_streams_stops_and_keeps_conversations(chat_server
             expect(page.locator("#conversations li span")).to_have_text(question)
             expect(page.locator(".message.assistant .body")).to_have_text(answer)
             assert errors == []
+            assert violations == []
 
             page = browser.new_page()  # the stop button, on a model whose answers go on and on
             page.goto(long_server.url + "/")

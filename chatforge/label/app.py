@@ -1,10 +1,7 @@
 """The labeling web app (Starlette + uvicorn): the pages, the annotators' API, and `serve`.
 """
 
-import base64
-import hashlib
 import json
-import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -13,8 +10,9 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from chatforge.errors import UserError
@@ -24,37 +22,18 @@ from chatforge.label.database import (
 )
 from chatforge.label.stats import compute_stats
 from chatforge.runtime import listen
+from chatforge.web import BodyLimit, error_response, http_error, page
 
 MAX_BODY_BYTES = 1 << 20
-WEB_DIR = Path(__file__).parent.parent / "web"
 # --- the web app -----------------------------------------------------------------------------------
 
 class ClientError(Exception):
-    """An error the client caused; sent as {"error": message} with its status."""
+    """An error the client caused; sent in OpenAI's error shape with its status."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _page(name: str):
-    """An endpoint for a static page, with a Content-Security-Policy that allows exactly its own inline
-    script and style and requests to this server: nothing else runs, nothing is fetched from elsewhere."""
-    html = (WEB_DIR / name).read_text(encoding="utf-8")
-
-    def hashes(tag: str) -> str:
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
-
-    headers = {"Cache-Control": "no-store", "Content-Security-Policy": (
-        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
-
-    async def endpoint(request: Request) -> HTMLResponse:
-        return HTMLResponse(html, headers=headers)
-
-    return endpoint
 
 
 async def _in_db(request: Request, function, *args):
@@ -77,13 +56,8 @@ async def _annotator(request: Request) -> sqlite3.Row:
 
 
 async def _json_body(request: Request) -> dict:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ClientError(413, f"request body over {MAX_BODY_BYTES} bytes")
     try:
-        value = json.loads(body)
+        value = json.loads(await request.body())  # BodyLimit bounds its size
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ClientError(400, "request body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -124,25 +98,27 @@ async def _health(request: Request) -> JSONResponse:
 
 def _api_error(request: Request, e: ClientError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+    return error_response(e.status, e.message, headers=headers)
 
 
 def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=e.headers)
+    return http_error(e)
 
 
 def _server_error(request: Request, e: Exception) -> JSONResponse:
     """The traceback goes to the server's log (uvicorn prints it), never to the client."""
-    return JSONResponse({"error": "internal server error"}, status_code=500)
+    return error_response(500, "internal server error")
 
 
 def create_app(db: str | Path, per_prompt: int = 1) -> Starlette:
-    """The Starlette app on an initialised database; every error reaches the client as JSON {"error": ...}."""
+    """The Starlette app on an initialised database; every error reaches the client in OpenAI's shape,
+    {"error": {"message", "type", "param", "code"}}, as the API server's do."""
     app = Starlette(routes=[
-        Route("/", _page("label.html")), Route("/stats", _page("stats.html")), Route("/health", _health),
+        Route("/", page("label.html")), Route("/stats", page("stats.html")), Route("/health", _health),
         Route("/api/me", _me), Route("/api/next", _next), Route("/api/rankings", _submit, methods=["POST"]),
         Route("/api/stats", _stats),
-    ], exception_handlers={ClientError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    ], exception_handlers={ClientError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        middleware=[Middleware(BodyLimit, limit=MAX_BODY_BYTES)])
     app.state.db = str(db)
     app.state.per_prompt = per_prompt
     return app

@@ -22,19 +22,19 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from chatforge.chat_format import Message, check_conversation, check_unicode, render
+from chatforge import web
+from chatforge.chat_format import Message, check_conversation, render
 from chatforge.engine import SamplingParams, TokenEvent, cut_at_stop
 from chatforge.serve.metrics import Metrics
 from chatforge.serve.scheduler import Job, QueueFull, Scheduler
 from chatforge.serve.schemas import (
     LOAD_FAILED, ApiError, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, CompletionChoice,
-    CompletionRequest, ErrorBody, ErrorResponse, Health, ModelCard, ModelList, SamplingRequest, ServeConfig,
-    TextCompletion, Usage,
+    CompletionRequest, ErrorResponse, Health, ModelCard, ModelList, SamplingRequest, ServeConfig, TextCompletion,
+    Usage,
 )
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
 
 log = logging.getLogger("chatforge.serve")
-WEB = Path(__file__).parent.parent / "web"
 API_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_STOP_CHARS = 100  # every token is checked against every stop string's prefixes
 
@@ -149,11 +149,6 @@ class Server:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not texts:
                 raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-            try:
-                for i, text in enumerate(texts):
-                    check_unicode(text, f"prompt {i}")
-            except ValueError as e:
-                raise ApiError(400, str(e), param="prompt") from None
             kind, prompts, stop_ids = "completion", [[tok.bos_id, *tok.encode(t)] for t in texts], [tok.bos_id, tok.eos_id]
         longest = max(len(p) for p in prompts)
         if longest >= self.context:
@@ -282,13 +277,7 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
         scheduler = server.scheduler
         return server.metrics.render(scheduler.queue_depth if scheduler else 0, len(scheduler.batch) if scheduler else 0)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        # everything the page needs is in it: no script, style or request may go anywhere else
-        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-        return HTMLResponse((WEB / "chat.html").read_text(encoding="utf-8"), headers={
-            "Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(web.page("chat.html"))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -298,13 +287,13 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
     async def invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(server, request, ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None))
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+        return error_response(server, request, ApiError(400, f"{where or 'body'}: {message}", param=where or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        code = "request_too_large" if e.status_code == 413 else None
-        return error_response(server, request, ApiError(e.status_code, str(e.detail), kind, code=code))
+        count(server, endpoint_label(request.scope), e.status_code)
+        return web.http_error(e)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
@@ -322,7 +311,13 @@ def create_app(checkpoint: str | Path, config: ServeConfig, load_in_background: 
         return app.openapi_schema
 
     app.openapi = openapi
-    return BodyLimit(app, config.max_body_bytes, server)
+
+    def refused(scope) -> None:  # a body over the limit, refused before any route saw it
+        path = scope.get("path", "")
+        count(server, path if path in API_PATHS else "other", 413)
+
+    app.add_middleware(web.BodyLimit, limit=config.max_body_bytes, on_refuse=refused)
+    return app
 
 
 def endpoint_label(scope) -> str:
@@ -332,17 +327,20 @@ def endpoint_label(scope) -> str:
     return getattr(route, "path", None) or "other"
 
 
+def count(server: Server, endpoint: str, status: int) -> None:
+    with server.metrics.lock:
+        server.metrics.requests[(endpoint, status)] += 1
+
+
 def client_gone(server: Server, endpoint: str) -> Response:
     """Count a request whose client left (nginx's 499); the response goes nowhere."""
-    with server.metrics.lock:
-        server.metrics.requests[(endpoint, 499)] += 1
+    count(server, endpoint, 499)
     return Response(status_code=499)
 
 
 def error_response(server: Server, request: Request, e: ApiError) -> JSONResponse:
-    with server.metrics.lock:
-        server.metrics.requests[(endpoint_label(request.scope), e.status)] += 1
-    return JSONResponse({"error": e.body.model_dump()}, status_code=e.status, headers=e.headers)
+    count(server, endpoint_label(request.scope), e.status)
+    return web.error_response(e.status, headers=e.headers, **e.body.model_dump())
 
 
 async def complete(server: Server, prepared: Prepared, request: Request, endpoint: str):
@@ -438,43 +436,6 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-class BodyLimit:
-    """Refuses bodies over `limit` bytes with 413 before they are read into memory (ASGI middleware)."""
-
-    def __init__(self, app: FastAPI, limit: int, server: Server):
-        self.app, self.limit, self.server = app, limit, server
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # FastAPI passes an HTTPException raised while reading the body on
-                    raise HTTPException(413, f"the request body is larger than {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _refuse(self, scope, send):
-        path = scope.get("path", "")
-        with self.server.metrics.lock:
-            self.server.metrics.requests[(path if path in API_PATHS else "other", 413)] += 1
-        body = json.dumps({"error": ErrorBody(message=f"the request body is larger than {self.limit} bytes",
-                                              type="invalid_request_error", code="request_too_large").model_dump()}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
 
 
 def serve(checkpoint: str | Path, config: ServeConfig) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from chatforge.chat_format import check_unicode
 
 
 @dataclass
@@ -42,10 +44,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def check_json_unicode(value: object, where: str = "body") -> None:
+    """Every string and key of a JSON value is valid Unicode. JSON can carry a lone UTF-16 surrogate
+    ("\\ud800"), which no tokenizer can encode, nor the JSON of an answer that quoted it back."""
+    if isinstance(value, str):
+        check_unicode(value, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_unicode(item, f"{where}.{i}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, f"a key in {where}")
+            check_json_unicode(item, f"{key}" if where == "body" else f"{where}.{key}")
+
+
 class SamplingRequest(BaseModel):
     """What both completion endpoints accept. Types are strict ("yes" is no boolean); unknown fields are
     ignored, as OpenAI's clients send some."""
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: object) -> object:
+        check_json_unicode(data)  # in every field, the ignored ones too: refused alike, whatever the field
+        return data
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2, description="0: greedy")
