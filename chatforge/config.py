@@ -59,7 +59,8 @@ def _is_dataclass_type(tp) -> bool:
 def from_dict(cls, values: dict, where: str = "config"):
     """Build dataclass `cls` from a (nested) dict, naming any unknown or mistyped field."""
     types = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    known = set(fields_by_name)
     unknown = set(values) - known
     if unknown:
         raise UserError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -69,7 +70,9 @@ def from_dict(cls, values: dict, where: str = "config"):
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: field {name!r} must be a table of {tp.__name__} fields")
-            kwargs[name] = from_dict(tp, value, f"{where} [{name}]")
+            # over this config's own defaults for the table (a command may default to other sampling settings)
+            defaults = dataclasses.asdict(_field_default(fields_by_name[name]))
+            kwargs[name] = from_dict(tp, {**defaults, **value}, f"{where} [{name}]")
         else:
             kwargs[name] = _coerce(value, tp, f"{where}: field {name!r}")
     try:
@@ -78,7 +81,18 @@ def from_dict(cls, values: dict, where: str = "config"):
         raise UserError(f"{where}: {e}") from None
 
 
+def _optional(tp):
+    """`X | None` -> X, for a field that may be left unset (a seed); other types as they are."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
 def _coerce(value, tp, where: str):
+    if value is None and _optional(tp) is not tp:
+        return None
+    tp = _optional(tp)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     origin = typing.get_origin(tp) or tp
@@ -95,14 +109,20 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def _flat_fields(cls, prefix: tuple[str, ...] = ()):
-    """(path, field, type) for every leaf field, nested dataclasses flattened."""
+def _field_default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _flat_fields(cls, prefix: tuple[str, ...] = (), defaults=None):
+    """(path, field, type, default) for every leaf field, nested dataclasses flattened; a nested field's
+    default comes from its table's default (`defaults`, an instance of `cls`)."""
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
         if _is_dataclass_type(types[f.name]):
-            yield from _flat_fields(types[f.name], (*prefix, f.name))
+            yield from _flat_fields(types[f.name], (*prefix, f.name), default)
         else:
-            yield (*prefix, f.name), f, types[f.name]
+            yield (*prefix, f.name), f, types[f.name], default
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -110,27 +130,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     A field whose metadata says `positional` is a positional argument (a list: one or more), one that says
     `required` an option that must be given."""
     seen: dict[str, tuple] = {}
-    for path, f, tp in _flat_fields(cls):
+    for path, f, tp, default in _flat_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if flag in seen:
             raise AssertionError(f"config fields {seen[flag]} and {path} share the flag {flag}")
         seen[flag] = path
+        tp = _optional(tp)
         dest, is_list = "cfg:" + ".".join(path), typing.get_origin(tp) is list
         if f.metadata.get("positional"):
-            parser.add_argument(dest, metavar=f.name.upper(), nargs="+" if is_list else None,
+            parser.add_argument(dest, metavar=f.metadata.get("metavar", f.name.upper()), nargs="+" if is_list else None,
                                 type=typing.get_args(tp)[0] if is_list else tp, help=f.metadata.get("help"))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         section = f" [{path[0]}]" if len(path) > 1 else ""
         required = bool(f.metadata.get("required"))
         help_text = f"{f.metadata.get('help', '')}{section}" + ("" if required else f" (default: {default!r})")
         kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=help_text, required=required)
+        metavar = f.metadata.get("metavar")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
-            parser.add_argument(flag, nargs="+" if required else "*", type=typing.get_args(tp)[0], metavar="X", **kwargs)
+            parser.add_argument(flag, nargs="+" if required else "*", type=typing.get_args(tp)[0], metavar=metavar or "X", **kwargs)
         else:
-            parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kwargs)
+            parser.add_argument(flag, type=tp, metavar=metavar or tp.__name__.upper(), **kwargs)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
