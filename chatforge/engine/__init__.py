@@ -31,5 +31,5 @@ __all__ = [
     "ARGMAX_BLOCK", "BeamSearch", "Completion", "DecodeBatch", "DecodeStep", "DecodeWeights", "KVCache",
     "PromptGroup", "SamplingParams", "StopStrings", "TokenEvent", "apply_repetition_penalty", "argmax_rows",
     "beam_events", "beam_search", "cut_at_stop", "decode_step", "fit_context", "generate", "generate_batch",
-    "generate_stream", "new_cache", "sample_categorical", "sample_next_token", "stream",
+    "generate_stream", "new_cache", "reads_as_stock", "sample_categorical", "sample_next_token", "stream",
 ]
