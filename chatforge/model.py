@@ -252,8 +252,9 @@ class GPT(nn.Module):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, values (B, T) for the scalar head,
         or (B, T, num_labels) logits for the classifier head.
 
-        With a cache (`chatforge.engine.KVCache`: the model calls its `update(layer, keys, values)` and reads
-        its `length` and `pad`), `idx` holds only the new tokens; their positions continue after the cached ones.
+        With a cache (`chatforge.engine.KVCache`: the model calls its `update(layer, keys, values)`, reads its
+        `pad` and reads and advances its `length`), `idx` holds only the new tokens; their positions continue
+        after the cached ones.
         Without one, `pad` (B,) marks rows left-padded by that many tokens: they are neither attended to nor
         counted in positions, so every row computes exactly what it would alone.
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
