@@ -40,7 +40,7 @@ def generate_stream(
     try:
         if params.num_beams > 1:
             for p, prompt in enumerate(prompts):
-                yield from _beam_events(model, p, prompt, params, n, stop_ids, stop_strings, tokenizer, logprobs)
+                yield from _search_events(model, p, prompt, params, n, stop_ids, stop_strings, tokenizer, logprobs)
             return
         batch = DecodeBatch(model)
         batch.add(prompts, params, n=n, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
@@ -52,7 +52,7 @@ def generate_stream(
         model.train(was_training)
 
 
-def _beam_events(model: GPT, p: int, prompt: Sequence[int], params: SamplingParams, n: int, stop_ids: Sequence[int],
+def _search_events(model: GPT, p: int, prompt: Sequence[int], params: SamplingParams, n: int, stop_ids: Sequence[int],
                  stop_strings: Sequence[str], tokenizer, logprobs: bool) -> Iterator[TokenEvent]:
     search = BeamSearch(model, prompt, params.num_beams, params.max_new_tokens, stop_ids=stop_ids,
                         length_penalty=params.length_penalty, stop_strings=stop_strings, tokenizer=tokenizer)

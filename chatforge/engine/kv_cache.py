@@ -35,7 +35,7 @@ class KVCache:
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
 
-    def join(self, other: "KVCache", room: int) -> "KVCache":
+    def join(self, other: KVCache, room: int) -> KVCache:
         """A cache holding this one's rows and then `other`'s, right-aligned so that all rows end at the
         same slot (the shorter side gets more left padding), with `room` free slots after it. Leading
         slots that are padding in every row are dropped, so a cache that rows keep joining stays short.

@@ -173,7 +173,8 @@ class Scheduler:
     def _step_searches(self, job: Job) -> list[TokenEvent]:
         """One step of each of the job's beam searches; once all are over, the n best beams of each
         prompt as its samples' events (and the job has no searches left)."""
-        if not all([search.step() for search in job.searches]):
+        over = [search.step() for search in job.searches]  # every search steps, none waits for another
+        if not all(over):
             return []
         events = [e for p, search in enumerate(job.searches) for e in beam_events(p, search.best()[:job.n])]
         job.searches = []
