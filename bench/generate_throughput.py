@@ -8,7 +8,9 @@ not depend on them): tokens/s of
 - a naive loop that runs the whole sequence through the model for every new token (no cache),
 - `transformers` `LlamaForCausalLM.generate` on an identical Llama built from the same weights (greedy,
   KV cache on, exactly 128 new tokens). Install `transformers` for this part (`pip install -e .[test]`).
-Prints a table (medians of --repeats) and writes bench/results/generate_throughput.json.
+Prints a table (medians of --repeats) and writes bench/results/generate_throughput.json. chatforge's time
+includes laying out the decoding step's weights, which every generation does at its start; that cost alone
+is printed too, against a batch-1 generation.
 
 Target: chatforge >= 2x `transformers` generate at batch 1 and batch 8 on CPU.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from chatforge import config as cfg
-from chatforge.engine import SamplingParams, generate_batch
+from chatforge.engine import DecodeStep, SamplingParams, generate_batch
 from chatforge.model import GPT, hf_llama_config, hf_state_dict
 from chatforge.pretrain import PretrainConfig
 from chatforge.runtime import pick_device
@@ -89,7 +91,13 @@ def main(argv=None) -> None:
                    f" (same tokens: {row['hf_same_tokens']})") if hf is not None else ""
         print(f"batch {batch:3d}: chatforge {row['chatforge_tok_s']:8,.0f} tok/s  naive {row['naive_tok_s']:8,.0f} tok/s"
               f"  x{row['speedup_vs_naive']:.1f} vs naive{hf_text}", flush=True)
-    write_report(args.out, rows, preset=args.preset, device=str(device), params_M=model.num_params() / 1e6)
+    medians = timed({"layout": lambda: DecodeStep(model),
+                     "batch1": lambda: generate_batch(model, prompt_lists[:1], params)}, args.repeats)
+    layout_share = medians["layout"] / medians["batch1"]
+    print(f"laying out the decoding weights, once per generation: {1e3 * medians['layout']:.2f} ms, "
+          f"{layout_share:.1%} of a batch-1 generation of {args.new_tokens} tokens", flush=True)
+    write_report(args.out, rows, preset=args.preset, device=str(device), params_M=model.num_params() / 1e6,
+                 layout_ms=1e3 * medians["layout"], layout_share_of_batch1=layout_share)
 
 
 if __name__ == "__main__":

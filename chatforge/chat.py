@@ -26,7 +26,8 @@ COT_INSTRUCTION = "Let's think step by step."
 HELP = """commands:
   /reset              start a new conversation (keeps the system prompt and few-shot examples)
   /save FILE          write the conversation as a JSONL {"messages": [...]} record
-  /params [k=v ...]   show or change sampling: temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed
+  /params [k=v ...]   show or change sampling: temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed,
+                      num_beams (beam search when above 1), length_penalty
   /help               this text
   /quit               leave (Ctrl-D too)"""
 
@@ -134,7 +135,7 @@ class ChatSession:
             key, sep, value = assignment.partition("=")
             if not sep or key not in fields:
                 raise ValueError(f"expected key=value with key one of {', '.join(fields)}, got {assignment!r}")
-            kind = int if key in ("top_k", "max_new_tokens", "seed") else float
+            kind = int if key in ("top_k", "max_new_tokens", "seed", "num_beams") else float
             changes[key] = None if key == "seed" and value == "none" else kind(value)
         self.params = dataclasses.replace(self.params, **changes)
 

@@ -78,6 +78,10 @@ def _sample(args) -> None:
             raise UserError(f"--temperatures must be >= 0, got {t}")
     if args.k < 2:
         raise UserError(f"-k must be at least 2 (answers to rank per prompt), got {args.k}")
+    if params.num_beams > 1 and args.k > params.num_beams:
+        raise UserError(f"-k is {args.k}, but --num-beams {params.num_beams} finds only {params.num_beams} answers per prompt")
+    if params.num_beams > 1 and args.temperatures:
+        raise UserError("--temperatures and --num-beams exclude each other: beam search does not sample")
     prompts = read_prompts(args.prompts)
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
     records = sample_candidates(model, tokenizer, prompts, args.k, params, args.temperatures, args.batch_size,
@@ -91,7 +95,8 @@ def _sampling_params(args):
 
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              num_beams=args.num_beams, length_penalty=args.length_penalty)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -281,6 +286,12 @@ def _add_prompting_arguments(p: argparse.ArgumentParser, max_new_tokens: int, pr
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide the logits of tokens already present by this; 1 is off (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N",
+                   help="beam search with N beams: the most likely answer found instead of a sample, printed when "
+                        "the search ends; the sampling options go unused (default: 1, off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
+                   help="beam search ranks answers by total log-prob / length^L: 0 ranks by total log-prob, larger "
+                        "L favours longer answers (default: 1.0)")
     _add_device_argument(p)
 
 
@@ -422,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "sample", help="sample K answers per prompt, to be ranked",
-        description="The SFT model answers each prompt K times (the K samples share one prefill), for people "
-                    "to rank (`chatforge label serve`) or a rule. Writes JSONL {prompt, completions, completion_ids, "
+        description="The SFT model answers each prompt K times (the K samples share one prefill; with "
+                    "--num-beams N >= K, the K best beams), for people to rank (`chatforge label serve`) or a rule. Writes JSONL {prompt, completions, completion_ids, "
                     "finish_reasons, tokenizer, sampling}: the reward model reads each answer's tokens as sampled.")
     p.add_argument("checkpoint", help="SFT checkpoint, or its run folder")
     p.add_argument("--prompts", required=True,

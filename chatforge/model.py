@@ -15,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chatforge.objectives import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from chatforge.engine import KVCache
 
 
 @dataclass
@@ -138,81 +140,20 @@ def attention_mask(start: int, new_tokens: int, pad: torch.Tensor | None, device
     return allowed
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, preallocated for `max_len` positions.
-
-    Usage: create one per generation, pass it to every `GPT.forward` call; the first call (the prompt)
-    fills slots [0, T), each later call appends its tokens after those.
-
-    Prompts of different lengths share one cache by left padding: row i's first `pad[i]` slots are
-    padding, never attended to, and its positions (for the rotary encoding) count from its first real
-    token, so every row computes exactly what it would alone. `keep(rows)` drops finished rows (they stop
-    costing compute) or repeats rows (n samples or beams share one prefill).
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.length = 0  # slots already filled (the same for every layer once a forward pass completes)
-        self.pad = pad.to(device) if pad is not None and bool(pad.any()) else None
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep (and reorder or repeat) the given batch rows."""
-        rows = rows.to(self.keys[0].device)
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        if self.pad is not None:
-            self.pad = self.pad.index_select(0, rows)
-
-    def join(self, other: "KVCache", room: int) -> "KVCache":
-        """A cache holding this one's rows and then `other`'s, right-aligned so that all rows end at the
-        same slot (the shorter side gets more left padding), with `room` free slots after it. Leading
-        slots that are padding in every row are dropped, so a cache that rows keep joining stays short.
-        This is how a new sequence joins a running batch (continuous batching)."""
-        length = max(self.length, other.length)
-        pads = torch.cat([self._pads() + (length - self.length), other._pads() + (length - other.length)])
-        drop = int(pads.min())
-        length, pads = length - drop, pads - drop
-        joined = object.__new__(KVCache)
-        joined.max_len, joined.length = length + room, length
-        joined.pad = pads if bool(pads.any()) else None
-        joined.keys, joined.values = [], []
-        for mine, theirs, out in ((self.keys, other.keys, joined.keys), (self.values, other.values, joined.values)):
-            for a, b in zip(mine, theirs):
-                t = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], joined.max_len, a.shape[3])
-                for rows, source, used in ((slice(0, a.shape[0]), a, self.length), (slice(a.shape[0], None), b, other.length)):
-                    shift = length - used  # where the source's slot 0 lands (negative: its first slots are dropped)
-                    t[rows, :, max(0, shift):length] = source[:, :, max(0, -shift):used]
-                out.append(t)
-        return joined
-
-    def _pads(self) -> torch.Tensor:
-        rows = self.keys[0].shape[0]
-        return self.pad if self.pad is not None else torch.zeros(rows, dtype=torch.long, device=self.keys[0].device)
-
-    def positions(self, new_tokens: int) -> torch.Tensor:
-        return rotary_positions(self.length, new_tokens, self.pad, self.keys[0].device)
-
-    def mask(self, new_tokens: int) -> torch.Tensor | None:
-        return attention_mask(self.length, new_tokens, self.pad, self.keys[0].device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values of `layer` after the cached ones; return all of them so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes exactly `x @ weight.T`: a bias-free `nn.Linear` itself (not a subclass or a
+    wrapper such as a LoRA layer) with no forward hook, so that its weight may be read instead of calling it."""
+    return type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
 
 
-def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
-    """Bias-free projections of the same input (q/k/v, gate/up) as one matmul. The parameters stay
-    separate, so that their names map one to one onto Hugging Face Llama's; gradients flow back through
-    the concatenation."""
-    return F.linear(x, torch.cat([linear.weight for linear in linears]))
+def fused_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
+    """Projections of the same input (q/k/v, gate/up), as one matmul when they are plain linear layers.
+    The parameters stay separate, so that their names map one to one onto Hugging Face Llama's; gradients
+    flow back through the concatenation. Layers that compute something else (wrapped or hooked, as LoRA
+    does) are called one by one, so that the model computes what its modules do."""
+    if all(is_plain_linear(linear) for linear in linears):
+        return F.linear(x, torch.cat([linear.weight for linear in linears]))
+    return torch.cat([linear(x) for linear in linears], dim=-1)
 
 
 class Attention(nn.Module):
@@ -225,7 +166,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, cache, mask: torch.Tensor | None):
         B, T, _ = x.shape
         c = self.config
         qkv = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
@@ -293,7 +234,6 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config)  # computed once; looked up by position in every forward pass
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._step_weights: StepWeights | None = None  # decode_step's layout of the weights: see step_weights()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -312,7 +252,9 @@ class GPT(nn.Module):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, values (B, T) for the scalar head,
         or (B, T, num_labels) logits for the classifier head.
 
-        With a cache, `idx` holds only the new tokens; their positions continue after the cached ones.
+        With a cache (`chatforge.engine.KVCache`: the model calls its `update(layer, keys, values)`, reads its
+        `pad` and reads and advances its `length`), `idx` holds only the new tokens; their positions continue
+        after the cached ones.
         Without one, `pad` (B,) marks rows left-padded by that many tokens: they are neither attended to nor
         counted in positions, so every row computes exactly what it would alone.
         With `targets` (B, T) the lm head returns the mean next-token loss instead of the logits, computed
@@ -323,11 +265,11 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if cache is not None:
             if pad is not None:
-                raise ValueError("pass the padding to new_cache(pad=...) when decoding with a cache")
+                raise ValueError("a cache holds its rows' padding: pass it to new_cache(model, ..., pad=...)")
             start, pad = cache.length, cache.pad
         else:
             start, pad = 0, pad.to(idx.device) if pad is not None and bool(pad.any()) else None
-        cos, sin = self._rotary(start, T, pad)
+        cos, sin = self.rotary(start, T, pad)
         mask = attention_mask(start, T, pad, idx.device)
         x = self.embed_tokens(idx)
         for block in self.layers:
@@ -343,61 +285,12 @@ class GPT(nn.Module):
             return self.score(x)
         return self.score(x).squeeze(-1).float() - self.config.score_offset  # fp32: the offset is not lost in bf16
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache, weights: StepWeights | None = None) -> torch.Tensor:
-        """Next-token logits (B, vocab) after one new token per row (tokens: (B,)), appended to the cache:
-        what `forward(tokens[:, None], cache)[:, -1]` computes, to float rounding (tested). The engine's
-        decoding loop runs this, with `weights` from `step_weights()` taken once per generation (None
-        takes them now). For generation only: no gradient reaches the parameters.
-
-        A decoding step of a small model costs more in calls than in arithmetic, so this is `forward`
-        with the calls taken out: no module calls, the weights read from one prepared `StepWeights`
-        (q/k/v and gate/up concatenated, every matrix transposed) and no general case. On 2 CPU cores it
-        makes a step of the cpu preset's model 1.15-1.25x faster at batch 1 and 8. The query heads
-        sharing a key/value head attend as that head's query rows, so no key or value is repeated (1.4-1.9x
-        faster than grouped-query SDPA at batch 8-32)."""
-        if self.training:
-            raise ValueError("decode with the model in eval mode (model.eval())")
-        c, weights = self.config, weights or self.step_weights()
-        B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        cos, sin = self._rotary(cache.length, 1, cache.pad)
-        mask = cache.mask(1)
-        x = F.embedding(tokens, weights.embedding)  # (B, d_model): one position, so no time axis
-        for layer, w in enumerate(weights.layers):
-            qkv = (rms_norm(x, w.attention_norm, c.norm_eps) @ w.qkv).view(B, H + 2 * KV, 1, D)
-            q, k, v = split_heads(qkv, cos, sin, c)
-            k, v = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), k, v, attn_mask=mask)
-            x = x + y.reshape(B, c.d_model) @ w.out  # not addmm: under autocast it would make x bf16
-            gate, up = (rms_norm(x, w.mlp_norm, c.norm_eps) @ w.gate_up).chunk(2, dim=-1)
-            x = x + F.silu(gate).mul_(up) @ w.down
-        cache.length += 1
-        return rms_norm(x, weights.norm, c.norm_eps) @ weights.head
-
-    def step_weights(self) -> StepWeights:
-        """`decode_step`'s layout of the current weights: the copy kept from the last generation if no
-        parameter has changed since (see `StepWeights.key`), else a new one."""
-        if self.config.head != "lm":
-            raise ValueError(f"only a language model decodes; this one has the {self.config.head!r} head")
-        key = StepWeights.key(self)
-        if self._step_weights is None or self._step_weights.made_from != key:
-            self._step_weights = None  # the old copy is freed before the new one is made
-            self._step_weights = StepWeights(self, key)
-        return self._step_weights
-
-    def _rotary(self, start: int, new_tokens: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, start: int, new_tokens: int, pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for slots [start, start + new_tokens), shaped to broadcast over (B, H, T, D)."""
         if pad is None:  # every row at the same positions: a slice of the tables, no lookup
             return self.rope_cos[start : start + new_tokens], self.rope_sin[start : start + new_tokens]
         positions = rotary_positions(start, new_tokens, pad, self.rope_cos.device)  # (B, T): each row its own
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-
-    def train(self, mode: bool = True) -> "GPT":
-        if mode:  # training changes the weights: no decoding copy held while training
-            self._step_weights = None
-        return super().train(mode)
-
-    def __getstate__(self):  # a copied or pickled model does not carry the decoding copy
-        return {**super().__getstate__(), "_step_weights": None}
 
     def set_dropout(self, p: float) -> None:
         """Change the residual dropout (e.g. for fine-tuning a model pretrained without it)."""
@@ -405,11 +298,6 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        """An empty KV cache; `pad[i]` left-padding slots for row i when prompts differ in length."""
-        weight = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.device, weight.dtype, pad)
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token embedding if embedding=False."""
@@ -430,47 +318,6 @@ class GPT(nn.Module):
         if c.tie_embeddings and c.head == "lm":
             n += self.lm_head.weight.numel()  # the tied head is still a matmul
         return 6 * n + 12 * c.n_layer * c.d_model * seq_len
-
-
-_optimizer_steps = 0  # every optimizer step in this process: a fused one moves no version counter
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-class StepWeights:
-    """The weights of `GPT.decode_step`, laid out for it: per layer q/k/v and gate/up concatenated (one
-    matmul each), every matrix transposed to (in, out), since for a few rows `x @ W^T` with W^T contiguous
-    runs 1.2-2x faster on CPU than `F.linear` on the (out, in) weight. A copy, which the model keeps from
-    one generation to the next while no parameter changes, and drops in `.train()`."""
-
-    def __init__(self, model: GPT, made_from: tuple):
-        self.made_from = made_from
-        self.parameters = list(model.parameters())  # alive, so that no id in `made_from` is reused
-        with torch.no_grad():
-            def transposed(*linears: nn.Linear) -> torch.Tensor:
-                return torch.cat([linear.weight.t() for linear in linears], dim=1)  # one copy, contiguous
-
-            self.layers = [SimpleNamespace(
-                attention_norm=block.input_layernorm.weight.detach(), mlp_norm=block.post_attention_layernorm.weight.detach(),
-                qkv=transposed(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
-                out=transposed(block.self_attn.o_proj), gate_up=transposed(block.mlp.gate_proj, block.mlp.up_proj),
-                down=transposed(block.mlp.down_proj)) for block in model.layers]
-            self.embedding, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
-            self.head = model.lm_head.weight.t().contiguous()
-
-    @staticmethod
-    def key(model: GPT) -> tuple:
-        """What a change of the weights changes: a parameter replaced (or a module holding one), changed
-        in place (its version counter), given new storage (`.data = ...`, `.to()`), or any optimizer step
-        (a fused one moves no version counter). Not seen: writes through `.data` (`p.data.mul_(2)`),
-        which bypass the version counter; call `model.train()` after those."""
-        return (_optimizer_steps, *((id(p), p._version, p.data_ptr()) for p in model.parameters()))
 
 
 def with_head(model: GPT, head: str, labels: list[str] | None = None) -> GPT:

@@ -10,7 +10,8 @@ PPO will score. `tokenizer` is the fingerprint of the tokenizer the ids belong t
 
 People (`chatforge label serve`) or a rule then rank the K answers, and the reward model learns from the
 C(K,2) pairs of each ranking. The K samples of a prompt share one prefill in the engine. Samples may cycle
-through several temperatures, for more varied answers to rank.
+through several temperatures, for more varied answers to rank; with `num_beams` (at least K) in the sampling
+settings, the K answers are the K best beams of a beam search instead.
 """
 
 from __future__ import annotations

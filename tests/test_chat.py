@@ -71,3 +71,41 @@ def test_few_shot_and_chain_of_thought_prompts(tmp_path, chat_model):
     bad = write_jsonl(tmp_path / "bad2.jsonl", [{"messages": [{"role": ["user"], "content": "x"}]}])
     assert_one_line_error(run_cli("chat", chat_model, "--few-shot", bad, "--prompt", "x", check=False), "bad2.jsonl:1",
                           "must be strings")
+
+
+def test_beam_search_flags_give_the_engines_beams(chat_model, tmp_path):
+    """--num-beams and --length-penalty on generate, chat and sample: the answers of `engine.beam_search`."""
+    from chatforge.chat_format import Message, render
+    from chatforge.checkpoint import load_model
+    from chatforge.engine import beam_search
+    from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
+
+    model, tokenizer, _ = load_model(chat_model)
+    beams = ["--num-beams", 3, "--length-penalty", 0.5, "--max-new-tokens", 16]
+
+    def text_of(tokens):
+        decoder = IncrementalDecoder(tokenizer)
+        return "".join(decoder.push(t) for t in tokens)
+
+    (best, *_) = beam_search(model, [tokenizer.bos_id, *tokenizer.encode("A tuple")], 3, 16,
+                             stop_ids=(tokenizer.bos_id, tokenizer.eos_id), length_penalty=0.5)
+    assert run_cli("generate", chat_model, "--prompt", "A tuple", *beams).stdout == "A tuple" + text_of(best.tokens) + "\n"
+
+    end = tokenizer.special[END_OF_TURN]
+    prompt = render([Message("user", QA[1][0])], tokenizer, add_generation_prompt=True)
+    answers = beam_search(model, prompt, 3, 16, stop_ids=[end], length_penalty=0.5)
+    reply = run_cli("chat", chat_model, "--prompt", QA[1][0], *beams).stdout
+    assert reply == text_of([t for t in answers[0].tokens if t != end]) + "\n"
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(QA[1][0] + "\n")
+    run_cli("sample", chat_model, "--prompts", prompts, "-k", 2, *beams, "--out", tmp_path / "beams.jsonl", "--no-progress")
+    (record,) = [json.loads(line) for line in (tmp_path / "beams.jsonl").read_text().splitlines()]
+    assert record["completion_ids"] == [a.tokens for a in answers[:2]]
+    assert (record["sampling"]["num_beams"], record["sampling"]["length_penalty"]) == (3, 0.5)
+
+    assert_one_line_error(run_cli("generate", chat_model, "--num-beams", 0, check=False), "num_beams must be at least 1")
+    assert_one_line_error(run_cli("chat", chat_model, "--length-penalty", "inf", "--prompt", "x", check=False), "length_penalty")
+    sample = ["sample", chat_model, "--prompts", prompts, "--out", tmp_path / "bad.jsonl"]
+    assert_one_line_error(run_cli(*sample, "-k", 4, "--num-beams", 3, check=False), "-k is 4", "--num-beams 3")
+    assert_one_line_error(run_cli(*sample, "--num-beams", 4, "--temperatures", 0.5, 1, check=False), "--temperatures")

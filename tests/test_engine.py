@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_generation_is_seeded_stops_and_respects_the_context():
 
 # --- the batched engine ------------------------------------------------------------------------------
 
-from chatforge.engine import apply_repetition_penalty, beam_search, generate_batch, generate_stream  # noqa: E402
+from chatforge.engine import DecodeStep, apply_repetition_penalty, beam_search, generate_batch, generate_stream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +66,18 @@ PROMPTS = [[5, 6, 7], list(range(10, 19)), [42], list(range(20, 34))]
 def forward_calls(model, monkeypatch):
     """The (rows, new tokens) of every pass the model makes: prefills (`forward`) and decoding steps."""
     calls = []
-    forward, decode_step = GPT.forward, GPT.decode_step
+    forward, decode = GPT.forward, DecodeStep.__call__
 
     def spy_forward(self, idx, cache=None, **kwargs):
         calls.append(tuple(idx.shape))
         return forward(self, idx, cache, **kwargs)
 
-    def spy_decode_step(self, tokens, cache, weights=None):
+    def spy_decode(self, tokens, cache):
         calls.append((tokens.shape[0], 1))
-        return decode_step(self, tokens, cache, weights)
+        return decode(self, tokens, cache)
 
     monkeypatch.setattr(GPT, "forward", spy_forward)
-    monkeypatch.setattr(GPT, "decode_step", spy_decode_step)
+    monkeypatch.setattr(DecodeStep, "__call__", spy_decode)
     return calls
 
 
@@ -267,3 +269,208 @@ def test_greedy_argmax_by_blocks_equals_argmax_ties_and_nan_included():
         assert argmax_rows(logits).tolist() == logits.argmax(-1).tolist()
         assert argmax_rows(logits[2:5]).tolist() == [5, 7, 100]
         assert argmax_rows(logits[2:3]).tolist() == [5]
+
+
+# --- the decoding step: equal to forward, with the weights of the generation's start ---------------------
+
+import torch.nn as nn  # noqa: E402
+
+from chatforge.engine import DecodeWeights, new_cache, reads_as_stock  # noqa: E402
+from chatforge.model import MLP  # noqa: E402
+from test_model import CONFIGS, make_model  # noqa: E402
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decode_step_equals_full_forward_with_and_without_padding(name):
+    """The engine's one-token step gives every row the logits one full pass over its own tokens gives;
+    row 1 is left-padded by 3 slots (a shorter prompt in the batch)."""
+    model = make_model(CONFIGS[name])
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = [model(idx[:1]), model(idx[1:, 3:])]
+    padded = idx.clone()
+    padded[1, :3] = 0
+    for pad in (None, torch.tensor([0, 3])):
+        with torch.inference_mode():
+            cache = new_cache(model, batch_size=2, max_len=20, pad=pad)
+            model(padded[:, :6], cache)
+            step = DecodeStep(model)
+            assert step.weights is not None  # the step's own reading of the weights, not forward
+            steps = torch.stack([step(padded[:, t], cache) for t in range(6, 20)], dim=1)
+        assert cache.length == 20
+        torch.testing.assert_close(steps[:1], full[0][:, 6:], rtol=0, atol=1e-5)
+        if pad is not None:
+            torch.testing.assert_close(steps[1:], full[1][:, 3:], rtol=0, atol=1e-5)
+
+
+def test_decode_step_under_autocast_keeps_forward_precision():
+    """PPO samples under bf16 autocast: the step keeps the residual stream in fp32 as `forward` does, so
+    both give the same log-probs."""
+    model = make_model(CONFIGS["gqa"])
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        by_forward, by_step = new_cache(model, 2, 12), new_cache(model, 2, 12)
+        model(idx[:, :4], by_forward), model(idx[:, :4], by_step)
+        forward = torch.stack([model(idx[:, t : t + 1], by_forward)[:, -1] for t in range(4, 12)], 1)
+        step = DecodeStep(model)
+        steps = torch.stack([step(idx[:, t], by_step) for t in range(4, 12)], 1)
+    torch.testing.assert_close(steps.float().log_softmax(-1), forward.float().log_softmax(-1), rtol=0, atol=1e-3)
+
+
+def test_decode_step_needs_eval_mode_and_the_lm_head():
+    model = make_model(CONFIGS["gqa"]).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        DecodeStep(model)
+    scalar = make_model(GPTConfig(vocab_size=97, n_layer=1, d_model=32, n_head=2, head="scalar"))
+    with pytest.raises(ValueError, match="only a language model decodes"):
+        DecodeStep(scalar)
+
+
+def test_each_generation_decodes_with_the_weights_of_its_start():
+    """No layout of the weights outlives its generation: after any change of the parameters, whichever way
+    it was made (even through `.data`, which no version counter sees), the next step equals `forward`."""
+    model = make_model(CONFIGS["gqa"])
+    idx = torch.randint(0, 97, (2, 6))
+
+    def decode_and_forward(atol=1e-6):
+        with torch.inference_mode():
+            cache = new_cache(model, 2, 8)
+            model(idx[:, :5], cache)
+            step = DecodeStep(model)(idx[:, 5], cache)
+        with torch.no_grad():
+            expected = model(idx)[:, 5]
+        torch.testing.assert_close(step, expected, rtol=0, atol=atol)
+
+    decode_and_forward()
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.mul_(2.0)  # an in-place update
+        model.layers[1].mlp.up_proj.weight.add_(0.1)
+    decode_and_forward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # still in eval mode
+    model(idx, targets=idx).backward()
+    optimizer.step()
+    decode_and_forward()
+    model.layers[1].self_attn.q_proj.weight.data.mul_(-1.5)  # through .data: no version counter moves
+    decode_and_forward()
+    with torch.no_grad():  # a new tensor behind the same parameter
+        model.layers[0].mlp.down_proj.weight.data = model.layers[0].mlp.down_proj.weight.data * 3
+    decode_and_forward()
+    model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(torch.randn(64, 64) * 0.1)  # replaced outright
+    decode_and_forward()
+    model.layers[0].mlp = MLP(model.config)  # a module holding parameters replaced
+    decode_and_forward()
+    model.double()  # swaps every weight's storage
+    decode_and_forward(atol=1e-12)
+    assert not any(isinstance(value, DecodeWeights) for value in vars(model).values())  # the model holds no copy
+
+
+def greedy_equals_forward(model, prompts, batch=None):
+    """Greedy answers (by `generate_batch`, or by a long-lived `DecodeBatch`) whose every token and log-prob
+    is what `forward` over the whole sequence gives; the answers."""
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    if batch is None:
+        completions = [c for (c,) in generate_batch(model, prompts, params, logprobs=True)]
+    else:
+        groups = [batch.add([p], params, logprobs=True) for p in prompts]
+        events = {}
+        while len(batch):
+            for group, event in batch.step():
+                events.setdefault(groups.index(group), []).append(event)
+        completions = [SimpleNamespace(tokens=[e.token for e in events[g]], logprobs=[e.logprob for e in events[g]])
+                       for g in range(len(prompts))]
+    for prompt, completion in zip(prompts, completions):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + completion.tokens]))[0, len(prompt) - 1 : -1].log_softmax(-1)
+        assert completion.tokens == full.argmax(-1).tolist()
+        assert completion.logprobs == pytest.approx(full.max(-1).values.tolist(), abs=1e-5)
+    return [c.tokens for c in completions]
+
+
+def test_a_generation_after_a_weight_change_uses_the_new_weights():
+    """Also in a `DecodeBatch` that lives on, as the server's does: rows that join it once it has emptied
+    decode with the weights of that moment."""
+    model = make_model(CONFIGS["gqa"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # greedy paths far from ties
+    batch = DecodeBatch(model)
+    before = greedy_equals_forward(model, PROMPTS[:2])
+    assert greedy_equals_forward(model, PROMPTS[:2], batch) == before
+    model.layers[0].mlp.up_proj.weight.data.mul_(-1)  # in place, through .data
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    after = greedy_equals_forward(model, PROMPTS[:2])
+    assert after != before
+    assert greedy_equals_forward(model, PROMPTS[:2], batch) == after
+
+
+class Shifted(nn.Module):
+    """A projection that computes more than its weight, as a LoRA layer does."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.shift = nn.Parameter(torch.randn(linear.out_features) * 0.3)
+
+    def forward(self, x):
+        return self.linear(x) + self.shift
+
+
+def test_a_model_with_wrapped_or_hooked_projections_decodes_through_forward():
+    """The step's own reading of the weights is only for a stock model: with a wrapped projection (one that
+    forward fuses with its neighbours, one it calls) or a forward hook, decoding runs forward and equals it."""
+    wrapped = make_model(CONFIGS["gqa"])
+    attention, mlp = wrapped.layers[1].self_attn, wrapped.layers[0].mlp
+    attention.k_proj, mlp.down_proj = Shifted(attention.k_proj), Shifted(mlp.down_proj)
+    hooked = make_model(CONFIGS["mha-tied"])
+    hooked.layers[0].mlp.gate_proj.register_forward_hook(lambda module, args, out: out * 1.5)
+    for model in (wrapped, hooked):
+        stock = make_model(model.config)
+        assert reads_as_stock(stock) and not reads_as_stock(model)
+        idx = torch.randint(0, 97, (2, 12))
+        with torch.no_grad():
+            full = model(idx)
+            assert (full - stock(idx)).abs().max() > 1e-3  # forward computes what the wrap or hook adds
+        with torch.inference_mode():
+            cache = new_cache(model, 2, 12)
+            model(idx[:, :4], cache)
+            step = DecodeStep(model)
+            assert step.weights is None
+            steps = torch.stack([step(idx[:, t], cache) for t in range(4, 12)], 1)
+        torch.testing.assert_close(steps, full[:, 4:], rtol=0, atol=1e-5)
+        greedy_equals_forward(model, [[5, 6, 7], list(range(10, 19))])
+
+
+# --- beam search through the sampling settings -----------------------------------------------------------
+
+def test_num_beams_in_the_sampling_params_is_beam_search(model):
+    params = SamplingParams(max_new_tokens=8, num_beams=3, length_penalty=0.5)
+    out = generate_batch(model, PROMPTS[:2], params, n=2, logprobs=True)
+    for prompt, answers in zip(PROMPTS[:2], out):
+        beams = beam_search(model, prompt, num_beams=3, max_new_tokens=8, length_penalty=0.5)
+        assert [(c.tokens, c.logprobs, c.finish_reason) for c in answers] == \
+            [(b.tokens, b.logprobs, b.finish_reason) for b in beams[:2]]
+    events = list(generate_stream(model, PROMPTS[:1], params, n=3))
+    assert [e.finish_reason is not None for e in events].count(True) == 3
+    with pytest.raises(ValueError, match="num_beams = 3"):
+        generate_batch(model, PROMPTS[:1], params, n=4)
+    for bad in (dict(num_beams=0), dict(length_penalty=float("inf"))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="beam search"):
+        DecodeBatch(model).add(PROMPTS[:1], params)
+
+
+def test_beam_search_stops_at_stop_strings(tokenizer_dir):
+    from chatforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=2, max_seq_len=64)).eval()
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    prompt = tokenizer.encode("The list")
+    (free,) = generate_batch(m, [prompt], params, tokenizer=tokenizer)[0]
+    stop = free.text[5:8]
+    (stopped,) = generate_batch(m, [prompt], params, stop_strings=[stop], tokenizer=tokenizer)[0]
+    (beam,) = beam_search(m, prompt, 1, 30, stop_strings=[stop], tokenizer=tokenizer)
+    assert beam.tokens == stopped.tokens and beam.finish_reason == "stop"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatforge import config as cfg
-from chatforge.engine import SamplingParams, generate_batch
+from chatforge.engine import SamplingParams, generate_batch, new_cache
 from chatforge.model import GPT, GPTConfig
 from chatforge.pretrain import PretrainConfig, pretrain
 from chatforge.train import read_metrics
@@ -23,7 +23,7 @@ def test_bf16_kv_cache_decoding_follows_the_full_forward_pass():
     idx = torch.randint(0, 512, (3, 40), device="cuda")
     with torch.inference_mode():
         full = model(idx).float()
-        cache = model.new_cache(3, 40)
+        cache = new_cache(model, 3, 40)
         pieces = [model(idx[:, :9], cache)] + [model(idx[:, t:t + 1], cache) for t in range(9, 40)]
     incremental = torch.cat(pieces, dim=1).float()
     # bf16 rounds differently in one pass and in pieces: compare distributions, not bits

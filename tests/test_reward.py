@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from chatforge.chat_format import Message
 from chatforge.checkpoint import load_model
 from chatforge.data import load_splits, parse_records
+from chatforge.engine import new_cache
 from chatforge.model import GPT, GPTConfig
 from chatforge.objectives import ranking_loss
 from chatforge.comparisons import RankedAnswers, comparison_from_record, load_groups
@@ -90,7 +91,7 @@ def test_scores_are_read_at_the_last_token_whatever_the_padding():
         pad = torch.tensor([width - len(s) for s in sequences])
         torch.testing.assert_close(model(left, pad=pad)[:, -1], alone, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="new_cache"):  # a cache carries its own padding
-        model(left, cache=model.new_cache(len(sequences), width), pad=pad)
+        model(left, cache=new_cache(model, len(sequences), width), pad=pad)
 
 
 @pytest.mark.parametrize("record, expected", [

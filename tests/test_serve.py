@@ -163,6 +163,44 @@ def test_the_openai_client_chats_streams_and_completes(chat_server, chat_model):
     assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
 
+
+def test_beam_search_requests_answer_what_the_engine_finds(chat_server, chat_model):
+    """num_beams and length_penalty as extra body fields, on both endpoints, streamed or not, beside a
+    sampled request in the same moment: the n best beams of the engine's own search."""
+    model, tokenizer, _ = load_model(chat_model)
+    question = QA[2][0]
+    messages = [Message("user", question)]
+    beams = SamplingParams(max_new_tokens=24, num_beams=3, length_penalty=0.6)
+    expected_chat = [c.text.strip() for c in generate_batch(
+        model, [render(messages, tokenizer, add_generation_prompt=True)], beams, n=2,
+        stop_ids=[tokenizer.special[END_OF_TURN]], tokenizer=tokenizer)[0]]
+    prompts = ["A tuple", "The"]
+    expected_text = [c.text for answers in generate_batch(
+        model, [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts], beams,
+        stop_ids=[tokenizer.bos_id, tokenizer.eos_id], tokenizer=tokenizer) for c in answers]
+    [(greedy, _, _)] = greedy_alone(chat_model, [messages], [24])
+
+    client = openai_client(chat_server)
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+            "n": 2, "num_beams": 3, "length_penalty": 0.6}
+    with ThreadPoolExecutor(2) as pool:  # a sampled request decodes beside the search
+        beside = pool.submit(client.chat.completions.create, model="tiny-chat", messages=chat["messages"],
+                             temperature=0, max_tokens=24)
+        reply = pool.submit(client.chat.completions.create, model="tiny-chat", messages=chat["messages"], n=2,
+                            max_tokens=24, extra_body={"num_beams": 3, "length_penalty": 0.6}).result()
+        assert beside.result().choices[0].message.content == greedy
+    assert [c.message.content for c in reply.choices] == expected_chat
+    status, body, _ = call(chat_server.url, "POST", "/v1/completions",
+                           {"model": "tiny-chat", "prompt": prompts, "max_tokens": 24, "num_beams": 3, "length_penalty": 0.6})
+    assert status == 200 and [c["text"] for c in body["choices"]] == expected_text
+    streamed = list(client.completions.create(model="tiny-chat", prompt=prompts[0], max_tokens=24, stream=True,
+                                              extra_body={"num_beams": 3, "length_penalty": 0.6}))
+    assert "".join(c.choices[0].text for c in streamed) == expected_text[0]
+    for bad in ({"num_beams": 0}, {"num_beams": 65}, {"num_beams": 2, "n": 3}, {"length_penalty": "long"}):
+        status, _, message = error_of(call(chat_server.url, "POST", "/v1/chat/completions", {**chat, **bad}))
+        assert status == 400 and "\n" not in message, (bad, message)
+
+
 # --- continuous batching -------------------------------------------------------------------------------
 
 def stream_chat(server, messages, max_tokens) -> tuple[str, str]:

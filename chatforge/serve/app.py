@@ -132,6 +132,12 @@ class Server:
         if prompts_given * body.n > limits.max_batch:
             raise ApiError(400, f"{prompts_given} prompts x n = {body.n} answers; this server makes at most "
                            f"{limits.max_batch} at once", param="n")
+        if body.num_beams > 1 and body.n > body.num_beams:
+            raise ApiError(400, f"n is {body.n}, but num_beams = {body.num_beams} beams give at most that many answers",
+                           param="n")
+        if prompts_given * body.num_beams > limits.max_batch:
+            raise ApiError(400, f"{prompts_given} prompts x num_beams = {body.num_beams} beams; this server decodes "
+                           f"at most {limits.max_batch} sequences at once", param="num_beams")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
             raise ApiError(400, f"stop must be up to 4 strings of 1 to {MAX_STOP_CHARS} characters", param="stop")
@@ -155,7 +161,8 @@ class Server:
             raise ApiError(400, f"the prompt is {longest} tokens; the model's context is {self.context} tokens, "
                            "with room for at least one new token", code="context_length_exceeded", param="messages" if kind == "chat" else "prompt")
         params = SamplingParams(max_new_tokens=min(max_tokens or self.context, limits.max_tokens),
-                                temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                num_beams=body.num_beams, length_penalty=body.length_penalty)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Prepared(kind, prompts, params, body.n, stop_ids, stop, body.stream, include_usage)
 
@@ -348,7 +355,7 @@ async def complete(server: Server, prepared: Prepared, request: Request, endpoin
     job = server.submit(prepared)
     request_id = ("chatcmpl-" if prepared.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     created, model = int(time.time()), server.model_name
-    choices = [ChoiceText(server.tokenizer, prepared.stop_strings) for _ in range(job.rows)]
+    choices = [ChoiceText(server.tokenizer, prepared.stop_strings) for _ in range(len(prepared.prompts) * prepared.n)]
     prompt_tokens = sum(len(p) for p in prepared.prompts)
 
     def finished(status: int = 200) -> Usage:

@@ -1,6 +1,10 @@
 """The scheduler: one thread owns the model and runs continuous batching. Requests wait in a bounded queue,
 join the running `DecodeBatch` between decoding steps when there is room, and leave it when they finish or
 their client goes away; tokens travel from the scheduler thread to each request's asyncio queue.
+
+A beam-search request cannot share the batch's steps (its beams are reordered at every step), so it runs
+its own `BeamSearch` per prompt, in the same thread, one step of each search per step of the batch: the
+model is only ever used by this thread, and streams go on while a search runs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from chatforge.engine import DecodeBatch, Group, SamplingParams, TokenEvent
+from chatforge.engine import BeamSearch, DecodeBatch, PromptGroup, SamplingParams, TokenEvent, beam_events
 from chatforge.serve.metrics import Metrics
 
 log = logging.getLogger("chatforge.serve")
@@ -25,7 +29,8 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's work: prompts (token ids), n samples each; its events go to `queue` in `loop`."""
+    """One request's work: prompts (token ids), n samples (or the n best beams) each; its events go to
+    `queue` in `loop`."""
 
     prompts: list[list[int]]
     params: SamplingParams
@@ -35,11 +40,13 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    group: Group | None = None
+    group: PromptGroup | None = None  # its rows in the batch, once admitted
+    searches: list[BeamSearch] = field(default_factory=list)  # or its beam searches, one per prompt
 
     @property
     def rows(self) -> int:
-        return len(self.prompts) * self.n
+        """The sequences it decodes at once."""
+        return len(self.prompts) * max(self.n, self.params.num_beams)
 
     def send(self, item) -> None:
         """Hand events (a list), an exception or None (done) to the request's coroutine."""
@@ -91,7 +98,7 @@ class Scheduler:
         with self.wake:
             while not self.stopped and not self.waiting and not self.running:
                 self.wake.wait()
-            admitted, rows = [], len(self.batch)
+            admitted, rows = [], len(self.batch) + sum(job.rows for job in self.running if job.searches)
             while self.waiting:
                 job = self.waiting[0]
                 if not job.cancelled and rows + job.rows > self.max_batch and (rows or admitted):
@@ -114,36 +121,63 @@ class Scheduler:
                 self.batch = DecodeBatch(self.batch.model)
 
     def _iteration(self) -> None:
-        """Free the slots of cancelled jobs, admit waiting ones, make one token for every running row."""
+        """Free the slots of cancelled jobs, admit waiting ones, make one token for every running row and
+        one step of every beam search."""
         for job in [j for j in self.running if j.cancelled]:
-            self.batch.cancel(job.group)
+            if job.group is not None:
+                self.batch.cancel(job.group)
             self.running.remove(job)
             with self.metrics.lock:
                 self.metrics.cancelled += 1
         for job in self._admit():
             try:
-                job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
-                                           stop_strings=job.stop_strings, tokenizer=self.tokenizer)
+                self._start(job)
                 self.running.append(job)
             except Exception as e:  # noqa: BLE001 - that request fails, the others go on
                 log.exception("prefill failed")
                 job.send(e)
         if not self.running:
             return
-        events = self.batch.step()
-        with self.metrics.lock:
-            self.metrics.generated_tokens += len(events)
         by_group: dict[int, list[TokenEvent]] = collections.defaultdict(list)
-        for group, event in events:
+        for group, event in self.batch.step() if len(self.batch) else []:
             by_group[id(group)].append(event)
         deliveries = collections.defaultdict(list)  # one wake-up of each event loop per step, not one per job
+        generated = 0
         for job in list(self.running):
-            if by_group.get(id(job.group)):
-                deliveries[job.loop].append((job.queue, by_group[id(job.group)]))
-            if not job.group.rows:
+            if job.searches:
+                events = self._step_searches(job)
+            else:
+                events = by_group.get(id(job.group), [])
+            if events:
+                deliveries[job.loop].append((job.queue, events))
+                generated += len(events)
+            if not (job.group.rows if job.group is not None else job.searches):
                 deliveries[job.loop].append((job.queue, None))
                 self.running.remove(job)
+        with self.metrics.lock:
+            self.metrics.generated_tokens += generated
         for loop, items in deliveries.items():
             loop.call_soon_threadsafe(_deliver, items)
+
+    def _start(self, job: Job) -> None:
+        """Prefill a job's prompts: into the batch, or into a beam search each."""
+        if job.params.num_beams == 1:
+            job.group = self.batch.add(job.prompts, job.params, n=job.n, stop_ids=job.stop_ids,
+                                       stop_strings=job.stop_strings, tokenizer=self.tokenizer)
+            return
+        job.searches = [BeamSearch(self.batch.model, prompt, job.params.num_beams, job.params.max_new_tokens,
+                                   stop_ids=job.stop_ids, length_penalty=job.params.length_penalty,
+                                   stop_strings=job.stop_strings, tokenizer=self.tokenizer)
+                        for prompt in job.prompts]
+
+    def _step_searches(self, job: Job) -> list[TokenEvent]:
+        """One step of each of the job's beam searches; once all are over, the n best beams of each
+        prompt as its samples' events (and the job has no searches left)."""
+        over = [search.step() for search in job.searches]  # every search steps, none waits for another
+        if not all(over):
+            return []
+        events = [e for p, search in enumerate(job.searches) for e in beam_events(p, search.best()[:job.n])]
+        job.searches = []
+        return events
 
 

@@ -19,7 +19,7 @@ class ServeConfig:
     api_key: list[str] = field(default_factory=list, metadata={"help": "accept these bearer keys: --api-key K1 K2 ... (none: no key needed)"})
     model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: the name of the folder given)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n)"})
+    max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n, one with num_beams beams that many)"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting for room; more get 429"})
     max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     max_n: int = field(default=8, metadata={"help": "largest n (answers per request)"})
@@ -79,6 +79,14 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="reproducible sampling")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    num_beams: int = Field(1, ge=1, description=(
+        "beam search with this many beams (an extra field, as vLLM accepts): the answer is the most likely "
+        "continuation found, and n (at most num_beams) answers are the n best beams; temperature, top_p and "
+        "seed go unused, and with stream: true the answer comes in one burst when the search ends. "
+        "Each beam takes a place in the server's batch (--max-batch). 1: sampling"))
+    length_penalty: float = Field(1.0, allow_inf_nan=False, description=(
+        "beam search ranks answers by total log-prob / length^length_penalty: 0 ranks by total log-prob, "
+        "larger values favour longer answers"))
 
 
 class ChatCompletionRequest(SamplingRequest):
