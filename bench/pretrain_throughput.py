@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -123,8 +122,7 @@ def main(argv=None) -> None:
               else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "dtype": str(dtype), "torch": torch.__version__, "python": sys.version.split()[0],
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    cfg.save_json(report, args.out)
     print(f"-> {args.out}")
 
 

@@ -111,8 +111,8 @@ def _reward_eval(args) -> None:
 
 def _reward_score(args) -> None:
     from chatforge.data import parse_records
+    from chatforge.files import atomic_write_jsonl
     from chatforge.reward import answers_to_score, reward_head, score_sequences
-    from chatforge.sample import write_jsonl_atomic
 
     model, tokenizer = _load_reward_model(args)
     to_reward = reward_head(model, args.label, args.kind)
@@ -131,14 +131,15 @@ def _reward_score(args) -> None:
     for _, (record, seqs) in items:
         rewards = [next(scores) for _ in seqs]
         records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
-    write_jsonl_atomic(records, args.out)
+    atomic_write_jsonl(args.out, records)
     print(f"scored {len(sequences):,} answer(s) -> {args.out}")
 
 
 def _sample(args) -> None:
     from chatforge.checkpoint import load_model
+    from chatforge.files import atomic_write_jsonl
     from chatforge.runtime import pick_device
-    from chatforge.sample import read_prompts, sample_candidates, write_jsonl_atomic
+    from chatforge.sample import read_prompts, sample_candidates
 
     params = _sampling_params(args)
     for t in args.temperatures or []:
@@ -150,7 +151,7 @@ def _sample(args) -> None:
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
     records = sample_candidates(model, tokenizer, prompts, args.k, params, args.temperatures, args.batch_size,
                                 progress=args.progress)
-    write_jsonl_atomic(records, args.out)
+    atomic_write_jsonl(args.out, records)
     print(f"{len(records):,} prompts x {args.k} answers -> {args.out}")
 
 
@@ -340,9 +341,9 @@ def _ppo_eval(args) -> None:
 
     from chatforge.checkpoint import load_model
     from chatforge.config import save_json
+    from chatforge.files import atomic_write_jsonl
     from chatforge.ppo import PPOConfig, compare_policies, frozen, load_prompts, load_reward, prompt_ids, same_tokenizer
     from chatforge.runtime import pick_device
-    from chatforge.sample import write_jsonl_atomic
 
     device = pick_device(args.device)
     policy, tokenizer, policy_path = load_model(args.policy, device)
@@ -361,7 +362,7 @@ def _ppo_eval(args) -> None:
                               args.seed, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(report.pop("answers"), out / "answers.jsonl")
+    atomic_write_jsonl(out / "answers.jsonl", report.pop("answers"))
     save_json(report, out / "ppo_eval.json")
     p, r = report["policy"], report["reference"]
     print(f"{report['prompts']:,} held-out prompts\n"

@@ -30,7 +30,7 @@ import torch
 
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
-from chatforge.data import TokenWindows, load_splits
+from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
@@ -617,7 +617,7 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
                         f"({sft.config.max_seq_len}), too short for the value model: use --value-init sft")
     value_model.set_dropout(0.0)
     if config.ptx_data:
-        data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
+        data_tokenizer = load_data_tokenizer(config.ptx_data)
         if not same_tokenizer(tokenizer, data_tokenizer):
             raise UserError(f"{config.ptx_data}: these shards were made with another tokenizer than the policy's")
     context = sft.config.max_seq_len
