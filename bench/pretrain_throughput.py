@@ -122,6 +122,7 @@ def main(argv=None) -> None:
               else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "dtype": str(dtype), "torch": torch.__version__, "python": sys.version.split()[0],
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cfg.save_json(report, args.out)
     print(f"-> {args.out}")
 

@@ -37,5 +37,6 @@ def write_report(out: str | Path, rows: list[dict], **setting) -> None:
     """bench/results/NAME.json: the setting (preset, sizes ...), torch's version and threads, the time, the rows."""
     report = {**setting, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_json(report, out)
     print(f"-> {out}")

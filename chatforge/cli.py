@@ -110,6 +110,8 @@ def _reward_eval(args) -> None:
 
 
 def _reward_score(args) -> None:
+    from pathlib import Path
+
     from chatforge.data import parse_records
     from chatforge.files import atomic_write_jsonl
     from chatforge.reward import answers_to_score, reward_head, score_sequences
@@ -131,11 +133,14 @@ def _reward_score(args) -> None:
     for _, (record, seqs) in items:
         rewards = [next(scores) for _ in seqs]
         records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(args.out, records)
     print(f"scored {len(sequences):,} answer(s) -> {args.out}")
 
 
 def _sample(args) -> None:
+    from pathlib import Path
+
     from chatforge.checkpoint import load_model
     from chatforge.files import atomic_write_jsonl
     from chatforge.runtime import pick_device
@@ -151,6 +156,7 @@ def _sample(args) -> None:
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
     records = sample_candidates(model, tokenizer, prompts, args.k, params, args.temperatures, args.batch_size,
                                 progress=args.progress)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(args.out, records)
     print(f"{len(records):,} prompts x {args.k} answers -> {args.out}")
 

@@ -249,6 +249,7 @@ def write_sample_corpus(out: str | Path, docstrings: bool = True) -> tuple[Path,
     from pydoc_data.topics import topics
 
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with atomic_open(out) as f:
         for name in sorted(topics):

@@ -28,8 +28,8 @@ import json
 import os
 import secrets
 import shutil
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO
 
 
@@ -44,7 +44,7 @@ def fsync_path(path: str | Path) -> None:
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under `folder`, the folder last."""
-    for parent, dirs, files in os.walk(folder, topdown=False):
+    for parent, _, files in os.walk(folder, topdown=False):
         for name in files:
             fsync_path(os.path.join(parent, name))
         fsync_path(parent)
@@ -52,11 +52,11 @@ def fsync_tree(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
-    """`with atomic_open(path) as f:` writes `path` whole or not at all (nothing is left if the body raises)."""
+    """`with atomic_open(path) as f:` writes `path` whole or not at all (nothing is left if the body raises).
+    Like `open`, it does not create missing folders."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a whole file: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # unique per writer, so threads and processes writing the same file never share a temporary file
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -86,8 +86,8 @@ def atomic_write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return Path(path)
 
 
-def _tmp_dir(path: Path, pid: int | None = None) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+def _tmp_dir(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _set_aside(path: Path) -> list[Path]:
@@ -100,8 +100,8 @@ def _is_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # alive, but another user's
+        pass
     return True
 
 

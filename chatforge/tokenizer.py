@@ -64,6 +64,7 @@ class Tokenizer:
         from chatforge.chat_format import JINJA_TEMPLATE  # the chat format is built on this tokenizer
 
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / TOKENIZER_FILE, self.hf.to_str(pretty=True))
         hf_config = {
             "chat_template": JINJA_TEMPLATE,

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.checkpoint import load_model, load_trainer_state, prune_checkpoints, save_checkpoint, step_checkpoints, step_dir
+from chatforge.checkpoint import (load_model, load_trainer_state, prune_checkpoints, save_checkpoint,
+                                  step_checkpoints, step_dir)
 from chatforge.config import save_json
 from chatforge.data import TokenWindows, load_data_tokenizer, load_meta, prepare
 from chatforge.files import atomic_dir, atomic_open, atomic_write, current_dir, recover_dir
@@ -39,25 +40,28 @@ def _write_forever(write, versions: list, first: int) -> None:
 
 
 def kill_repeatedly(target: Path, write, versions: list, check, kills: int = KILLS, seed: int = 0) -> None:
-    """Write `versions[1]` to `target`, then `kills` times: fork a child that writes the two versions in turn
+    """Write both versions to `target`, then `kills` times: fork a child that writes the two versions in turn
     (the other one first), SIGKILL it after a random pause of up to a few writes, and `check()` that the
     state reads back whole as one of them (`check` returns its index). The pauses scale with how long a write
     takes here, so on a slow disk too some kills land mid-write and some children complete writes."""
     if fork is None:
         pytest.skip("needs fork")
-    t0 = time.perf_counter()
-    write(versions[1])
-    seconds = time.perf_counter() - t0
+    seconds = 0.0
+    for version in versions:
+        t0 = time.perf_counter()
+        write(version)
+        seconds = max(seconds, time.perf_counter() - t0)
     rng = random.Random(seed)
     found = check()
     seen, cut = {found}, 0
     for _ in range(kills):
         child = fork.Process(target=_write_forever, args=(write, versions, 1 - found), daemon=True)
+        before = set(leftovers(target.parent, target.name))
         child.start()
         time.sleep(rng.uniform(0.2, 3) * seconds)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
-        cut += bool(leftovers(target.parent, target.name))  # a temporary left: the kill cut a write
+        cut += bool(set(leftovers(target.parent, target.name)) - before)  # a new temporary: the kill cut a write
         found = check()
         seen.add(found)
     assert seen == {0, 1} and cut > 0, f"the kills did not test much: saw versions {seen}, {cut} writes cut"
@@ -71,7 +75,7 @@ def leftovers(folder: Path, name: str) -> list[Path]:
 # --- files -----------------------------------------------------------------------------------------
 
 def test_atomic_write_replaces_whole_and_keeps_no_temporary(tmp_path):
-    target = tmp_path / "sub" / "a.json"
+    target = tmp_path / "a.json"
     atomic_write(target, "one")
     atomic_write(target, b"two")
     assert target.read_text() == "two"
@@ -80,9 +84,8 @@ def test_atomic_write_replaces_whole_and_keeps_no_temporary(tmp_path):
         raise RuntimeError("writer failed")
     assert target.read_text() == "two"
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
-    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
-        with atomic_open(target, "a"):
-            pass
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"), atomic_open(target, "a"):
+        pass
 
 
 def test_done_json_is_old_or_new_after_each_kill(tmp_path):

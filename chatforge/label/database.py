@@ -332,6 +332,7 @@ def submit_ranking(conn: sqlite3.Connection, annotator_id: int, body: dict) -> d
 def export_rankings(db: str | Path, out: str | Path) -> int:
     """Write every ranking as a JSONL line, in submission order, atomically; how many."""
     db = existing_database(db)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with connect(db) as conn, transaction(conn, "DEFERRED"), atomic_open(out) as f:
         for row in conn.execute(
