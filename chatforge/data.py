@@ -352,7 +352,7 @@ def prepare(
     seed: int = 0,
     progress: bool = True,
 ) -> PrepareResult:
-    """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then renamed)."""
+    """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then swapped in)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if shard_tokens < 1 or workers < 0:
