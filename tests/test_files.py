@@ -34,7 +34,8 @@ KILLS = 20  # per kind of state: 80 kills in all, a few seconds
 fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def _write_forever(write, versions: list, first: int) -> None:
+def _write_forever(write, versions: list, first: int, started) -> None:
+    started.set()
     for i in range(first, first + (1 << 30)):
         write(versions[i % 2])
 
@@ -54,11 +55,14 @@ def kill_repeatedly(target: Path, write, versions: list, check, kills: int = KIL
     rng = random.Random(seed)
     found = check()
     seen, cut = {found}, 0
+    started = fork.Event()
     for _ in range(kills):
-        child = fork.Process(target=_write_forever, args=(write, versions, 1 - found), daemon=True)
+        child = fork.Process(target=_write_forever, args=(write, versions, 1 - found, started), daemon=True)
         before = set(leftovers(target.parent, target.name))
+        started.clear()
         child.start()
-        time.sleep(rng.uniform(0.2, 3) * seconds)
+        assert started.wait(timeout=60), "the writer did not start"
+        time.sleep(rng.uniform(0.2, 3) * seconds)  # from the start of its first write: fork time does not count
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         cut += bool(set(leftovers(target.parent, target.name)) - before)  # a new temporary: the kill cut a write
