@@ -33,6 +33,7 @@ from chatforge import config as cfg
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import save_checkpoint
 from chatforge.data import nonempty_documents, write_sample_corpus
+from chatforge.files import atomic_write
 from chatforge.model import GPT, with_head
 from chatforge.ppo import PPOConfig, build_ppo
 from chatforge.pretrain import PretrainConfig
@@ -72,7 +73,7 @@ def make_prompts(tokenizer: Tokenizer, corpus: Path, count: int, root: Path) -> 
                 lines.append(" ".join(words))
         if len(lines) >= count:
             break
-    (root / "prompts.txt").write_text("\n".join(lines[:count]) + "\n")
+    atomic_write(root / "prompts.txt", "\n".join(lines[:count]) + "\n")
     return root / "prompts.txt", [render([Message("user", t)], tokenizer, add_generation_prompt=True) for t in lines[:count]]
 
 

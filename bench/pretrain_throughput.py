@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -124,7 +123,7 @@ def main(argv=None) -> None:
               "dtype": str(dtype), "torch": torch.__version__, "python": sys.version.split()[0],
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    cfg.save_json(report, args.out)
     print(f"-> {args.out}")
 
 

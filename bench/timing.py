@@ -3,12 +3,13 @@ and the JSON report with the run's setting."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from chatforge.config import save_json
 
 
 def seconds(fn) -> float:
@@ -37,5 +38,5 @@ def write_report(out: str | Path, rows: list[dict], **setting) -> None:
     report = {**setting, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, out)
     print(f"-> {out}")

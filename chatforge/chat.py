@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from chatforge.chat_format import Message, check_text, render
 from chatforge.data import read_records
 from chatforge.engine import SamplingParams, generate_stream
 from chatforge.errors import UserError
+from chatforge.files import atomic_write
 from chatforge.model import GPT
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder, Tokenizer
 
@@ -141,9 +141,7 @@ class ChatSession:
 
     def save(self, path: Path) -> None:
         messages = [m.to_dict() for m in self.preamble + self.turns]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 def run_terminal_chat(session: ChatSession, stdin=sys.stdin, out=sys.stdout) -> None:

@@ -7,14 +7,14 @@
       trainer_state.pt        optimizer, LR schedule, RNG states, data position, step (training only)
 
 So `LlamaForCausalLM.from_pretrained(step_000500)` loads it with no conversion. A checkpoint is written
-under a temporary name and renamed when complete: a crash leaves either the old set or the new one.
+under a temporary name and swapped in when complete (`files.atomic_dir`): a crash, even while re-saving a
+step, leaves either the old folder or the new one, and the readers here find whichever it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from chatforge import __version__
 from chatforge.config import from_dict
 from chatforge.errors import UserError
+from chatforge.files import atomic_dir, current_dir, recover_dir
 from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -35,15 +36,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_tree(directory: Path, files: bool = True) -> None:
-    for path in [*(directory.iterdir() if files else ()), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+SET_ASIDE_STEP = re.compile(r"^\.(step_\d+)\.old-\d+$")  # a step folder that a killed re-save set aside
 
 
 def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | None = None) -> dict:
@@ -66,29 +59,18 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically (temporary folder, fsync, rename)."""
+    """Write a complete checkpoint folder atomically: a crash leaves the old version or the new one."""
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     weights = hf_state_dict(model)
     if model.config.tie_embeddings and model.config.head == "lm":
         weights.pop("lm_head.weight")  # stored once, as Hugging Face does for tied embeddings
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
-              metadata={"format": "pt", "producer": f"chatforge {__version__}"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, tokenizer, extra), indent=2) + "\n")
-    tokenizer.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    _fsync_tree(tmp)
-    if directory.exists():  # re-saving a step (e.g. after resume): move the old one aside first
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
-    _fsync_tree(directory.parent, files=False)  # make the rename itself durable
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt", "producer": f"chatforge {__version__}"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, tokenizer, extra), indent=2) + "\n")
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     return directory
 
 
@@ -97,8 +79,11 @@ def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(found)
+    # a step whose folder is missing because a re-save was killed mid-swap is read from its set-aside copy
+    listing = [p.name for p in root.iterdir()]
+    names = {n for n in listing if STEP_DIR.match(n)} | {m.group(1) for n in listing if (m := SET_ASIDE_STEP.match(n))}
+    found = [(int(STEP_DIR.match(name).group(1)), current_dir(root / name)) for name in names]
+    return sorted((step, path) for step, path in found if path.is_dir())
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -108,6 +93,8 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (0: all), and clear what crashed writers left behind."""
     root = Path(run_dir) / CHECKPOINT_DIR
+    for name in {m.group(1) for p in root.iterdir() if (m := SET_ASIDE_STEP.match(p.name))}:
+        recover_dir(root / name)  # a set-aside copy goes back under its name before the leftovers go
     stale = [p for p in root.glob(".step_*") if ".tmp-" in p.name or ".old-" in p.name]
     old = [path for _, path in step_checkpoints(run_dir)[:-keep]] if keep > 0 else []
     for path in stale + old:
@@ -116,7 +103,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (then its latest checkpoint); checked for completeness."""
-    path = Path(path)
+    path = current_dir(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint or run folder does not exist")
     found = step_checkpoints(path)

@@ -68,9 +68,12 @@ def _training_stage(module: str, run: str):
 
 
 def _sample(args) -> None:
+    from pathlib import Path
+
     from chatforge.checkpoint import load_model
+    from chatforge.files import atomic_write_jsonl
     from chatforge.runtime import pick_device
-    from chatforge.sample import read_prompts, sample_candidates, write_jsonl_atomic
+    from chatforge.sample import read_prompts, sample_candidates
 
     params = _sampling_params(args)
     for t in args.temperatures or []:
@@ -86,7 +89,8 @@ def _sample(args) -> None:
     model, tokenizer, _ = load_model(args.checkpoint, pick_device(args.device))
     records = sample_candidates(model, tokenizer, prompts, args.k, params, args.temperatures, args.batch_size,
                                 progress=args.progress)
-    write_jsonl_atomic(records, args.out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(args.out, records)
     print(f"{len(records):,} prompts x {args.k} answers -> {args.out}")
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 from pathlib import Path
 
 from chatforge.errors import UserError
+from chatforge.files import atomic_write
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -183,11 +183,8 @@ def load_json(path: Path) -> dict:
 
 
 def save_json(value, path: str | Path) -> None:
-    """Write a dict (or a config dataclass) as JSON atomically (a temporary file renamed over the old one)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else value, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write a dict (or a config dataclass) as JSON atomically and durably (`files.atomic_write`)."""
+    atomic_write(path, json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else value, indent=2) + "\n")
 
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"

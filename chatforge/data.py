@@ -9,11 +9,11 @@ has to remember an integer to resume the exact data stream, on any number of pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from chatforge.errors import UserError
+from chatforge.files import atomic_dir, atomic_open, current_dir
 from chatforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ T = TypeVar("T")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 META_FILE = "meta.json"
+DATA_TOKENIZER_DIR = "tokenizer"
 DATA_FORMAT_VERSION = 1
 
 
@@ -248,16 +250,14 @@ def write_sample_corpus(out: str | Path, docstrings: bool = True) -> tuple[Path,
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     count = 0
-    with tmp.open("w") as f:
+    with atomic_open(out) as f:
         for name in sorted(topics):
             f.write(json.dumps({"text": topics[name].strip(), "source": f"topic:{name}"}) + "\n")
             count += 1
         for name, doc in stdlib_docstrings() if docstrings else ():
             f.write(json.dumps({"text": doc, "source": f"docstring:{name}"}) + "\n")
             count += 1
-    os.replace(tmp, out)
     return out, count
 
 
@@ -352,7 +352,7 @@ def prepare(
     seed: int = 0,
     progress: bool = True,
 ) -> PrepareResult:
-    """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then renamed)."""
+    """Tokenize the corpus into train/val shards in `out` (written to a temporary folder, then swapped in)."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if shard_tokens < 1 or workers < 0:
@@ -362,18 +362,16 @@ def prepare(
     if out.exists() and not (out / META_FILE).is_file():
         raise UserError(f"{out}: exists and is not a prepared data folder; refusing to replace it")
     files = source_files(sources)  # fail on a missing path before any work
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _ShardWriter(tmp, s, shard_tokens, dtype) for s in ("train", "val")}
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     docs = nonempty_documents(files, field)
     # progress in bytes of the source files: known up front, so the bar has an ETA (JSON syntax is not counted)
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(desc="tokenizing", total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                disable=not progress, dynamic_ncols=True)
-    try:
+    # the old folder stays readable until the complete new one is swapped in (`files.atomic_dir`)
+    with contextlib.closing(bar), atomic_dir(out) as tmp:
+        writers = {s: _ShardWriter(tmp, s, shard_tokens, dtype) for s in ("train", "val")}
         with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
             doc_index = 0
             for encoded, nbytes in pool.imap(_encode_chunk, _chunks(docs, 256)):
@@ -392,7 +390,7 @@ def prepare(
             )
         for w in writers.values():
             w.close()
-        tokenizer.save(tmp / "tokenizer")
+        tokenizer.save(tmp / DATA_TOKENIZER_DIR)
         meta = {
             "format_version": DATA_FORMAT_VERSION,
             "dtype": dtype.name,
@@ -407,23 +405,21 @@ def prepare(
             },
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PrepareResult(out, meta)
 
 
 # --- serving windows -------------------------------------------------------------------------------
 
 def load_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / META_FILE
+    path = current_dir(data_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"{data_dir}: not a prepared data folder (no {META_FILE}; run `chatforge data prepare`)")
     return json.loads(path.read_text())
+
+
+def load_data_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared data folder was made with (saved in it by `prepare`)."""
+    return Tokenizer.load(current_dir(data_dir) / DATA_TOKENIZER_DIR)
 
 
 class TokenWindows:
@@ -436,10 +432,11 @@ class TokenWindows:
     """
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, *, mode: str = "random", seed: int = 0):
-        meta = load_meta(data_dir)
+        folder = current_dir(data_dir)  # read meta.json and the shards from the same version
+        meta = load_meta(folder)
         if split not in meta["splits"]:
             raise UserError(f"{data_dir}: no {split!r} split in {META_FILE}")
-        self.shards = [np.load(Path(data_dir) / s["file"], mmap_mode="r") for s in meta["splits"][split]["shards"]]
+        self.shards = [np.load(folder / s["file"], mmap_mode="r") for s in meta["splits"][split]["shards"]]
         self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.shard_starts[-1])
         self.seq_len, self.mode, self.seed = seq_len, mode, seed

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from chatforge.files import atomic_open
 
 CURVES_FILE = "curves.png"
 PPO_CURVES_FILE = "ppo.png"
@@ -116,10 +117,9 @@ def _save(fig, out: str | Path) -> Path:
     """Write the figure atomically (a reader never sees half a PNG) and free it."""
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     _pyplot().close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -30,8 +30,8 @@ import torch
 
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
-from chatforge.data import TokenWindows, load_splits
 from chatforge.config import DEVICE_HELP, save_json
+from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
@@ -43,7 +43,8 @@ from chatforge.rollout import (
     rollout_diagnostics, score_rollout,
 )
 from chatforge.runtime import Dist, pick_device
-from chatforge.sample import read_prompts, write_jsonl_atomic
+from chatforge.files import atomic_write_jsonl
+from chatforge.sample import read_prompts
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage
 
@@ -398,7 +399,7 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
                         f"({sft.config.max_seq_len}), too short for the value model: use --value-init sft")
     value_model.set_dropout(0.0)
     if config.ptx_data:
-        data_tokenizer = Tokenizer.load(Path(config.ptx_data) / "tokenizer")
+        data_tokenizer = load_data_tokenizer(config.ptx_data)
         if not same_tokenizer(tokenizer, data_tokenizer):
             raise UserError(f"{config.ptx_data}: these shards were made with another tokenizer than the policy's")
     context = sft.config.max_seq_len
@@ -511,7 +512,7 @@ def eval_ppo(config: PPOEvalConfig) -> dict:
                               config.seed, config.batch_size)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(report["answers"], out / "answers.jsonl")
+    atomic_write_jsonl(out / "answers.jsonl", report["answers"])
     save_json({k: v for k, v in report.items() if k != "answers"}, out / "ppo_eval.json")
     p, r = report["policy"], report["reference"]
     print(f"{report['prompts']:,} held-out prompts\n"

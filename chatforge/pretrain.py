@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from chatforge.checkpoint import load_model
-from chatforge.data import TokenWindows, load_meta
+from chatforge.data import TokenWindows, load_data_tokenizer, load_meta
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
 from chatforge.model import GPT, GPTConfig
@@ -79,7 +79,7 @@ def pretrain(config: PretrainConfig, resume_from: Path | None = None) -> Path:
 
     def setup(device: torch.device, d: Dist):
         meta = load_meta(config.data)
-        tokenizer = Tokenizer.load(Path(config.data) / "tokenizer")
+        tokenizer = load_data_tokenizer(config.data)
         if resume_from is not None:
             model, _, _ = load_model(resume_from, device)
             if model.config.vocab_size != meta["vocab_size"]:

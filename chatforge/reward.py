@@ -37,11 +37,11 @@ from chatforge.comparisons import RankedAnswers, answers_to_score, load_groups
 from chatforge.config import DEVICE_HELP, save_json
 from chatforge.data import load_splits, parse_records
 from chatforge.errors import UserError
+from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT, with_head
 from chatforge.objectives import centering_penalty, ranking_loss
 from chatforge.plots import plot_calibration
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
-from chatforge.sample import write_jsonl_atomic
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
@@ -358,6 +358,7 @@ def score_answers(config: RewardScoreConfig) -> int:
     for _, (record, seqs) in items:
         rewards = [next(scores) for _ in seqs]
         records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
-    write_jsonl_atomic(records, config.out)
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(config.out, records)
     print(f"scored {len(sequences):,} answer(s) -> {config.out}")
     return len(sequences)

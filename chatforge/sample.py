@@ -17,8 +17,6 @@ settings, the K answers are the K best beams of a beam search instead.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -99,16 +97,3 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
         bar.update(len(batch) * k)
     bar.close()
     return records
-
-
-def write_jsonl_atomic(records: list[dict], out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return out

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chatforge.errors import UserError
+from chatforge.files import atomic_write
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -64,7 +65,7 @@ class Tokenizer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(directory / TOKENIZER_FILE))
+        atomic_write(directory / TOKENIZER_FILE, self.hf.to_str(pretty=True))
         hf_config = {
             "chat_template": JINJA_TEMPLATE,
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -74,7 +75,7 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
             "clean_up_tokenization_spaces": False,
         }
-        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        atomic_write(directory / TOKENIZER_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from chatforge.checkpoint import (
     load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
 )
 from chatforge.errors import UserError
+from chatforge.files import atomic_write
 from chatforge.model import GPT
 from chatforge.plots import CURVES_FILE, plot_training_curves
 from chatforge.runtime import (
@@ -198,7 +198,9 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
 
 
 class MetricsLog:
-    """metrics.jsonl of a run: one JSON object per line, written by the main process only."""
+    """metrics.jsonl of a run: one JSON object per line, written by the main process only. It is appended
+    to, not rewritten atomically: a kill can only cut the last line, which readers skip (`_parse`) and a
+    resumed run drops (`truncate_after`)."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.path = run_dir / METRICS_FILE
@@ -209,9 +211,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if (r := _parse(line)) and r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
         if self.enabled:

@@ -25,6 +25,7 @@ import numpy as np
 from chatforge import config as cfg
 from chatforge.checkpoint import step_checkpoints
 from chatforge.errors import UserError
+from chatforge.files import atomic_write, atomic_write_jsonl
 
 DONE_FILE = "done.json"
 
@@ -135,7 +136,7 @@ def stage_corpus(ctx: Context, out: Path) -> dict:
         chars += len(documents[-1]["text"])
     random.Random(ctx.config.seed).shuffle(documents)
     corpus = out / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in documents))
+    atomic_write_jsonl(corpus, documents)
     tokenizer = train_bpe((d["text"] for d in documents), ctx.config.vocab_size)
     tokenizer.save(out / "tokenizer")
     result = prepare([corpus], out / "tokenizer", out / "shards", val_fraction=0.05, progress=ctx.config.progress,
@@ -166,7 +167,7 @@ def stage_sft(ctx: Context, out: Path) -> dict:
                 chit_chat += 1
     random.Random(ctx.config.seed).shuffle(records)
     data = out.parent / "sft.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_jsonl(data, records)
     config = ctx.stage_config(SFTConfig, "sft", init=str(ctx.run / "pretrain"), data=[str(data)], out=str(out),
                               skip_invalid=True, sample_prompts=[ctx.held_out_words[0].question("define")])
     result = _last_metrics(_train(sft, resolve_config, config, out))
@@ -181,7 +182,7 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     from chatforge.chat_format import Message
     from chatforge.demo.dictionary import DEFINE, rank_answers
     from chatforge.engine import SamplingParams
-    from chatforge.sample import sample_candidates, write_jsonl_atomic
+    from chatforge.sample import sample_candidates
 
     model, tokenizer = ctx.load(model_dir)
     prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
@@ -200,7 +201,7 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     if not ranked:
         raise UserError(f"{out}: the simulated annotator scored every answer of each of the {len(words)} words the "
                         "same, so nothing is ranked: the SFT model needs more training")
-    return write_jsonl_atomic(ranked, out)
+    return atomic_write_jsonl(out, ranked)
 
 
 def stage_reward(ctx: Context, out: Path) -> dict:
@@ -228,9 +229,9 @@ def stage_ppo(ctx: Context, out: Path) -> dict:
     from chatforge.ppo import PPOConfig, resolve_config, train_ppo
 
     prompts = out.parent / "ppo-prompts.txt"
-    prompts.write_text("".join(w.question(DEFINE) + "\n" for w in ctx.train_words))
+    atomic_write(prompts, "".join(w.question(DEFINE) + "\n" for w in ctx.train_words))
     held_out = out.parent / "ppo-held-out.txt"
-    held_out.write_text("".join(w.question(DEFINE) + "\n" for w in ctx.held_out_words[: ctx.config.eval_words]))
+    atomic_write(held_out, "".join(w.question(DEFINE) + "\n" for w in ctx.held_out_words[: ctx.config.eval_words]))
     config = ctx.stage_config(PPOConfig, "ppo", policy=str(ctx.run / "sft"), reward=str(ctx.run / "reward"),
                               prompts=[str(prompts)], val_prompts=[str(held_out)],
                               ptx_data=str(ctx.run / "corpus" / "shards"), out=str(out))
@@ -298,9 +299,8 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     sampled = compare_policies(models["ppo"], sft_model, reward, tokenizer, prompts, c.answer_tokens, c.seed)
     samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}
                for i, q in enumerate(questions[:6])]
-    (out / "answers.jsonl").write_text("".join(json.dumps({"question": q, "word": w.word, "pos": w.pos, "gold": w.definition,
-                                                           "senses": list(w.definitions),
-                                                           **{n: answers[n]["replies"][i] for n in answers}}) + "\n"
+    atomic_write_jsonl(out / "answers.jsonl", ({"question": q, "word": w.word, "pos": w.pos, "gold": w.definition,
+                                                "senses": list(w.definitions), **{n: answers[n]["replies"][i] for n in answers}}
                                                for i, (q, w) in enumerate(zip(questions, words))))
     return {"words": len(words), "models": table, "ppo_vs_sft": {
         "win_rate_reward": win(ppo["rewards"], sft["rewards"]), "win_rate_f1": win(ppo["f1"], sft["f1"]),

@@ -10,6 +10,8 @@ import html
 import json
 from pathlib import Path
 
+from chatforge.files import atomic_write
+
 Block = tuple  # ("h1" | "h2" | "p", text) | ("table", header, rows) | ("img", path, caption) | ("pre", text)
 
 MODEL_NAMES = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO-ptx"}
@@ -134,8 +136,6 @@ def to_html(blocks: list[Block], title: str) -> str:
 def write_report(run: Path, settings: dict, results: dict) -> Path:
     """report.md and report.html in the run folder (written atomically); returns report.md's path."""
     blocks = report_blocks(run, settings, results)
-    for name, text in (("report.md", to_markdown(blocks)), ("report.html", to_html(blocks, f"chatforge: {run.name}"))):
-        tmp = run / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run / name)
+    atomic_write(run / "report.md", to_markdown(blocks))
+    atomic_write(run / "report.html", to_html(blocks, f"chatforge: {run.name}"))
     return run / "report.md"

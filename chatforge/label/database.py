@@ -4,7 +4,6 @@ hash), rankings with flags and ratings; tasks handed out so each prompt gets `pe
 
 import hashlib
 import json
-import os
 import random
 import secrets
 import sqlite3
@@ -17,6 +16,7 @@ from pathlib import Path
 from chatforge.chat_format import check_text, prompt_messages
 from chatforge.data import parse_records
 from chatforge.errors import UserError
+from chatforge.files import atomic_open
 
 RATING_ASPECTS = ("helpful", "honest", "harmless")
 RATING_MIN, RATING_MAX = 1, 7
@@ -331,28 +331,20 @@ def submit_ranking(conn: sqlite3.Connection, annotator_id: int, body: dict) -> d
 
 def export_rankings(db: str | Path, out: str | Path) -> int:
     """Write every ranking as a JSONL line, in submission order, atomically; how many."""
-    db, out = existing_database(db), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    db = existing_database(db)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    try:
-        with connect(db) as conn, transaction(conn, "DEFERRED"), tmp.open("w", encoding="utf-8") as f:
-            for row in conn.execute(
-                    "SELECT p.prompt, p.completions, p.tokens, r.ranking, r.unacceptable, r.ratings, a.name, r.submitted_at "
-                    "FROM rankings r JOIN prompts p ON p.id = r.prompt_id JOIN annotators a ON a.id = r.annotator_id "
-                    "ORDER BY r.id"):
-                f.write(json.dumps({
-                    "prompt": json.loads(row["prompt"]), "completions": json.loads(row["completions"]),
-                    **(json.loads(row["tokens"]) if row["tokens"] else {}), "ranking": json.loads(row["ranking"]), "unacceptable": json.loads(row["unacceptable"]),
-                    "ratings": json.loads(row["ratings"]), "annotator": row["name"],
-                    "submitted_at": row["submitted_at"]}, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
+    with connect(db) as conn, transaction(conn, "DEFERRED"), atomic_open(out) as f:
+        for row in conn.execute(
+                "SELECT p.prompt, p.completions, p.tokens, r.ranking, r.unacceptable, r.ratings, a.name, r.submitted_at "
+                "FROM rankings r JOIN prompts p ON p.id = r.prompt_id JOIN annotators a ON a.id = r.annotator_id "
+                "ORDER BY r.id"):
+            f.write(json.dumps({
+                "prompt": json.loads(row["prompt"]), "completions": json.loads(row["completions"]),
+                **(json.loads(row["tokens"]) if row["tokens"] else {}), "ranking": json.loads(row["ranking"]), "unacceptable": json.loads(row["unacceptable"]),
+                "ratings": json.loads(row["ratings"]), "annotator": row["name"],
+                "submitted_at": row["submitted_at"]}, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
