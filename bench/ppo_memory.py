@@ -36,7 +36,7 @@ def worker(args) -> None:
     """In a process whose chatforge is the tree under test: time and measure, print one JSON line."""
     import torch
 
-    from chatforge.data import nonempty_documents
+    from chatforge.sources import nonempty_documents
     from chatforge.ppo import PPOConfig, build_ppo
     from chatforge.tokenizer import train_bpe
     from chatforge.train import make_optimizer
@@ -77,7 +77,7 @@ def worker(args) -> None:
 def prepare(scratch: Path) -> None:
     """The corpus (Python's docs) that every process reads."""
     sys.path.insert(0, str(TREE))
-    from chatforge.data import write_sample_corpus
+    from chatforge.sources import write_sample_corpus
 
     write_sample_corpus(scratch / "corpus.jsonl", docstrings=False)
 

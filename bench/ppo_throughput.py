@@ -32,7 +32,7 @@ import torch
 from chatforge import config as cfg
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import save_checkpoint
-from chatforge.data import nonempty_documents, write_sample_corpus
+from chatforge.sources import nonempty_documents, write_sample_corpus
 from chatforge.files import atomic_write
 from chatforge.model import GPT, with_head
 from chatforge.ppo import PPOConfig, build_ppo

@@ -33,7 +33,7 @@ import torch
 
 from chatforge import config as cfg
 from chatforge.checkpoint import save_checkpoint
-from chatforge.data import nonempty_documents, write_sample_corpus
+from chatforge.sources import nonempty_documents, write_sample_corpus
 from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.tokenizer import train_bpe

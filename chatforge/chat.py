@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.chat_format import Message, check_text, render
-from chatforge.data import read_records
-from chatforge.engine import SamplingParams, generate_stream
+from chatforge.checkpoint import load_model
+from chatforge.config import DEVICE_HELP
+from chatforge.engine import SamplingParams, generate_stream, stream
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
 from chatforge.model import GPT
+from chatforge.runtime import pick_device
+from chatforge.sources import read_records
 from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder, Tokenizer
 
 COT_INSTRUCTION = "Let's think step by step."
@@ -168,3 +172,64 @@ def run_terminal_chat(session: ChatSession, stdin=sys.stdin, out=sys.stdout) -> 
             session.reply(line, out)
         except ValueError as e:
             out.write(f"error: {e}\n")
+
+
+# --- the commands: generate, chat ------------------------------------------------------------------------
+
+@dataclass
+class PromptingConfig:
+    """What `chatforge generate` and `chatforge chat` share."""
+
+    checkpoint: str = field(default="", metadata={
+        "help": "checkpoint folder, or run folder (its latest checkpoint)", "positional": True})
+    few_shot: str = field(default="", metadata={
+        "help": "solved examples (JSONL in an SFT format) placed before the question: in-context learning",
+        "metavar": "FILE"})
+    cot: bool = field(default=False, metadata={"help": "chain of thought: add \"Let's think step by step.\""})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=0.8))
+
+    def load(self) -> tuple[list[Message], GPT, Tokenizer]:
+        """The few-shot examples (read first, so that bad input fails before the model loads), the model
+        and its tokenizer."""
+        examples = load_few_shot(self.few_shot) if self.few_shot else []
+        model, tokenizer, _ = load_model(self.checkpoint, pick_device(self.device))
+        return examples, model, tokenizer
+
+
+@dataclass
+class GenerateConfig(PromptingConfig):
+    prompt: str = field(default="", metadata={"help": "text to continue (empty: the start of a document)"})
+
+
+@dataclass
+class ChatConfig(PromptingConfig):
+    system: str = field(default="", metadata={"help": "system prompt at the start of the conversation"})
+    prompt: str | None = field(default=None, metadata={"help": "answer this one message and exit (for scripts)"})
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256, temperature=0.8))
+
+
+def generate_text(config: GenerateConfig) -> None:
+    """`chatforge generate`: the prompt (as Q:/A: blocks with few-shot examples or chain of thought) and
+    its continuation, streamed to stdout."""
+    examples, model, tokenizer = config.load()
+    text = completion_prompt(config.prompt, examples, config.cot) if examples or config.cot else config.prompt
+    print(text, end="", flush=True)
+    decoder = IncrementalDecoder(tokenizer)
+    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
+    for token in stream(model, prompt, config.sampling, stop_ids=(tokenizer.bos_id, tokenizer.eos_id)):
+        print(decoder.push(token), end="", flush=True)
+    print()
+
+
+def chat(config: ChatConfig) -> None:
+    """`chatforge chat`: a conversation in the terminal, or one answer to `prompt`."""
+    examples, model, tokenizer = config.load()
+    try:  # a system prompt or one-shot message with special tokens in it (the terminal chat reports its own)
+        session = ChatSession(model, tokenizer, config.sampling, system=config.system, examples=examples, cot=config.cot)
+        if config.prompt is not None:
+            session.reply(config.prompt)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if config.prompt is None:
+        run_terminal_chat(session)

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 
 from chatforge.chat_format import check_text
 from chatforge.checkpoint import load_model
+from chatforge.comparisons import text_ids
 from chatforge.config import DEVICE_HELP, save_json
-from chatforge.data import load_splits, parse_records
+from chatforge.data import load_splits
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
-from chatforge.comparisons import text_ids
 from chatforge.reward import last_token_outputs, right_pad
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
+from chatforge.sources import parse_records
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,

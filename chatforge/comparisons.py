@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
-from chatforge.data import parse_records
 from chatforge.model import GPT
+from chatforge.sources import parse_records
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
-
-
 
 
 @dataclass

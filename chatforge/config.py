@@ -70,9 +70,7 @@ def from_dict(cls, values: dict, where: str = "config"):
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: field {name!r} must be a table of {tp.__name__} fields")
-            # over this config's own defaults for the table (a command may default to other sampling settings)
-            defaults = dataclasses.asdict(_field_default(fields_by_name[name]))
-            kwargs[name] = from_dict(tp, {**defaults, **value}, f"{where} [{name}]")
+            kwargs[name] = from_dict(tp, {**_table_defaults(fields_by_name[name], tp), **value}, f"{where} [{name}]")
         else:
             kwargs[name] = _coerce(value, tp, f"{where}: field {name!r}")
     try:
@@ -109,6 +107,15 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def _table_defaults(f: dataclasses.Field, tp) -> dict:
+    """The values in which a table field's default differs from its class's defaults (a command may sample
+    with other settings than `SamplingParams()`). Only those: fields derived from others in __post_init__
+    (a model's head_dim from d_model) must be derived again from the values given."""
+    default, plain = _field_default(f), tp()
+    return {g.name: getattr(default, g.name) for g in dataclasses.fields(tp)
+            if getattr(default, g.name) != getattr(plain, g.name)}
+
+
 def _field_default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
@@ -127,8 +134,8 @@ def _flat_fields(cls, prefix: tuple[str, ...] = (), defaults=None):
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One `--option` per leaf field of `cls`; unset options stay absent so presets are not overwritten.
-    A field whose metadata says `positional` is a positional argument (a list: one or more), one that says
-    `required` an option that must be given."""
+    A field's metadata may say `positional` (a positional argument; a list: one or more), `required` (an
+    option that must be given), `metavar`, and `aliases` (other flags, such as `-k`)."""
     seen: dict[str, tuple] = {}
     for path, f, tp, default in _flat_fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -146,12 +153,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f"{f.metadata.get('help', '')}{section}" + ("" if required else f" (default: {default!r})")
         kwargs = dict(dest=dest, default=argparse.SUPPRESS, help=help_text, required=required)
         metavar = f.metadata.get("metavar")
+        flags = [flag, *f.metadata.get("aliases", [])]
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:
-            parser.add_argument(flag, nargs="+" if required else "*", type=typing.get_args(tp)[0], metavar=metavar or "X", **kwargs)
+            parser.add_argument(*flags, nargs="+" if required else "*", type=typing.get_args(tp)[0],
+                                metavar=metavar or "X", **kwargs)
         else:
-            parser.add_argument(flag, type=tp, metavar=metavar or tp.__name__.upper(), **kwargs)
+            parser.add_argument(*flags, type=tp, metavar=metavar or tp.__name__.upper(), **kwargs)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

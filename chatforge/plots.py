@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatforge.errors import UserError
 from chatforge.files import atomic_open
 
 CURVES_FILE = "curves.png"
@@ -140,3 +142,25 @@ def plot_calibration(bins: list[dict], out: str | Path, title: str = "") -> Path
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+@dataclass
+class PlotConfig:
+    run_dir: str = field(default="", metadata={"help": "run folder", "positional": True})
+    out: str = field(default="", metadata={"help": "PNG to write (empty: RUN_DIR/curves.png)", "metavar": "FILE"})
+
+
+def plot_run(config: PlotConfig) -> list[Path]:
+    """`chatforge plot`: a run's training curves, and its PPO curves when it is a PPO run."""
+    from chatforge.train import METRICS_FILE, read_metrics  # here, not above: train.py imports this module
+
+    run_dir = Path(config.run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise UserError(f"{run_dir}: no {METRICS_FILE}: not a run folder")
+    metrics = read_metrics(run_dir)
+    written = [plot_training_curves(metrics, config.out or run_dir / CURVES_FILE, str(run_dir))]
+    print(f"curves -> {written[0]}")
+    if any("kl_per_answer" in m for m in metrics):
+        written.append(plot_ppo_curves(metrics, written[0].with_name(PPO_CURVES_FILE), str(run_dir)))
+        print(f"PPO curves -> {written[1]}")
+    return written

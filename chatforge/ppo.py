@@ -33,9 +33,11 @@ from chatforge.checkpoint import load_model
 from chatforge.config import DEVICE_HELP, save_json
 from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.errors import UserError
+from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
-    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, policy_terms, ppo_ptx_loss,
+    AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, policy_terms,
+    ppo_ptx_loss,
 )
 from chatforge.plots import PPO_CURVES_FILE, plot_ppo_curves
 from chatforge.rollout import (
@@ -43,7 +45,6 @@ from chatforge.rollout import (
     rollout_diagnostics, score_rollout,
 )
 from chatforge.runtime import Dist, pick_device
-from chatforge.files import atomic_write_jsonl
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage

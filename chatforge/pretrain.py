@@ -20,6 +20,7 @@ from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import Task, TrainConfig, resolve_run_config, run_stage
 
+
 @dataclass
 class PretrainConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "prepared data folder (from `chatforge data prepare`)"})

@@ -35,13 +35,14 @@ import torch
 from chatforge.checkpoint import load_model
 from chatforge.comparisons import RankedAnswers, answers_to_score, load_groups
 from chatforge.config import DEVICE_HELP, save_json
-from chatforge.data import load_splits, parse_records
+from chatforge.data import load_splits
 from chatforge.errors import UserError
 from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT, with_head
 from chatforge.objectives import centering_penalty, ranking_loss
 from chatforge.plots import plot_calibration
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
+from chatforge.sources import parse_records
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chatforge.comparisons import reward_ids, text_ids
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT
 from chatforge.objectives import (
     RunningMoments, generalized_advantages, kl_penalized_rewards, masked_mean, token_logprobs, whiten,
 )
-from chatforge.comparisons import reward_ids, text_ids
 from chatforge.reward import reward_head, score_sequences
 from chatforge.tokenizer import Tokenizer
 

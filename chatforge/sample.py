@@ -17,15 +17,20 @@ settings, the K answers are the K best beams of a beam search instead.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from chatforge.chat_format import Message, prompt_messages, render
-from chatforge.data import parse_records
+from chatforge.checkpoint import load_model
+from chatforge.config import DEVICE_HELP
 from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.errors import UserError
+from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT
+from chatforge.runtime import pick_device
+from chatforge.sources import parse_records
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
 
@@ -96,4 +101,45 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
             })
         bar.update(len(batch) * k)
     bar.close()
+    return records
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = field(default="", metadata={"help": "SFT checkpoint, or its run folder", "positional": True})
+    prompts: str = field(default="", metadata={
+        "help": ".txt (one user message per line) or .jsonl/.parquet with 'prompt' (a string or messages)",
+        "required": True, "metavar": "FILE"})
+    k: int = field(default=4, metadata={"help": "answers per prompt (InstructGPT: 4 to 9)", "aliases": ["-k"]})
+    out: str = field(default="", metadata={"help": "JSONL file to write", "required": True, "metavar": "FILE"})
+    temperatures: list[float] = field(default_factory=list, metadata={
+        "help": "cycle the samples of each prompt through these temperatures (none: --temperature)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=0.8))
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2 (answers to rank per prompt), got {self.k}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not all(t >= 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+        beams = self.sampling.num_beams
+        if beams > 1 and self.k > beams:
+            raise ValueError(f"k is {self.k}, but num_beams {beams} finds only {beams} answers per prompt")
+        if beams > 1 and self.temperatures:
+            raise ValueError("temperatures and num_beams exclude each other: beam search does not sample")
+
+
+def sample_to_file(config: SampleConfig) -> list[dict]:
+    """`chatforge sample`: K answers to each prompt of `prompts`, written to `out`; the records."""
+    prompts = read_prompts(config.prompts)
+    model, tokenizer, _ = load_model(config.checkpoint, pick_device(config.device))
+    records = sample_candidates(model, tokenizer, prompts, config.k, config.sampling, config.temperatures or None,
+                                config.batch_size, progress=config.progress)
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(config.out, records)
+    print(f"{len(records):,} prompts x {config.k} answers -> {config.out}")
     return records

@@ -17,16 +17,18 @@ import torch
 
 from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
 from chatforge.checkpoint import load_model
-from chatforge.data import load_splits, parse_records
+from chatforge.data import load_splits
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.errors import UserError
-from chatforge.objectives import IGNORE_INDEX
 from chatforge.model import GPT
+from chatforge.objectives import IGNORE_INDEX
 from chatforge.runtime import Dist, all_reduce_mean
+from chatforge.sources import parse_records
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
+
 
 @dataclass
 class SFTConfig(FineTuneConfig):

@@ -6,10 +6,13 @@ tokens take the first ids; SFT's chat template is built from the role tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from functools import cached_property
+import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -17,6 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
+from chatforge.sources import nonempty_documents
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -136,3 +140,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, pro
     )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": ".txt/.md/.rst files, folders of them, .jsonl or .parquet files", "positional": True, "metavar": "SOURCE"})
+    field: str = dataclasses.field(default="text", metadata={"help": "text field of .jsonl/.parquet records"})
+    out: str = dataclasses.field(default="", metadata={
+        "help": "folder to write tokenizer.json and tokenizer_config.json to", "required": True, "metavar": "DIR"})
+    vocab_size: int = dataclasses.field(default=8192, metadata={"help": "tokens in the vocabulary, special tokens included"})
+    min_frequency: int = dataclasses.field(default=2, metadata={"help": "least count of a pair to merge it"})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "show the trainer's progress bars on a terminal"})
+
+
+def train_tokenizer(config: TokenizerTrainConfig) -> Tokenizer:
+    """`chatforge tokenizer train`: a BPE trained on the sources' non-empty documents, saved to `out`."""
+    tokenizer = train_bpe(nonempty_documents(config.inputs, config.field), config.vocab_size, config.min_frequency,
+                          progress=config.progress and sys.stderr.isatty())
+    tokenizer.save(config.out)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens -> {config.out}/tokenizer.json")
+    return tokenizer

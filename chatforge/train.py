@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chatforge import config as cfg
-from chatforge.data import BucketedEpochs
 from chatforge.checkpoint import (
     load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
 )
+from chatforge.data import BucketedEpochs
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
 from chatforge.model import GPT

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.data import nonempty_documents, prepare, write_sample_corpus
+from chatforge.data import prepare
+from chatforge.sources import nonempty_documents, write_sample_corpus
 from chatforge.tokenizer import train_bpe
 
 TEST_VOCAB = 512

@@ -1,6 +1,6 @@
 import json
 
-from chatforge.data import stdlib_docstrings, write_sample_corpus
+from chatforge.sources import stdlib_docstrings, write_sample_corpus
 
 from conftest import run_cli
 
@@ -29,3 +29,17 @@ def test_sample_corpus_is_python_documentation(tmp_path):
     assert count == len(records) > 1000
     assert records[0]["source"].startswith("topic:") and records[-1]["source"].startswith("docstring:")
     assert all(r["text"].strip() for r in records)
+
+
+def test_a_table_keeps_its_commands_defaults_and_derives_the_rest_from_what_is_given():
+    """`chat` samples 256 tokens unless told otherwise, whatever else is set; a preset's smaller model gets
+    the feed-forward width of its own d_model, not the default model's."""
+    from chatforge import config as cfg
+    from chatforge.chat import ChatConfig
+    from chatforge.model import GPTConfig
+    from chatforge.pretrain import PretrainConfig
+
+    sampling = cfg.from_dict(ChatConfig, {"sampling": {"temperature": 0.5}}).sampling
+    assert (sampling.max_new_tokens, sampling.temperature) == (256, 0.5)
+    model = cfg.from_dict(PretrainConfig, {"model": {"d_model": 64, "n_head": 4}}).model
+    assert model.ffn_hidden == GPTConfig(d_model=64, n_head=4).ffn_hidden != GPTConfig().ffn_hidden

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from chatforge.data import TokenWindows, is_validation, load_meta, load_splits, nonempty_documents, prepare
+from chatforge.data import TokenWindows, is_validation, load_meta, load_splits, prepare
+from chatforge.sources import nonempty_documents
 from chatforge.errors import UserError
 from chatforge.tokenizer import Tokenizer
 

@@ -16,7 +16,7 @@ from conftest import (CHROMIUM, CHROMIUM_FLAGS, ServerProcess, assert_one_line_e
                       run_cli, watch_csp, write_jsonl)
 
 from chatforge.errors import UserError
-from chatforge.label import add_annotator, serve
+from chatforge.label import LabelServeConfig, add_annotator, serve
 from chatforge.label.database import check_submission, load_candidates
 from chatforge.label.stats import agreement, kendall_tau, pairwise_agreement
 from chatforge.comparisons import comparison_from_record
@@ -150,7 +150,7 @@ def test_malformed_input_is_a_one_line_error_and_writes_nothing(tmp_path):
     assert_one_line_error(result, f"{path}:2:", "not valid JSON")
     assert not db.exists()
     with pytest.raises(UserError, match="no such database; pass --input"):
-        serve(db)
+        serve(LabelServeConfig(db=str(db)))
 
 
 @pytest.mark.parametrize("body, expected", [

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from chatforge.chat_format import Message
 from chatforge.checkpoint import load_model
-from chatforge.data import load_splits, parse_records
+from chatforge.data import load_splits
+from chatforge.sources import parse_records
 from chatforge.engine import new_cache
 from chatforge.model import GPT, GPTConfig
 from chatforge.objectives import ranking_loss

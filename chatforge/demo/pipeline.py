@@ -121,8 +121,8 @@ def pretrained_entries(entries: list, dictionary: list, all_wordnet: bool) -> li
 def stage_corpus(ctx: Context, out: Path) -> dict:
     """The pretraining text (documentation + every dictionary word's WordNet entry as prose, or every
     entry with all_wordnet), the tokenizer and the token shards."""
-    from chatforge.demo.corpora import python_docs, read_wordnet, wordnet_prose
     from chatforge.data import prepare
+    from chatforge.demo.corpora import python_docs, read_wordnet, wordnet_prose
     from chatforge.tokenizer import train_bpe
 
     entries = pretrained_entries(read_wordnet(ctx.data["wordnet"]), ctx.train_words + ctx.held_out_words,
@@ -250,7 +250,13 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
     from chatforge.demo.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
     from chatforge.evaluate import (
-        Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, multiple_choice_accuracy, question_ids,
+        Cloze,
+        MultipleChoice,
+        answer_questions,
+        bits_per_byte,
+        cloze_accuracy,
+        multiple_choice_accuracy,
+        question_ids,
     )
     from chatforge.ppo import compare_policies, frozen, model_reward
     from chatforge.tokenizer import END_OF_TURN

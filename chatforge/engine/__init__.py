@@ -17,14 +17,8 @@ from chatforge.engine.decode import DecodeStep, DecodeWeights, decode_step, read
 from chatforge.engine.generate import beam_events, generate, generate_batch, generate_stream, stream
 from chatforge.engine.kv_cache import KVCache, new_cache
 from chatforge.engine.sampling import (
-    ARGMAX_BLOCK,
-    SamplingParams,
-    StopStrings,
-    apply_repetition_penalty,
-    argmax_rows,
-    cut_at_stop,
-    sample_categorical,
-    sample_next_token,
+    ARGMAX_BLOCK, SamplingParams, StopStrings, apply_repetition_penalty, argmax_rows, cut_at_stop,
+    sample_categorical, sample_next_token,
 )
 
 __all__ = [

@@ -4,6 +4,7 @@
 import json
 import sqlite3
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -124,30 +125,43 @@ def create_app(db: str | Path, per_prompt: int = 1) -> Starlette:
     return app
 
 
-def serve(db: str | Path, candidates_file: str | Path | None = None, per_prompt: int = 1,
-          host: str = "127.0.0.1", port: int = 8001) -> None:
-    """Load the candidates (all checked first: bad input writes nothing), then serve until interrupted."""
-    if per_prompt < 1:
-        raise UserError("--per-prompt must be at least 1")
-    db = Path(db)
-    candidates = load_candidates(candidates_file) if candidates_file is not None else []
-    if candidates_file is None and not db.is_file():
+@dataclass
+class LabelServeConfig:
+    db: str = field(default="", metadata={"help": "SQLite database of prompts, annotators and rankings (created if missing)",
+                                          "required": True, "metavar": "FILE"})
+    input: str = field(default="", metadata={
+        "help": "candidates JSONL to load; may be left out when the database holds prompts", "metavar": "FILE"})
+    per_prompt: int = field(default=1, metadata={"help": "how many different annotators rank each prompt"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = field(default=8001, metadata={"help": "port to listen on (0: any free port)"})
+
+    def __post_init__(self):
+        if self.per_prompt < 1:
+            raise ValueError(f"per_prompt must be at least 1, got {self.per_prompt}")
+
+
+def serve(config: LabelServeConfig) -> None:
+    """`chatforge label serve`: load the candidates (all checked first: bad input writes nothing), then
+    serve until interrupted."""
+    db = Path(config.db)
+    candidates = load_candidates(config.input) if config.input else []
+    if not config.input and not db.is_file():
         raise UserError(f"{db}: no such database; pass --input FILE with the candidates to rank")
-    sock = listen(host, port)
+    sock = listen(config.host, config.port)
     init_database(db)
     with connect(db) as conn:
         added = add_prompts(conn, candidates)
         with transaction(conn):
-            set_per_prompt(conn, per_prompt)
+            set_per_prompt(conn, config.per_prompt)
         total = count_prompts(conn)
-    if candidates_file is not None:
-        print(f"{added} new prompts from {candidates_file} ({len(candidates) - added} already loaded)")
+    if config.input:
+        print(f"{added} new prompts from {config.input} ({len(candidates) - added} already loaded)")
     if total == 0:
         raise UserError(f"{db} holds no prompts; pass --input FILE with the candidates to rank")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: tokens travel unencrypted; put HTTPS in front of it", file=sys.stderr)
-    print(f"{total} prompts, {per_prompt} ranking(s) each; labeling on http://{host}:{sock.getsockname()[1]}/ "
-          f"(progress: /stats); Ctrl-C stops", flush=True)
-    config = uvicorn.Config(create_app(db, per_prompt), log_level="warning", access_log=False,
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {config.host}: tokens travel unencrypted; put HTTPS in front of it", file=sys.stderr)
+    print(f"{total} prompts, {config.per_prompt} ranking(s) each; labeling on "
+          f"http://{config.host}:{sock.getsockname()[1]}/ (progress: /stats); Ctrl-C stops", flush=True)
+    server = uvicorn.Config(create_app(db, config.per_prompt), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(server).run(sockets=[sock])

@@ -9,14 +9,14 @@ import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from chatforge.chat_format import check_text, prompt_messages
-from chatforge.data import parse_records
 from chatforge.errors import UserError
 from chatforge.files import atomic_open
+from chatforge.sources import parse_records
 
 RATING_ASPECTS = ("helpful", "honest", "harmless")
 RATING_MIN, RATING_MAX = 1, 7
@@ -347,4 +347,32 @@ def export_rankings(db: str | Path, out: str | Path) -> int:
             count += 1
     return count
 
+
+# --- the commands: label add-annotator, label export -------------------------------------------------
+
+@dataclass
+class AnnotatorConfig:
+    name: str = field(default="", metadata={"help": "the annotator's name, unique in the database", "positional": True})
+    db: str = field(default="", metadata={"help": "SQLite database of prompts, annotators and rankings (created if missing)", "required": True, "metavar": "FILE"})
+
+
+def new_annotator(config: AnnotatorConfig) -> str:
+    """`chatforge label add-annotator`: the annotator, and their token printed (the only time it is shown)."""
+    token = add_annotator(config.db, config.name)
+    print(f"annotator {config.name.strip()!r} added; their token (shown only now, keep it secret):")
+    print(token)
+    return token
+
+
+@dataclass
+class ExportConfig:
+    db: str = field(default="", metadata={"help": "SQLite database of prompts, annotators and rankings", "required": True, "metavar": "FILE"})
+    out: str = field(default="", metadata={"help": "JSONL file to write", "required": True, "metavar": "FILE"})
+
+
+def export(config: ExportConfig) -> int:
+    """`chatforge label export`: the rankings as JSONL; how many."""
+    count = export_rankings(config.db, config.out)
+    print(f"{count} rankings -> {config.out}")
+    return count
 

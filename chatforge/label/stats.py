@@ -5,6 +5,7 @@ and the progress figures `chatforge label stats` prints.
 import json
 import sqlite3
 from collections import defaultdict
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -117,4 +118,17 @@ def database_stats(db: str | Path, per_prompt: int | None = None) -> dict:
     with connect(existing_database(db)) as conn:
         return compute_stats(conn, per_prompt or stored_per_prompt(conn))
 
+
+@dataclass
+class StatsConfig:
+    db: str = field(default="", metadata={"help": "SQLite database of prompts, annotators and rankings", "required": True, "metavar": "FILE"})
+    per_prompt: int = field(default=0, metadata={
+        "help": "rankings a prompt needs to count as complete (0: the last serve's --per-prompt)"})
+
+
+def print_stats(config: StatsConfig) -> dict:
+    """`chatforge label stats`: progress and agreement, printed; the figures."""
+    stats = database_stats(config.db, config.per_prompt or None)
+    print(format_stats(stats))
+    return stats
 
