@@ -119,18 +119,19 @@ class SampleConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=0.8))
 
-    def __post_init__(self):
+    def __post_init__(self):  # the messages name the flags: the command line is where these come from
         if self.k < 2:
-            raise ValueError(f"k must be at least 2 (answers to rank per prompt), got {self.k}")
+            raise ValueError(f"-k must be at least 2 (answers to rank per prompt), got {self.k}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not all(t >= 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for t in self.temperatures:
+            if not t >= 0:
+                raise ValueError(f"--temperatures must be >= 0, got {t}")
         beams = self.sampling.num_beams
         if beams > 1 and self.k > beams:
-            raise ValueError(f"k is {self.k}, but num_beams {beams} finds only {beams} answers per prompt")
+            raise ValueError(f"-k is {self.k}, but --num-beams {beams} finds only {beams} answers per prompt")
         if beams > 1 and self.temperatures:
-            raise ValueError("temperatures and num_beams exclude each other: beam search does not sample")
+            raise ValueError("--temperatures and --num-beams exclude each other: beam search does not sample")
 
 
 def sample_to_file(config: SampleConfig) -> list[dict]:
