@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from chatforge.chat_format import check_text
 from chatforge.checkpoint import load_model
 from chatforge.comparisons import text_ids
-from chatforge.config import DEVICE_HELP, save_json
+from chatforge.config import DEVICE_HELP, require_positive, save_json
 from chatforge.data import load_splits
 from chatforge.errors import UserError
 from chatforge.model import GPT, with_head
@@ -237,8 +237,7 @@ class ClassifyEvalConfig:
     skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        require_positive(self, "batch_size")
 
 
 def eval_classifier(config: ClassifyEvalConfig) -> dict:

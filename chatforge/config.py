@@ -199,6 +199,13 @@ def save_json(value, path: str | Path) -> None:
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
+def require_positive(config, *names: str) -> None:
+    """For a config's __post_init__: each named field must be at least 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
 def from_args(cls, args: argparse.Namespace, where: str):
     """A command's config from its parsed command line (defaults for what was not given)."""
     return from_dict(cls, overrides_from_args(args), where)

@@ -11,13 +11,12 @@ number of processes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from chatforge.errors import UserError
 from chatforge.files import atomic_dir, current_dir
-from chatforge.sources import nonempty_documents, source_files
+from chatforge.sources import SourcesConfig, nonempty_documents, source_files
 from chatforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -309,19 +308,16 @@ class TokenWindows:
 # --- the command: data prepare ---------------------------------------------------------------------------
 
 @dataclass
-class PrepareConfig:
-    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
-        "help": ".txt/.md/.rst files, folders of them, .jsonl or .parquet files", "positional": True, "metavar": "SOURCE"})
-    field: str = dataclasses.field(default="text", metadata={"help": "text field of .jsonl/.parquet records"})
-    tokenizer: str = dataclasses.field(default="", metadata={
+class PrepareConfig(SourcesConfig):
+    tokenizer: str = field(default="", metadata={
         "help": "tokenizer folder or tokenizer.json", "required": True, "metavar": "PATH"})
-    out: str = dataclasses.field(default="", metadata={
+    out: str = field(default="", metadata={
         "help": "data folder to write (swapped in whole when complete)", "required": True, "metavar": "DIR"})
-    val_fraction: float = dataclasses.field(default=0.01, metadata={"help": "share of documents held out for validation"})
-    shard_tokens: int = dataclasses.field(default=100_000_000, metadata={"help": "tokens per shard file"})
-    workers: int = dataclasses.field(default=0, metadata={"help": "tokenizer processes (0: one per core, at most 8)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the train/val split"})
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
+    val_fraction: float = field(default=0.01, metadata={"help": "share of documents held out for validation"})
+    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file"})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core, at most 8)"})
+    seed: int = field(default=0, metadata={"help": "seed of the train/val split"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 def prepare_data(config: PrepareConfig) -> PrepareResult:

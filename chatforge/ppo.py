@@ -30,7 +30,7 @@ import torch
 
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
-from chatforge.config import DEVICE_HELP, save_json
+from chatforge.config import DEVICE_HELP, require_positive, save_json
 from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.errors import UserError
 from chatforge.files import atomic_write_jsonl
@@ -162,9 +162,7 @@ class PPOConfig(TrainConfig):
         super().__post_init__()
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
-        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon")
         if self.score_batch_size < 0 or self.rollout_batch_size < 0:
             raise ValueError("score_batch_size and rollout_batch_size must be >= 0 (0: the default)")
         if self.batch_size % self.samples_per_prompt:
@@ -488,9 +486,7 @@ class PPOEvalConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(self, "max_new_tokens", "batch_size")
 
 
 def eval_ppo(config: PPOEvalConfig) -> dict:

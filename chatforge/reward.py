@@ -34,7 +34,7 @@ import torch
 
 from chatforge.checkpoint import load_model
 from chatforge.comparisons import RankedAnswers, answers_to_score, load_groups
-from chatforge.config import DEVICE_HELP, save_json
+from chatforge.config import DEVICE_HELP, require_positive, save_json
 from chatforge.data import load_splits
 from chatforge.errors import UserError
 from chatforge.files import atomic_write_jsonl
@@ -286,8 +286,7 @@ class RewardEvalConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        require_positive(self, "batch_size")
 
 
 @dataclass
@@ -304,8 +303,7 @@ class RewardScoreConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        require_positive(self, "batch_size")
         if self.kind not in ("logprob", "logit"):
             raise ValueError(f"kind must be logprob or logit, got {self.kind!r}")
 

@@ -196,6 +196,15 @@ def write_sample_corpus(out: str | Path, docstrings: bool = True) -> tuple[Path,
 
 
 @dataclass
+class SourcesConfig:
+    """What a command that reads text sources is given (`tokenizer train`, `data prepare`)."""
+
+    inputs: list[str] = field(default_factory=list, metadata={
+        "help": ".txt/.md/.rst files, folders of them, .jsonl or .parquet files", "positional": True, "metavar": "SOURCE"})
+    field: str = field(default="text", metadata={"help": "text field of .jsonl/.parquet records"})
+
+
+@dataclass
 class SampleCorpusConfig:
     out: str = field(default="", metadata={"help": "JSONL file to write", "required": True, "metavar": "FILE"})
     docstrings: bool = field(default=True, metadata={

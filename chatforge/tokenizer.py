@@ -6,12 +6,11 @@ tokens take the first ids; SFT's chat template is built from the role tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
-from chatforge.sources import nonempty_documents
+from chatforge.sources import SourcesConfig, nonempty_documents
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -143,15 +142,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, pro
 
 
 @dataclass
-class TokenizerTrainConfig:
-    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
-        "help": ".txt/.md/.rst files, folders of them, .jsonl or .parquet files", "positional": True, "metavar": "SOURCE"})
-    field: str = dataclasses.field(default="text", metadata={"help": "text field of .jsonl/.parquet records"})
-    out: str = dataclasses.field(default="", metadata={
+class TokenizerTrainConfig(SourcesConfig):
+    out: str = field(default="", metadata={
         "help": "folder to write tokenizer.json and tokenizer_config.json to", "required": True, "metavar": "DIR"})
-    vocab_size: int = dataclasses.field(default=8192, metadata={"help": "tokens in the vocabulary, special tokens included"})
-    min_frequency: int = dataclasses.field(default=2, metadata={"help": "least count of a pair to merge it"})
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show the trainer's progress bars on a terminal"})
+    vocab_size: int = field(default=8192, metadata={"help": "tokens in the vocabulary, special tokens included"})
+    min_frequency: int = field(default=2, metadata={"help": "least count of a pair to merge it"})
+    progress: bool = field(default=True, metadata={"help": "show the trainer's progress bars on a terminal"})
 
 
 def train_tokenizer(config: TokenizerTrainConfig) -> Tokenizer:

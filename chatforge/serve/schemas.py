@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chatforge.chat_format import check_unicode
+from chatforge.config import require_positive
 
 
 @dataclass
@@ -26,9 +27,7 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; more gets 413"})
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_positive(self, "max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
