@@ -1,5 +1,6 @@
-"""Evaluation: held-out perplexity in bits per byte, answers to questions, and multiple choice by
-log-likelihood (zero-shot and few-shot, so in-context learning is measured too).
+"""Evaluation: held-out perplexity in bits per byte, answers to questions, multiple choice by
+log-likelihood (zero-shot and few-shot, so in-context learning is measured too), and one policy against
+another (reward, win rate, KL, answer length: `ppo eval`, the demo's report).
 
 Bits per byte rather than per token, so that models with different tokenizers compare:
 
@@ -12,12 +13,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chatforge.chat_format import Message, render
 from chatforge.data import TokenWindows
 from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.model import GPT
+from chatforge.rollout import Reward, answer_texts, rollout, score_rollout
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
 
 LETTERS = "ABCD"
@@ -155,3 +158,44 @@ def cloze_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[Cloze], sho
         right += max(range(len(scores)), key=scores.__getitem__) == item.answer
     model.train(was_training)
     return right / max(len(items), 1)
+
+
+# --- one policy against another -------------------------------------------------------------------------
+
+def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tokenizer, prompts: list[list[int]],
+                     max_new_tokens: int, seed: int, batch_size: int = 16, score_batch_size: int = 8,
+                     reference_too: bool = True) -> dict:
+    """Both policies answer every prompt (the same seed, `batch_size` prompts at a time, scored
+    `score_batch_size` at a time); the reward model scores each answer. Returns the mean reward of each, the win rate of `policy` over `reference` under the
+    reward model (a tie counts half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over
+    `policy`'s own answers, the Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer.
+    Without `reference_too`, only `policy` answers (its reward, KL and length)."""
+    stop_id = tokenizer.special[END_OF_TURN]
+    results: dict[str, dict[str, list]] = {}
+    for name, model in (("policy", policy), ("reference", reference))[: 2 if reference_too else 1]:
+        columns: dict[str, list] = {"reward": [], "kl": [], "length": [], "finished": [], "answer": []}
+        for start in range(0, len(prompts), batch_size):
+            part = prompts[start : start + batch_size]
+            rows, answers, finished = rollout(model, part, 1, max_new_tokens, stop_id, seed + start)
+            scored = score_rollout(model, reference, None, reward, rows, answers, finished, tokenizer.pad_id,
+                                   score_batch_size)
+            columns["reward"] += scored.scores.tolist()
+            columns["kl"] += (scored.logprobs - scored.ref_logprobs).sum(1).tolist()
+            columns["length"] += scored.batch.mask.sum(1).tolist()
+            columns["finished"] += finished
+            columns["answer"] += answer_texts(tokenizer, answers)
+        results[name] = columns
+    summary: dict = {"prompts": len(prompts)}
+    for name, columns in results.items():
+        summary[name] = {"reward": float(np.mean(columns["reward"])), "length": float(np.mean(columns["length"])),
+                         "finished": float(np.mean(columns["finished"]))}
+    summary["kl_per_answer"] = float(np.mean(results["policy"]["kl"]))
+    answers = [{"prompt": tokenizer.decode(p, skip_special=True).strip(), "policy": a, "policy_reward": r}
+               for p, a, r in zip(prompts, results["policy"]["answer"], results["policy"]["reward"])]
+    if reference_too:
+        mine, theirs = np.array(results["policy"]["reward"]), np.array(results["reference"]["reward"])
+        summary["win_rate"] = float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
+        for answer, text, score in zip(answers, results["reference"]["answer"], results["reference"]["reward"]):
+            answer.update(reference=text, reference_reward=score)
+    summary["answers"] = answers
+    return summary

@@ -250,15 +250,11 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     """Pretrained, SFT and PPO side by side on the held-out words."""
     from chatforge.demo.dictionary import DEFINE, definition_f1, is_degenerate, part_of_speech, repeated_answer_rate
     from chatforge.evaluate import (
-        Cloze,
-        MultipleChoice,
-        answer_questions,
-        bits_per_byte,
-        cloze_accuracy,
-        multiple_choice_accuracy,
-        question_ids,
+        Cloze, MultipleChoice, answer_questions, bits_per_byte, cloze_accuracy, compare_policies,
+        multiple_choice_accuracy, question_ids,
     )
-    from chatforge.ppo import compare_policies, frozen, model_reward
+    from chatforge.ppo import frozen
+    from chatforge.rollout import model_reward
     from chatforge.tokenizer import END_OF_TURN
 
     c = ctx.config
