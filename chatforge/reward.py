@@ -11,12 +11,12 @@ however many answers it has. Options: a margin inside Ïƒ, and a centering term Î
 near 0 (Eisenstein et al. 2023). Both are in `chatforge/objectives.py` (`ranking_loss`, `centering_penalty`).
 
 The model is the SFT model with the LM head replaced by a scalar head, read at the <|end|> that closes the
-answer. What it reads is built by one function, `reward_ids`, from the answer's token ids as they were
-sampled (`chatforge sample` stores them beside the text), in training, `reward eval`, `reward score` and
-PPO alike; an answer cut off at the length limit is closed with an appended <|end|> everywhere. When
-training ends, the mean score of the training answers (with `chatforge sample`, the SFT model's own
-answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT shifted its
-reward the same way, to its labelers' demonstrations.
+answer. What it reads is built by one function, `comparisons.reward_ids`, from the answer's token ids as
+they were sampled (`chatforge sample` stores them beside the text), in training, `reward eval`, `reward
+score` and PPO alike; an answer cut off at the length limit is closed with an appended <|end|>
+everywhere. When training ends, the mean score of the training answers (with `chatforge sample`, the SFT
+model's own answers) is stored as the model's `score_offset`, so they average 0 before RL. InstructGPT
+shifted its reward the same way, to its labelers' demonstrations.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
      "tokenizer": "3f0c...", "sampling": {...}}
 
 The text is for people (and the labeling app); the token ids, exactly as sampled (the stop token included
-when the answer finished), are what the reward model reads (`reward.reward_ids`), so that it scores what
+when the answer finished), are what the reward model reads (`comparisons.reward_ids`), so that it scores what
 PPO will score. `tokenizer` is the fingerprint of the tokenizer the ids belong to.
 
 People (`chatforge label serve`) or a rule then rank the K answers, and the reward model learns from the

@@ -168,7 +168,9 @@ def test_beam_search(model):
         beam_search(model, PROMPTS[1], num_beams=0, max_new_tokens=8)
 
 
-def test_stop_strings_end_the_text(tokenizer_dir):
+def stop_string_case(tokenizer_dir):
+    """A small model, a prompt, and a stop string the model is going to write: (tokenizer, model, params,
+    prompt, the free greedy answer, the stop string, the answer stopped there)."""
     from chatforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -179,6 +181,11 @@ def test_stop_strings_end_the_text(tokenizer_dir):
     (free,) = generate_batch(m, [prompt], params, tokenizer=tokenizer)[0]
     stop = free.text[5:8]  # a piece of text the model is going to write
     (stopped,) = generate_batch(m, [prompt], params, stop_strings=[stop], tokenizer=tokenizer)[0]
+    return tokenizer, m, params, prompt, free, stop, stopped
+
+
+def test_stop_strings_end_the_text(tokenizer_dir):
+    tokenizer, m, params, prompt, free, stop, stopped = stop_string_case(tokenizer_dir)
     assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.find(stop)]
     assert stop in tokenizer.decode(stopped.tokens) and stop not in tokenizer.decode(stopped.tokens[:-1])
     with pytest.raises(ValueError, match="need the tokenizer"):
@@ -462,15 +469,6 @@ def test_num_beams_in_the_sampling_params_is_beam_search(model):
 
 
 def test_beam_search_stops_at_stop_strings(tokenizer_dir):
-    from chatforge.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=2, max_seq_len=64)).eval()
-    params = SamplingParams(max_new_tokens=30, temperature=0)
-    prompt = tokenizer.encode("The list")
-    (free,) = generate_batch(m, [prompt], params, tokenizer=tokenizer)[0]
-    stop = free.text[5:8]
-    (stopped,) = generate_batch(m, [prompt], params, stop_strings=[stop], tokenizer=tokenizer)[0]
+    tokenizer, m, params, prompt, free, stop, stopped = stop_string_case(tokenizer_dir)
     (beam,) = beam_search(m, prompt, 1, 30, stop_strings=[stop], tokenizer=tokenizer)
     assert beam.tokens == stopped.tokens and beam.finish_reason == "stop"
