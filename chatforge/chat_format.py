@@ -115,6 +115,29 @@ def render(messages: list[Message], tokenizer: Tokenizer, add_generation_prompt:
     return ids + [tokenizer.special[ASSISTANT]] if add_generation_prompt else ids
 
 
+def fit_prompt(messages: list[Message], tokenizer: Tokenizer, room: int) -> tuple[list[Message], bool]:
+    """A prompt (ending with the user's turn) cut to render, with its generation prompt, in `room` tokens,
+    and whether it was cut: the oldest exchanges go first, then the system message, then the start of the
+    question itself (its end, nearest the answer, stays). ValueError when not even that fits."""
+    cut = False
+    while (size := len(render(messages, tokenizer, add_generation_prompt=True))) > room:
+        cut = True
+        system = messages[0].role == "system"
+        turns = messages[1:] if system else messages
+        if len(turns) > 1:
+            messages = messages[:1] + turns[2:] if system else turns[2:]
+        elif system:
+            messages = turns
+        else:
+            question = tokenizer.encode(turns[0].content)
+            over = size - room
+            if over >= len(question):
+                raise ValueError(f"longer than the model's context, even cut: the answer leaves no room for its "
+                                 f"question ({max(room, 0)} tokens left)")
+            messages = [Message("user", tokenizer.decode(question[over:]).lstrip("\ufffd"))]
+    return messages, cut
+
+
 def parse(ids: list[int], tokenizer: Tokenizer) -> list[Message]:
     """Messages from token ids (the inverse of `render`); an unfinished last message is kept as it stands."""
     roles = {tokenizer.special[token]: role for role, token in ROLE_TOKENS.items()}

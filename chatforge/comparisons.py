@@ -7,12 +7,12 @@ used in training, `reward eval`, `reward score` and PPO alike.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from chatforge.chat_format import Message, check_conversation, check_text, prompt_messages, render
+from chatforge.chat_format import Message, check_conversation, check_text, fit_prompt, prompt_messages, render
 from chatforge.model import GPT
 from chatforge.sources import parse_records
 from chatforge.tokenizer import END_OF_TURN, Tokenizer
@@ -163,29 +163,47 @@ class RankedAnswers:
     where: str
     prompt_tokens: int = 0
     key: str = ""
+    truncated: bool = False  # the prompt's oldest turns (or its question's start) dropped to fit the context
 
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
 
-def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[RankedAnswers], int]:
-    """Tokenized comparisons of `paths`, and how many invalid records were skipped."""
+def fit_answers(prompt: list[Message], encode: Callable[[list[Message]], list[list[int]]], tokenizer: Tokenizer,
+                max_seq_len: int) -> tuple[list[Message], list[list[int]], bool]:
+    """`encode(prompt)`, each answer's `reward_ids`, in `max_seq_len` tokens: the prompt is cut when the
+    longest would not fit (`chat_format.fit_prompt`: the oldest turns first), never the answers. The prompt,
+    the sequences, and whether it was cut; ValueError when the longest answer alone does not fit."""
+    sequences = encode(prompt)
+    longest = max(map(len, sequences))
+    if longest <= max_seq_len:
+        return prompt, sequences, False
+    answer = longest - len(render(prompt, tokenizer, add_generation_prompt=True))
+    prompt, _ = fit_prompt(prompt, tokenizer, max_seq_len - answer)
+    return prompt, encode(prompt), True
 
-    def parse(record: dict) -> tuple[Comparison, list[list[int]]]:
+
+def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[RankedAnswers], int]:
+    """Tokenized comparisons of `paths`, and how many invalid records were skipped. A comparison longer than
+    the context has its prompt cut (`chat_format.fit_prompt`: the oldest turns first), never its answers;
+    one whose longest answer alone is too long is invalid."""
+
+    def parse(record: dict) -> tuple[Comparison, list[list[int]], bool]:
         comparison = comparison_from_record(record)
-        sequences = encode_answers(comparison.prompt, comparison.answers, comparison.answer_ids, comparison.finished,
-                                   tokenizer, record.get("tokenizer"))
-        longest = max(map(len, sequences))
-        if longest > max_seq_len:
-            raise ValueError(f"{longest} tokens, longer than the model's context ({max_seq_len})")
-        return comparison, sequences
+
+        def encode(prompt: list[Message]) -> list[list[int]]:
+            return encode_answers(prompt, comparison.answers, comparison.answer_ids, comparison.finished, tokenizer,
+                                  record.get("tokenizer"))
+
+        comparison.prompt, sequences, truncated = fit_answers(comparison.prompt, encode, tokenizer, max_seq_len)
+        return comparison, sequences, truncated
 
     items, skipped = parse_records(paths, parse, skip_invalid, "comparison")
     groups = [RankedAnswers([np.array(s, dtype=np.int64) for s in sequences], c.ranking, where,
-                    prompt_tokens=len(render(c.prompt, tokenizer, add_generation_prompt=True)),
-                    key=repr([(m.role, m.content) for m in c.prompt]))
-              for where, (c, sequences) in items]
+                            prompt_tokens=len(render(c.prompt, tokenizer, add_generation_prompt=True)),
+                            key=repr([(m.role, m.content) for m in c.prompt]), truncated=truncated)
+              for where, (c, sequences, truncated) in items]
     return groups, skipped
 
 
@@ -194,7 +212,8 @@ def answers_to_score(record: dict, model: GPT, tokenizer: Tokenizer) -> list[lis
     """What `model` reads for each answer of a record to score: {prompt, completion} or {prompt,
     completions: [...]}, with the sampled token ids and finish reasons when the record has them
     (`completion_ids` and `finish_reasons`, or `completion_ids` and `finish_reason` for one completion).
-    A reward model reads `reward_ids`; a classifier (trained on plain text) the answer's text alone."""
+    A reward model reads `reward_ids` (the prompt cut to fit the context if it must be, never the answer); a
+    classifier (trained on plain text) the answer's text alone."""
     prompt = prompt_messages(record.get("prompt"))
     one = "completion" in record
     answers = [record["completion"]] if one else record.get("completions")
@@ -209,4 +228,8 @@ def answers_to_score(record: dict, model: GPT, tokenizer: Tokenizer) -> list[lis
         ids, finished = sampled_tokens(fields, 1, "completion_ids", "finish_reason")
     else:
         ids, finished = sampled_tokens(record, len(answers), "completion_ids", "finish_reasons")
-    return encode_answers(prompt, answers, ids, finished, tokenizer, record.get("tokenizer"))
+
+    def encode(prompt: list[Message]) -> list[list[int]]:
+        return encode_answers(prompt, answers, ids, finished, tokenizer, record.get("tokenizer"))
+
+    return fit_answers(prompt, encode, tokenizer, model.config.max_seq_len)[1]

@@ -190,7 +190,9 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
                                           key=lambda g: g.key)  # a prompt ranked by several people: one side
         if d.is_main:
             pairs = sum(math.comb(len(g.sequences), 2) for g in train)
+            truncated = sum(g.truncated for g in train + val)
             print(f"reward: {len(train):,} training prompts ({pairs:,} pairs), {len(val):,} held out"
+                  + (f", {truncated:,} prompt(s) cut to the context (oldest turns first)" if truncated else "")
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
         task = RewardTask(config, tokenizer, train, val, d, device)
         set_max_steps_from_epochs(config, task.steps_per_epoch)
@@ -282,6 +284,7 @@ class RewardEvalConfig:
     data: list[str] = field(default_factory=list, metadata={
         "help": "held-out comparison files (formats as for `reward train`)", "required": True})
     out: str = field(default="reward-eval", metadata={"help": "folder for reward_eval.json and calibration.png"})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
     batch_size: int = field(default=16, metadata={"help": "answers per forward pass"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -299,6 +302,7 @@ class RewardScoreConfig:
         "help": "with a classifier (`chatforge classify train`): the class whose score is the reward"})
     kind: str = field(default="logprob", metadata={
         "help": "with a classifier: reward = logprob (log-probability) or logit of --label"})
+    skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
     batch_size: int = field(default=16, metadata={"help": "answers per forward pass"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -322,15 +326,18 @@ def eval_reward_model(config: RewardEvalConfig) -> dict:
     model, tokenizer, path = load_scorer(config.checkpoint, config.device)
     if model.config.head != "scalar":
         raise UserError(f"{path}: `reward eval` measures reward models; evaluate a classifier with `classify eval`")
-    groups, _ = load_groups(config.data, tokenizer, model.config.max_seq_len, skip_invalid=None)
-    report = evaluate_rankings(model, groups, tokenizer.pad_id, config.batch_size)
+    groups, skipped = load_groups(config.data, tokenizer, model.config.max_seq_len, config.skip_invalid)
+    report = {**evaluate_rankings(model, groups, tokenizer.pad_id, config.batch_size),
+              "truncated": sum(g.truncated for g in groups), "skipped": skipped}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(report, out / "reward_eval.json")
     plot_calibration(report["calibration"], out / "calibration.png", f"calibration: {config.checkpoint}")
     print(f"{report['prompts']:,} prompts, {report['pairs']:,} pairs: accuracy {report['accuracy']:.1%}, "
           f"calibration error {report['calibration_error']:.3f}, reward {report['mean_reward']:+.3f} "
-          f"± {report['std_reward']:.3f}, correlation with length {report['length_correlation']:+.2f}")
+          f"± {report['std_reward']:.3f}, correlation with length {report['length_correlation']:+.2f}"
+          + (f"; {report['truncated']:,} prompt(s) cut to the context" if report["truncated"] else "")
+          + (f"; {skipped:,} invalid record(s) skipped" if skipped else ""))
     if abs(report["length_correlation"]) > 0.5:
         print("warning: the reward follows answer length closely; PPO may learn to game it with long (or short) answers")
     print(f"-> {out}/reward_eval.json, {out}/calibration.png")
@@ -350,7 +357,7 @@ def score_answers(config: RewardScoreConfig) -> int:
             raise ValueError(f"{max(map(len, sequences))} tokens, longer than the model's context ({context})")
         return record, sequences
 
-    items, _ = parse_records([config.input], parse, skip_invalid=None, what="answer")
+    items, skipped = parse_records([config.input], parse, config.skip_invalid, what="answer")
     sequences = [s for _, (_, seqs) in items for s in seqs]
     scores = iter(score_sequences(model, sequences, tokenizer.pad_id, config.batch_size, to_reward))
     records = []
@@ -359,5 +366,6 @@ def score_answers(config: RewardScoreConfig) -> int:
         records.append({**record, **({"reward": rewards[0]} if "completion" in record else {"rewards": rewards})})
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(config.out, records)
-    print(f"scored {len(sequences):,} answer(s) -> {config.out}")
+    print(f"scored {len(sequences):,} answer(s) -> {config.out}"
+          + (f" ({skipped:,} invalid record(s) skipped)" if skipped else ""))
     return len(sequences)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.chat_format import Message, check_conversation, parse, render, render_for_training
+from chatforge.chat_format import Message, check_conversation, fit_prompt, parse, render, render_for_training
 from chatforge.checkpoint import load_model
 from chatforge.data import load_splits
 from chatforge.engine import SamplingParams, generate_batch
@@ -89,6 +89,7 @@ class Example:
     ids: np.ndarray
     trained: np.ndarray
     where: str
+    truncated: bool = False  # earlier turns (or the start of the last question) dropped to fit the context
 
     @property
     def targets(self) -> int:
@@ -96,16 +97,24 @@ class Example:
 
 
 def load_examples(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[Example], int]:
-    """Tokenized conversations of `paths`, and how many invalid records were skipped."""
+    """Tokenized conversations of `paths`, and how many invalid records were skipped. A conversation longer
+    than the context is cut as TRL's `max_length` users expect: the oldest turns go first, and the final
+    assistant answer stays whole (`chat_format.fit_prompt`); one whose final answer alone is too long is
+    invalid."""
 
-    def parse(record: dict) -> tuple[list[int], list[bool]]:
-        ids, trained = render_for_training(conversation_from_record(record), tokenizer)
-        if len(ids) > max_seq_len + 1:
-            raise ValueError(f"{len(ids)} tokens, longer than the model's context ({max_seq_len}) allows")
-        return ids, trained
+    def parse(record: dict) -> tuple[list[int], list[bool], bool]:
+        messages = conversation_from_record(record)
+        ids, trained = render_for_training(messages, tokenizer)
+        if len(ids) <= max_seq_len + 1:  # the model reads ids[:-1]
+            return ids, trained, False
+        answer = len(ids) - len(render(messages[:-1], tokenizer, add_generation_prompt=True))
+        prompt, _ = fit_prompt(messages[:-1], tokenizer, max_seq_len + 1 - answer)
+        ids, trained = render_for_training([*prompt, messages[-1]], tokenizer)
+        return ids, trained, True
 
     items, skipped = parse_records(paths, parse, skip_invalid, "conversation")
-    return [Example(np.array(ids, dtype=np.int64), np.array(trained), where) for where, (ids, trained) in items], skipped
+    return [Example(np.array(ids, dtype=np.int64), np.array(trained), where, truncated)
+            for where, (ids, trained, truncated) in items], skipped
 
 
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +197,9 @@ def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
         train, val, skipped = load_splits(lambda paths: load_examples(paths, tokenizer, max_len, config.skip_invalid),
                                           config.data, config.val_data, config.val_fraction, config.seed)
         if d.is_main:
+            truncated = sum(e.truncated for e in train + val)
             print(f"sft: {len(train):,} training and {len(val):,} held-out conversations"
+                  + (f", {truncated:,} cut to the context (oldest turns first)" if truncated else "")
                   + (f", {skipped:,} invalid record(s) skipped" if skipped else ""))
         task = SFTTask(config, tokenizer, train, val, d, device)
         set_max_steps_from_epochs(config, task.steps_per_epoch)

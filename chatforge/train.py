@@ -454,8 +454,13 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
     if missing:
         raise UserError(f"{stage} needs {' and '.join(missing)}")
     if isinstance(config, FineTuneConfig) and config.epochs > 0 and "max_steps" in overrides:
-        raise UserError(f"--max-steps and --epochs ({config.epochs:g}) both set the length of the run: "
-                        f"pass --epochs 0 to count steps")
+        if "epochs" in overrides:
+            raise UserError(f"--max-steps and --epochs ({config.epochs:g}) both set the length of the run: "
+                            f"give one of them")
+        # the command line wins over the preset (or the resumed run's config), and says what it overrode
+        print(f"{stage}: --max-steps {config.max_steps} overrides epochs = {config.epochs:g} "
+              f"from {'the run' if resume else 'the preset'}")
+        config.epochs = 0.0
     if not resume and step_checkpoints(config.out):
         raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "
                         f"`--resume {config.out}`, or choose another --out")

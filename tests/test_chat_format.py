@@ -67,3 +67,21 @@ def test_hugging_face_apply_chat_template_gives_the_same_ids(tokenizer, tokenize
 def test_invalid_conversations_are_named(messages, problem):
     with pytest.raises(ValueError, match=problem):
         check_conversation(messages)
+
+
+def test_a_long_prompt_loses_its_oldest_turns_first_then_the_system_then_the_start_of_its_question(tokenizer):
+    from chatforge.chat_format import fit_prompt
+
+    prompt = CONVERSATION[:4]
+    full = len(render(prompt, tokenizer, add_generation_prompt=True))
+    assert fit_prompt(prompt, tokenizer, full) == (prompt, False)
+    without_first = [CONVERSATION[0], CONVERSATION[3]]
+    fitted, cut = fit_prompt(prompt, tokenizer, full - 1)
+    assert cut and fitted == without_first  # the oldest exchange went whole
+    room = len(render([CONVERSATION[3]], tokenizer, add_generation_prompt=True))
+    assert fit_prompt(prompt, tokenizer, room)[0] == [CONVERSATION[3]]  # then the system message
+    fitted, _ = fit_prompt(prompt, tokenizer, room - 3)
+    assert len(render(fitted, tokenizer, add_generation_prompt=True)) <= room - 3
+    assert CONVERSATION[3].content.endswith(fitted[0].content) and fitted[0].content  # the question's end stays
+    with pytest.raises(ValueError, match="leaves no room for its question"):
+        fit_prompt(prompt, tokenizer, 3)

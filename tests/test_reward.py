@@ -261,7 +261,7 @@ def test_reward_train_errors(pretrained, tmp_path):
     result = run_cli("reward", "train", "--preset", "tiny", "--out", tmp_path / "rm2", check=False)
     assert_one_line_error(result, "needs --init CHECKPOINT")
     result = run_cli("reward", "train", "--preset", "tiny", "--init", pretrained, "--data", bad, "--max-steps", 5,
-                     "--out", tmp_path / "rm3", check=False)
+                     "--epochs", 1, "--out", tmp_path / "rm3", check=False)
     assert_one_line_error(result, "--max-steps and --epochs (1) both set the length of the run")
 
 
@@ -318,3 +318,27 @@ def test_answers_are_scored_on_the_tokens_sampled_not_their_text_re_encoded(toke
         answers_to_score({**record, "completions": [text, "other"]}, model, tokenizer)
     with pytest.raises(ValueError, match="ending in <|end|> is said to be cut off"):
         answers_to_score({**record, "finish_reasons": ["length", "length"]}, model, tokenizer)
+
+
+def test_max_steps_on_the_command_line_wins_over_the_presets_epochs(pretrained, tmp_path):
+    data = write_jsonl(tmp_path / "rankings.jsonl", keyword_rankings(24, 3, seed=0))
+    result = run_cli("reward", "train", "--preset", "tiny", "--init", pretrained, "--data", data, "--val-fraction", 0,
+                     "--max-steps", 2, "--out", tmp_path / "run", "--no-progress")
+    assert "--max-steps 2 overrides epochs = 1 from the preset" in result.stdout
+    assert max(m["step"] for m in read_metrics(tmp_path / "run")) == 2
+
+
+def test_a_comparison_longer_than_the_context_loses_prompt_turns_never_answers(tokenizer_dir, tmp_path):
+    from chatforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    history = [{"role": role, "content": f"{role} turn {i}: " + "many words here " * 3}
+               for i in range(4) for role in ("user", "assistant")]
+    answers = ["a short answer", "a longer answer with " + "more words " * 2]
+    record = {"prompt": [*history, {"role": "user", "content": "the question"}], "completions": answers, "ranking": [1, 0]}
+    data = str(write_jsonl(tmp_path / "long.jsonl", [record]))
+    (group,), _ = load_groups([data], tokenizer, 64, False)
+    assert group.truncated and max(map(len, group.sequences)) <= 64
+    for answer, sequence in zip(answers, group.sequences):  # every answer whole, then <|end|>
+        assert list(sequence[group.prompt_tokens:]) == [*tokenizer.encode(answer), tokenizer.special["<|end|>"]]
+    assert tokenizer.decode(group.sequences[0][: group.prompt_tokens]).endswith("the question<|end|><|assistant|>")

@@ -8,6 +8,7 @@ from chatforge.checkpoint import load_model
 from chatforge.engine import SamplingParams, generate
 from chatforge.runtime import Dist
 from chatforge.sft import SFTTask, conversation_from_record, load_examples, resolve_config, sft
+from chatforge.errors import UserError
 from chatforge.train import read_metrics
 
 from conftest import QA, assert_one_line_error, run_cli, run_torchrun, sft_config, write_jsonl
@@ -96,3 +97,28 @@ def test_two_process_sft_matches_one_process(pretrained, qa_conversations, tmp_p
         for key in ("loss", "val_loss"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+
+
+def test_a_conversation_longer_than_the_context_loses_its_oldest_turns_and_keeps_its_answer(tokenizer_dir, tmp_path):
+    from chatforge.chat_format import render_for_training
+    from chatforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    turns = [{"role": role, "content": f"{role} turn {i}: " + "many words here " * 3}
+             for i in range(6) for role in ("user", "assistant")]
+    answer = "the final answer, kept whole " * 2
+    records = [{"messages": [*turns, {"role": "user", "content": "last question"}, {"role": "assistant", "content": answer}]},
+               {"prompt": "short", "completion": "fits"},
+               {"prompt": "short", "completion": "an answer far too long for the context " * 20}]
+    data = str(write_jsonl(tmp_path / "long.jsonl", records))
+    with pytest.raises(UserError, match=r"long.jsonl:3: .*no room for its question"):
+        load_examples([data], tokenizer, 64, False)
+    examples, skipped = load_examples([data], tokenizer, 64, True)
+    assert skipped == 1 and [e.truncated for e in examples] == [True, False]
+    long, short = examples
+    assert len(long.ids) - 1 <= 64
+    ids, trained = render_for_training([Message("user", "last question"), Message("assistant", answer)], tokenizer)
+    kept = sum(trained)  # the answer's tokens and its <|end|>
+    assert list(long.ids[-kept:]) == ids[-kept:] and list(long.trained[-kept:]) == [True] * kept
+    assert parse(list(long.ids), tokenizer)[-2].content == "last question"  # the oldest turns went first
+
