@@ -4,6 +4,7 @@
       model.safetensors       weights under Hugging Face Llama names (model.layers.0.self_attn.q_proj.weight ...)
       config.json             a LlamaConfig, plus chatforge's own GPTConfig under "chatforge"
       tokenizer.json          the BPE tokenizer, and tokenizer_config.json for AutoTokenizer
+      generation_config.json  where generation stops, for transformers (language models)
       trainer_state.pt        optimizer, LR schedule, RNG states, data position, step (training only)
 
 So `LlamaForCausalLM.from_pretrained(step_000500)` loads it with no conversion. A checkpoint is written
@@ -28,11 +29,12 @@ from chatforge.config import from_dict
 from chatforge.errors import UserError
 from chatforge.files import atomic_dir, current_dir, recover_dir
 from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
-from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from chatforge.tokenizer import END_OF_TURN, TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+GENERATION_CONFIG_FILE = "generation_config.json"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -49,6 +51,13 @@ def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | Non
         hf["id2label"] = dict(enumerate(config.labels))
         hf["label2id"] = {name: i for i, name in enumerate(config.labels)}
     return {**hf, "chatforge": {"version": __version__, "model": dataclasses.asdict(config), **(extra or {})}}
+
+
+def generation_config(tokenizer: Tokenizer) -> dict:
+    """transformers' generation_config.json: generation stops where chatforge's does, at the end of a turn
+    (<|end|>), of a text (<|eos|>), or at the <|bos|> that starts the next document in pretraining data."""
+    stops = [tokenizer.special[END_OF_TURN], tokenizer.eos_id, tokenizer.bos_id]
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id}
 
 
 def save_checkpoint(
@@ -69,6 +78,8 @@ def save_checkpoint(
                   metadata={"format": "pt", "producer": f"chatforge {__version__}"})
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, tokenizer, extra), indent=2) + "\n")
         tokenizer.save(tmp)
+        if model.config.head == "lm":
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     return directory

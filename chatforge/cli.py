@@ -47,7 +47,8 @@ def _add_label_commands(commands) -> None:
     label_commands = label.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     from chatforge import config as cfg
     from chatforge.label import (
-        AnnotatorConfig, ExportConfig, LabelServeConfig, StatsConfig, export, new_annotator, print_stats, serve,
+        AnnotatorConfig, LabelServeConfig, RankingsExportConfig, StatsConfig, export, new_annotator, print_stats,
+        serve,
     )
 
     p = label_commands.add_parser(
@@ -70,8 +71,8 @@ def _add_label_commands(commands) -> None:
         description="Write one JSON line per submitted ranking: prompt, completions, ranking (completion "
                     "indices, best first), unacceptable (indices), ratings (per completion: helpful, honest, "
                     "harmless, 1-7), annotator, submitted_at. The file is replaced atomically.")
-    cfg.add_config_arguments(p, ExportConfig)
-    p.set_defaults(func=_command(ExportConfig, export))
+    cfg.add_config_arguments(p, RankingsExportConfig)
+    p.set_defaults(func=_command(RankingsExportConfig, export))
 
     p = label_commands.add_parser("stats", help="progress and inter-annotator agreement",
                                   description="Rankings per annotator, prompts with enough rankings, and how "
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.chat import ChatConfig, GenerateConfig, chat, generate_text
     from chatforge.classify import ClassifyConfig, ClassifyEvalConfig, eval_classifier
     from chatforge.data import PrepareConfig, prepare_data
+    from chatforge.export import ExportConfig
+    from chatforge.export import export as export_model
     from chatforge.demo.pipeline import RunConfig
     from chatforge.plots import PlotConfig, plot_run
     from chatforge.ppo import PPOConfig, PPOEvalConfig, eval_ppo
@@ -269,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
     cfg.add_config_arguments(p, ServeConfig)
     p.set_defaults(func=_serve)
+
+    p = commands.add_parser(
+        "export", help="write a checkpoint as a Hugging Face model folder",
+        description="Write CHECKPOINT to OUT for the tools people already run: --format hf is a Hugging Face "
+                    "folder (LlamaForCausalLM, or LlamaForSequenceClassification for a reward model) that "
+                    "transformers and vLLM load offline, with the tokenizer, its chat template and the "
+                    "generation settings.")
+    cfg.add_config_arguments(p, ExportConfig)
+    p.set_defaults(func=_command(ExportConfig, export_model))
 
     p = commands.add_parser("plot", help="draw a run's training curves",
                             description="Plot loss, validation metrics, tokens/s and learning rate from a run's "

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
@@ -41,6 +41,10 @@ class Tokenizer:
             raise UserError(f"tokenizer lacks chatforge's special tokens {missing}")
         self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
         self.bos_id, self.eos_id, self.pad_id = self.special[BOS], self.special[EOS], self.special[PAD]
+        # What a document is to the model: <|bos|> then its text. chatforge encodes without special tokens and
+        # adds <|bos|> itself; this makes other tools (transformers' tokenizer(text)) read text the same way.
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
 
     @property
     def vocab_size(self) -> int:
@@ -50,7 +54,9 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A short hash of the whole tokenizer: token ids stored in a file are only meaningful to a tokenizer
         with the same fingerprint."""
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        vocabulary = json.loads(self.hf.to_str())
+        vocabulary.pop("post_processor", None)  # what text means in ids, not what a tokenizer adds around it
+        return hashlib.sha256(json.dumps(vocabulary, sort_keys=True).encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

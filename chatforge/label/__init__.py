@@ -14,8 +14,10 @@ concurrent requests never share one.
 from __future__ import annotations
 
 from chatforge.label.app import LabelServeConfig, create_app, serve
-from chatforge.label.database import AnnotatorConfig, ExportConfig, add_annotator, export, export_rankings, new_annotator
+from chatforge.label.database import (
+    AnnotatorConfig, RankingsExportConfig, add_annotator, export, export_rankings, new_annotator,
+)
 from chatforge.label.stats import StatsConfig, database_stats, format_stats, print_stats
 
-__all__ = ["AnnotatorConfig", "ExportConfig", "LabelServeConfig", "StatsConfig", "add_annotator", "create_app",
+__all__ = ["AnnotatorConfig", "LabelServeConfig", "RankingsExportConfig", "StatsConfig", "add_annotator", "create_app",
            "database_stats", "export", "export_rankings", "format_stats", "new_annotator", "print_stats", "serve"]

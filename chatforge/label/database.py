@@ -365,12 +365,12 @@ def new_annotator(config: AnnotatorConfig) -> str:
 
 
 @dataclass
-class ExportConfig:
+class RankingsExportConfig:
     db: str = field(default="", metadata={"help": "SQLite database of prompts, annotators and rankings", "required": True, "metavar": "FILE"})
     out: str = field(default="", metadata={"help": "JSONL file to write", "required": True, "metavar": "FILE"})
 
 
-def export(config: ExportConfig) -> int:
+def export(config: RankingsExportConfig) -> int:
     """`chatforge label export`: the rankings as JSONL; how many."""
     count = export_rankings(config.db, config.out)
     print(f"{count} rankings -> {config.out}")
