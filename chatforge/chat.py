@@ -24,7 +24,7 @@ from chatforge.files import atomic_write
 from chatforge.model import GPT
 from chatforge.runtime import pick_device
 from chatforge.sources import read_records
-from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder, Tokenizer
+from chatforge.tokenizer import IncrementalDecoder, Tokenizer
 
 COT_INSTRUCTION = "Let's think step by step."
 HELP = """commands:
@@ -92,7 +92,7 @@ class ChatSession:
         check_text(text, "your message")
         self.turns.append(Message("user", with_cot(text, self.cot)))
         decoder = IncrementalDecoder(self.tokenizer)
-        end = self.tokenizer.special[END_OF_TURN]
+        end = self.tokenizer.end_id
         answer = []
         for event in generate_stream(self.model, [self.prompt_ids()], self.params, stop_ids=[end]):
             if event.token != end:
@@ -216,8 +216,8 @@ def generate_text(config: GenerateConfig) -> None:
     text = completion_prompt(config.prompt, examples, config.cot) if examples or config.cot else config.prompt
     print(text, end="", flush=True)
     decoder = IncrementalDecoder(tokenizer)
-    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
-    for token in stream(model, prompt, config.sampling, stop_ids=(tokenizer.bos_id, tokenizer.eos_id)):
+    prompt = tokenizer.encode_document(text)
+    for token in stream(model, prompt, config.sampling, stop_ids=tokenizer.document_stops):
         print(decoder.push(token), end="", flush=True)
     print()
 

@@ -10,9 +10,12 @@ same token ids. SFT trains only on what the assistant says: `render_for_training
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from datetime import datetime
 
-from chatforge.tokenizer import ASSISTANT, END_OF_TURN, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer
+from chatforge.tokenizer import ASSISTANT, SPECIAL_TOKENS, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
@@ -98,9 +101,11 @@ def check_unicode(text: str, what: str) -> None:
 
 def render_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation, and for each id whether it is trained on: the assistant's content and
-    its <|end|> (so the model learns to stop), never the role tokens, the user or the system."""
+    its end of turn (so the model learns to stop), never the role tokens, the user or the system."""
+    if not tokenizer.native:
+        return _render_template_for_training(messages, tokenizer)
     ids, trained = [tokenizer.bos_id], [False]
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     for m in messages:
         content = tokenizer.encode(m.content)
         is_assistant = m.role == "assistant"
@@ -110,9 +115,77 @@ def render_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[
 
 
 def render(messages: list[Message], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of the conversation; with `add_generation_prompt`, followed by <|assistant|> for the reply."""
+    """Token ids of the conversation; with `add_generation_prompt`, followed by what opens the reply
+    (<|assistant|>, or an imported model's own template's)."""
+    if not tokenizer.native:
+        return tokenizer.hf.encode(template_text(messages, tokenizer, add_generation_prompt), add_special_tokens=False).ids
     ids, _ = render_for_training(messages, tokenizer)
     return ids + [tokenizer.special[ASSISTANT]] if add_generation_prompt else ids
+
+
+def answer_text(tokens: list[int], tokenizer: Tokenizer) -> str:
+    """The text of a sampled answer: its tokens up to the end of turn, without special tokens."""
+    if tokenizer.end_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.end_id)]
+    return tokenizer.decode(tokens, skip_special=True)
+
+
+# --- an imported model's own chat template (Jinja, as `transformers` renders it) --------------------------
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """Jinja in a sandbox, set up as `transformers`' `apply_chat_template` sets it up, so that a model's template
+    renders here exactly as it does there (tested against it)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def template_text(messages: list[Message], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
+    """The conversation as text through the tokenizer's Jinja chat template. Message text that holds one of the
+    tokenizer's special tokens is refused: it could forge turns."""
+    import jinja2
+
+    for i, m in enumerate(messages):
+        found = [token for token in tokenizer.special if token in m.content]
+        if found:
+            raise ValueError(f"message {i} ({m.role}): contains the special token {found[0]}")
+    tokens = {name: tokenizer.config.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    tokens = {name: (t.get("content") if isinstance(t, dict) else t) or "" for name, t in tokens.items()}
+    try:
+        return _compiled(tokenizer.chat_template).render(
+            messages=[m.to_dict() for m in messages], add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the model's chat template refused the conversation: {e}") from None
+
+
+def _render_template_for_training(messages: list[Message], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """`render_for_training` through a Jinja template: the text of each assistant turn is found by rendering
+    the conversation before it with the generation prompt (a prefix of the whole), and the tokens inside it,
+    up to and including the end-of-turn token that follows its content, are the trained ones."""
+    text = template_text(messages, tokenizer, add_generation_prompt=False)
+    end = tokenizer.hf.id_to_token(tokenizer.end_id)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        prefix = template_text(messages[:i], tokenizer, add_generation_prompt=True)
+        start = text.find(m.content, len(prefix)) if text.startswith(prefix) else -1
+        stop = text.find(end, start + len(m.content)) if start >= 0 else -1
+        if stop < 0:
+            raise ValueError(f"message {i}: the chat template does not render the conversation as its prefixes "
+                             f"followed by the answer and {end}, so the answer's tokens cannot be found")
+        spans.append((start, stop + len(end)))
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    trained = [any(a <= first and last <= b for a, b in spans) for first, last in encoding.offsets]
+    return encoding.ids, trained
 
 
 def fit_prompt(messages: list[Message], tokenizer: Tokenizer, room: int) -> tuple[list[Message], bool]:
@@ -141,7 +214,7 @@ def fit_prompt(messages: list[Message], tokenizer: Tokenizer, room: int) -> tupl
 def parse(ids: list[int], tokenizer: Tokenizer) -> list[Message]:
     """Messages from token ids (the inverse of `render`); an unfinished last message is kept as it stands."""
     roles = {tokenizer.special[token]: role for role, token in ROLE_TOKENS.items()}
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     messages: list[Message] = []
     role, content = None, []
     for token in ids:

@@ -29,7 +29,7 @@ from chatforge.config import from_dict
 from chatforge.errors import UserError
 from chatforge.files import atomic_dir, current_dir, recover_dir
 from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
-from chatforge.tokenizer import END_OF_TURN, TOKENIZER_FILE, Tokenizer
+from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -56,7 +56,7 @@ def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | Non
 def generation_config(tokenizer: Tokenizer) -> dict:
     """transformers' generation_config.json: generation stops where chatforge's does, at the end of a turn
     (<|end|>), of a text (<|eos|>), or at the <|bos|> that starts the next document in pretraining data."""
-    stops = [tokenizer.special[END_OF_TURN], tokenizer.eos_id, tokenizer.bos_id]
+    stops = [tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id]
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from chatforge.chat_format import Message, check_conversation, check_text, fit_prompt, prompt_messages, render
 from chatforge.model import GPT
 from chatforge.sources import parse_records
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 
 
 @dataclass
@@ -131,7 +131,7 @@ def encode_answers(prompt: list[Message], answers: list[str], answer_ids: list[l
     `made_with` is the fingerprint of the tokenizer that sampled the ids (None: not recorded). Ids that do
     not decode to their answer's text are refused: the reward model would learn from other answers than
     the ones ranked."""
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     if answer_ids is not None:
         if made_with is not None and made_with != tokenizer.fingerprint:
             raise ValueError(f"its token ids were sampled with another tokenizer ({made_with}, this model's is "
@@ -150,7 +150,7 @@ def encode_answers(prompt: list[Message], answers: list[str], answer_ids: list[l
 
 def text_ids(text: str, tokenizer: Tokenizer) -> list[int]:
     """What a classifier reads: <|bos|> text <|eos|>, classified at the <|eos|>."""
-    return [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    return [*tokenizer.encode_document(text), tokenizer.eos_id]
 
 
 @dataclass

@@ -112,11 +112,12 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode_chunk(docs: list[str]) -> tuple[list[np.ndarray], int]:
-    """BOS + tokens of each document, and the documents' size in UTF-8 bytes (for the progress bar)."""
+    """Each document as the model reads it (`Tokenizer.encode_documents`: <|bos|> first for chatforge's own
+    tokenizer), and the documents' size in UTF-8 bytes (for the progress bar)."""
     assert _worker_tokenizer is not None
     tok = _worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
-    arrays = [np.array([tok.bos_id, *ids], dtype=dtype) for ids in tok.encode_batch(docs)]
+    arrays = [np.array(ids, dtype=dtype) for ids in tok.encode_documents(docs)]
     return arrays, sum(len(d.encode("utf-8")) for d in docs)
 
 

@@ -21,7 +21,7 @@ from chatforge.data import TokenWindows
 from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.model import GPT
 from chatforge.rollout import Reward, answer_texts, rollout, score_rollout
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 
 LETTERS = "ABCD"
 
@@ -64,7 +64,7 @@ def answer_questions(model: GPT, tokenizer: Tokenizer, questions: Sequence[str],
     """The model's reply to each question as a one-turn chat (greedy by default): its tokens as sampled,
     its finish reason and its text, stripped."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    stop = (tokenizer.special[END_OF_TURN],)
+    stop = (tokenizer.end_id,)
     replies = []
     for start in range(0, len(questions), batch_size):
         prompts = [question_ids(q, tokenizer) for q in questions[start : start + batch_size]]
@@ -122,7 +122,7 @@ def multiple_choice_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[M
     log-likelihood per token), with `shots` solved items as earlier turns of the conversation (few-shot;
     none: zero-shot)."""
     examples = [m for shot in shots for m in (Message("user", shot.text()), Message("assistant", shot.reply(shot.answer)))]
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     was_training = model.training
     model.eval()
     right = 0
@@ -153,7 +153,7 @@ def cloze_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[Cloze], sho
     model.eval()
     right = 0
     for item in items:
-        prefix = [tokenizer.bos_id, *tokenizer.encode(shots + item.context)]
+        prefix = tokenizer.encode_document(shots + item.context)
         scores = continuation_logprobs(model, prefix, [tokenizer.encode(option) for option in item.options])
         right += max(range(len(scores)), key=scores.__getitem__) == item.answer
     model.train(was_training)
@@ -170,7 +170,7 @@ def compare_policies(policy: GPT, reference: GPT, reward: Reward, tokenizer: Tok
     reward model (a tie counts half), the KL of `policy` to `reference` per answer (Σ_t log π/π_ref over
     `policy`'s own answers, the Monte Carlo estimate of KL(π ‖ π_ref)), answer lengths, and every answer.
     Without `reference_too`, only `policy` answers (its reward, KL and length)."""
-    stop_id = tokenizer.special[END_OF_TURN]
+    stop_id = tokenizer.end_id
     results: dict[str, dict[str, list]] = {}
     for name, model in (("policy", policy), ("reference", reference))[: 2 if reference_too else 1]:
         columns: dict[str, list] = {"reward": [], "kl": [], "length": [], "finished": [], "answer": []}

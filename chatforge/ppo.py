@@ -47,7 +47,7 @@ from chatforge.rollout import (
 )
 from chatforge.runtime import Dist, pick_device
 from chatforge.sample import read_prompts
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage
 
 # --- the update ---------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def reward_from_checkpoint(checkpoint: str, tokenizer: Tokenizer, device: torch.
     model = frozen(model)
     if model.config.head == "classifier":
         return model, classifier_reward(model, tokenizer, label, kind, batch_size)
-    return model, model_reward(model, tokenizer.special[END_OF_TURN], tokenizer.pad_id, batch_size)
+    return model, model_reward(model, tokenizer.end_id, tokenizer.pad_id, batch_size)
 
 
 def prompt_ids(prompts: list[tuple[str, list[Message]]], tokenizer: Tokenizer, context: int, room: int) -> list[list[int]]:
@@ -258,7 +258,7 @@ class PPOTask(Task):
                  tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device):
         self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
         self.tokenizer, self.train, self.val, self.device = tokenizer, train, val, device
-        self.stop_id = tokenizer.special[END_OF_TURN]
+        self.stop_id = tokenizer.end_id
         self.value_optimizer = make_optimizer(value_model, config, device)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)
         self.reward_stats = RunningMoments()

@@ -64,8 +64,8 @@ class PretrainTask(Task):
 
     def samples(self, model: GPT) -> list[str]:
         params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=50, seed=self.config.seed)
-        prompts = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in self.config.sample_prompts]
-        completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.bos_id,))
+        prompts = [self.tokenizer.encode_document(p) for p in self.config.sample_prompts]
+        completions = generate_batch(model, prompts, params, stop_ids=self.tokenizer.document_stops)
         return [p + self.tokenizer.decode(c.tokens, skip_special=True)
                 for p, (c,) in zip(self.config.sample_prompts, completions)]
 

@@ -31,7 +31,7 @@ from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT
 from chatforge.runtime import pick_device
 from chatforge.sources import parse_records
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 
 
 def read_prompts(path: str) -> list[tuple[str, list[Message]]]:
@@ -76,7 +76,7 @@ def sample_candidates(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str,
             raise UserError(f"{where}: the prompt is {length} tokens, the model's context is {context}")
     temperatures = temperatures or [params.temperature]
     per_temperature = {t: sum(1 for j in range(k) if temperatures[j % len(temperatures)] == t) for t in temperatures}
-    stop = (tokenizer.special[END_OF_TURN],)
+    stop = (tokenizer.end_id,)
     records = []
     bar = tqdm(total=len(prompts) * k, desc="sample", unit="answer", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):

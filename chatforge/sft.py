@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatforge.chat_format import Message, check_conversation, fit_prompt, parse, render, render_for_training
+from chatforge.chat_format import Message, answer_text, check_conversation, fit_prompt, render, render_for_training
 from chatforge.checkpoint import load_model
 from chatforge.data import load_splits
 from chatforge.engine import SamplingParams, generate_batch
@@ -24,7 +24,7 @@ from chatforge.model import GPT
 from chatforge.objectives import IGNORE_INDEX
 from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.sources import parse_records
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
     FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
 )
@@ -172,12 +172,9 @@ class SFTTask(FineTuneTask):
         params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0, seed=self.config.seed)
         prompts = [render([Message("user", p)], self.tokenizer, add_generation_prompt=True)
                    for p in self.config.sample_prompts]
-        completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.special[END_OF_TURN],))
-        out = []
-        for question, ids, (completion,) in zip(self.config.sample_prompts, prompts, completions):
-            reply = parse(ids + completion.tokens, self.tokenizer)[-1]
-            out.append(f"{question} -> {reply.content if reply.role == 'assistant' else ''}")
-        return out
+        completions = generate_batch(model, prompts, params, stop_ids=(self.tokenizer.end_id,))
+        return [f"{question} -> {answer_text(completion.tokens, self.tokenizer)}"
+                for question, (completion,) in zip(self.config.sample_prompts, completions)]
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[SFTConfig, Path | None]:

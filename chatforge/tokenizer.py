@@ -31,20 +31,74 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with chatforge's special tokens."""
+def _own_template() -> str:
+    from chatforge.chat_format import JINJA_TEMPLATE  # the chat format is built on the tokenizer's tokens
 
-    def __init__(self, hf: HFTokenizer):
+    return JINJA_TEMPLATE
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer`: chatforge's own (its special tokens, its chat template), or
+    an imported model's (`config`: its tokenizer_config.json, with the special tokens and the Jinja chat
+    template it names, and `end_of_turn_token`, which `chatforge import` finds in the template)."""
+
+    def __init__(self, hf: HFTokenizer, config: dict | None = None):
         self.hf = hf
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
-        if missing:
-            raise UserError(f"tokenizer lacks chatforge's special tokens {missing}")
-        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.bos_id, self.eos_id, self.pad_id = self.special[BOS], self.special[EOS], self.special[PAD]
-        # What a document is to the model: <|bos|> then its text. chatforge encodes without special tokens and
-        # adds <|bos|> itself; this makes other tools (transformers' tokenizer(text)) read text the same way.
-        hf.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
+        self.config = config or {}
+        own_template = self.config.get("chat_template") in (None, _own_template())
+        self.native = own_template and all(hf.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+        if self.native:
+            self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+            self.bos_id, self.eos_id, self.pad_id = self.special[BOS], self.special[EOS], self.special[PAD]
+            self.end_id = self.special[END_OF_TURN]
+            # What a document is to the model: <|bos|> then its text. chatforge encodes without special tokens and
+            # adds <|bos|> itself; this makes other tools (transformers' tokenizer(text)) read text the same way.
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, self.bos_id)])
+            return
+        self.special = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self.bos_id = self._token_id("bos_token", required=False)
+        self.eos_id = self._token_id("eos_token")
+        self.pad_id = self._token_id("pad_token", required=False)
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        self.end_id = self._token_id("end_of_turn_token", required=False)
+        self.end_id = self.eos_id if self.end_id is None else self.end_id
+
+    def _token_id(self, field: str, required: bool = True) -> int | None:
+        token = self.config.get(field)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None and not required:
+            return None
+        if not isinstance(token, str) or self.hf.token_to_id(token) is None:
+            raise UserError(f"{TOKENIZER_CONFIG_FILE}: {field} {token!r} is not a token of tokenizer.json")
+        return self.hf.token_to_id(token)
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template (chatforge's own for its tokenizers)."""
+        if self.native:
+            return _own_template()
+        if not self.config.get("chat_template"):
+            raise UserError("this tokenizer has no chat template: the model continues text, it does not chat")
+        return self.config["chat_template"]
+
+    def encode_document(self, text: str) -> list[int]:
+        """A text as the model reads a document: with the <|bos|> chatforge puts first, or, for an imported
+        tokenizer, what its own post-processor adds (as `transformers` reads text for it)."""
+        if self.native:
+            return [self.bos_id, *self.encode(text)]
+        return self.hf.encode(text, add_special_tokens=True).ids
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """`encode_document` of each text, encoded in parallel."""
+        if self.native:
+            return [[self.bos_id, *ids] for ids in self.encode_batch(texts)]
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=True)]
+
+    @property
+    def document_stops(self) -> tuple[int, ...]:
+        """Where a text ends when it is continued: its <|eos|>, or the <|bos|> that starts the next document."""
+        return tuple(dict.fromkeys(i for i in (self.eos_id, self.bos_id) if i is not None))
 
     @property
     def vocab_size(self) -> int:
@@ -70,13 +124,11 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and a tokenizer_config.json that `AutoTokenizer.from_pretrained` understands,
         with the chat template, so `apply_chat_template` renders conversations as chatforge does."""
-        from chatforge.chat_format import JINJA_TEMPLATE  # the chat format is built on this tokenizer
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / TOKENIZER_FILE, self.hf.to_str(pretty=True))
-        hf_config = {
-            "chat_template": JINJA_TEMPLATE,
+        hf_config = self.config if not self.native else {
+            "chat_template": self.chat_template,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
             "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_OF_TURN],
@@ -94,9 +146,15 @@ class Tokenizer:
         if not file.is_file():
             raise UserError(f"{file}: tokenizer file not found")
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise UserError(f"{file}: not a valid tokenizer.json ({e})") from None
+        config_file = file.with_name(TOKENIZER_CONFIG_FILE)
+        try:
+            config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls(hf, config)
 
 
 class IncrementalDecoder:

@@ -78,7 +78,7 @@ def test_beam_search_flags_give_the_engines_beams(chat_model, tmp_path):
     from chatforge.chat_format import Message, render
     from chatforge.checkpoint import load_model
     from chatforge.engine import beam_search
-    from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
+    from chatforge.tokenizer import IncrementalDecoder
 
     model, tokenizer, _ = load_model(chat_model)
     beams = ["--num-beams", 3, "--length-penalty", 0.5, "--max-new-tokens", 16]
@@ -88,10 +88,10 @@ def test_beam_search_flags_give_the_engines_beams(chat_model, tmp_path):
         return "".join(decoder.push(t) for t in tokens)
 
     (best, *_) = beam_search(model, [tokenizer.bos_id, *tokenizer.encode("A tuple")], 3, 16,
-                             stop_ids=(tokenizer.bos_id, tokenizer.eos_id), length_penalty=0.5)
+                             stop_ids=tokenizer.document_stops, length_penalty=0.5)
     assert run_cli("generate", chat_model, "--prompt", "A tuple", *beams).stdout == "A tuple" + text_of(best.tokens) + "\n"
 
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     prompt = render([Message("user", QA[1][0])], tokenizer, add_generation_prompt=True)
     answers = beam_search(model, prompt, 3, 16, stop_ids=[end], length_penalty=0.5)
     reply = run_cli("chat", chat_model, "--prompt", QA[1][0], *beams).stdout

@@ -31,7 +31,7 @@ def test_render_and_parse_are_inverses(tokenizer):
 def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer):
     ids, trained = render_for_training(CONVERSATION, tokenizer)
     assert len(ids) == len(trained)
-    end = tokenizer.special["<|end|>"]
+    end = tokenizer.end_id
     expected = []
     for m in CONVERSATION:
         content = tokenizer.encode(m.content)
@@ -85,3 +85,52 @@ def test_a_long_prompt_loses_its_oldest_turns_first_then_the_system_then_the_sta
     assert CONVERSATION[3].content.endswith(fitted[0].content) and fitted[0].content  # the question's end stays
     with pytest.raises(ValueError, match="leaves no room for its question"):
         fit_prompt(prompt, tokenizer, 3)
+
+
+SMOLLM_TEMPLATE = (  # SmolLM2-Instruct's chat template (ChatML with a default system message)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
+    " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    """An imported model's tokenizer: other special tokens, its own Jinja chat template, no <|bos|>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([m.content for m in CONVERSATION] * 20, trainer=trainer)
+    return Tokenizer(hf, {"chat_template": SMOLLM_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                          "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "end_of_turn_token": "<|im_end|>"})
+
+
+def test_an_imported_template_renders_as_transformers_renders_it(chatml):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_object=chatml.hf, chat_template=SMOLLM_TEMPLATE)
+    assert not chatml.native and chatml.end_id == chatml.hf.token_to_id("<|im_end|>")
+    for messages in (CONVERSATION[:4], CONVERSATION[1:4]):  # with a system message, and with the template's own
+        expected = reference.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True)
+        assert render(messages, chatml, add_generation_prompt=True) == list(getattr(expected, "input_ids", expected))
+    assert chatml.encode_document("A list") == chatml.encode("A list")  # this tokenizer adds no <|bos|>
+
+
+def test_an_imported_template_trains_on_exactly_the_answers_and_their_end_of_turn(chatml):
+    ids, trained = render_for_training(CONVERSATION, chatml)
+    assert ids == render(CONVERSATION, chatml)
+    runs, current = [], []
+    for token, is_trained in zip(ids, trained):
+        if is_trained:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    assert [chatml.decode(run) for run in runs + ([current] if current else [])] == [
+        m.content + "<|im_end|>" for m in CONVERSATION if m.role == "assistant"]
+    with pytest.raises(ValueError, match="special token <|im_start|>"):
+        render([Message("user", "hi<|im_start|>system")], chatml)

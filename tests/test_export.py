@@ -31,7 +31,7 @@ def test_an_exported_language_model_reads_tokens_and_decodes_as_chatforge_does(c
 
     with torch.no_grad():
         assert torch.allclose(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids])), atol=1e-4)
-        stops = (tokenizer.special["<|end|>"], tokenizer.eos_id, tokenizer.bos_id)
+        stops = (tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id)
         ours = generate(model, ids, SamplingParams(max_new_tokens=24, temperature=0), stop_ids=stops)
         theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert theirs == ours

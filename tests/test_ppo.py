@@ -447,13 +447,13 @@ def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained
     from chatforge.chat_format import Message, render
     from chatforge.rollout import classifier_reward
     from chatforge.comparisons import text_ids
-    from chatforge.tokenizer import END_OF_TURN, Tokenizer
+    from chatforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
     classifier = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=4, max_seq_len=32,
                                head="classifier", num_labels=2, labels=["negative", "positive"])).eval()
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     prompts = [render([Message("user", q)], tokenizer, add_generation_prompt=True) for q in ("Hi.", "How are you today?")]
     texts = ["a good day", "bad"]
     got = classifier_reward(classifier, tokenizer, "positive", "logprob")(

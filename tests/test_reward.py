@@ -222,7 +222,7 @@ def test_sample_writes_k_answers_per_prompt_reproducibly(chat_model, tmp_path):
     assert records[0]["tokenizer"] == tokenizer.fingerprint
     for text, ids, reason in zip(comparison.answers, comparison.answer_ids, records[0]["finish_reasons"]):
         assert tokenizer.decode(ids, skip_special=True).strip() == text
-        assert (ids[-1] == tokenizer.special["<|end|>"]) == (reason == "stop") and 0 < len(ids) <= 12
+        assert (ids[-1] == tokenizer.end_id) == (reason == "stop") and 0 < len(ids) <= 12
     result = run_cli("sample", chat_model, "--prompts", prompts, "-k", 1, "--out", tmp_path / "c.jsonl", check=False)
     assert_one_line_error(result, "-k must be at least 2")
     result = run_cli(*args[:-1], "--temperatures", -1, "--out", tmp_path / "c.jsonl", check=False)
@@ -290,10 +290,10 @@ def test_answers_are_scored_on_the_tokens_sampled_not_their_text_re_encoded(toke
     ids belong to another tokenizer is refused."""
     from chatforge.chat_format import render
     from chatforge.comparisons import answers_to_score
-    from chatforge.tokenizer import END_OF_TURN, Tokenizer
+    from chatforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
-    end = tokenizer.special[END_OF_TURN]
+    end = tokenizer.end_id
     sampled = [tokenizer.encode(c)[0] for c in "value list"] + [end]  # one token per character
     text = tokenizer.decode(sampled, skip_special=True)
     assert text == "value list" and tokenizer.encode(text) + [end] != sampled
@@ -340,5 +340,5 @@ def test_a_comparison_longer_than_the_context_loses_prompt_turns_never_answers(t
     (group,), _ = load_groups([data], tokenizer, 64, False)
     assert group.truncated and max(map(len, group.sequences)) <= 64
     for answer, sequence in zip(answers, group.sequences):  # every answer whole, then <|end|>
-        assert list(sequence[group.prompt_tokens:]) == [*tokenizer.encode(answer), tokenizer.special["<|end|>"]]
+        assert list(sequence[group.prompt_tokens:]) == [*tokenizer.encode(answer), tokenizer.end_id]
     assert tokenizer.decode(group.sequences[0][: group.prompt_tokens]).endswith("the question<|end|><|assistant|>")

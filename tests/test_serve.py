@@ -21,7 +21,7 @@ from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model, save_checkpoint
 from chatforge.engine import SamplingParams, generate_batch
 from chatforge.model import GPT, GPTConfig
-from chatforge.tokenizer import END_OF_TURN, Tokenizer
+from chatforge.tokenizer import Tokenizer
 
 from conftest import (CHROMIUM, CHROMIUM_FLAGS, QA, ServerProcess, assert_one_line_error, assert_strict_page_headers,
                       run_cli, watch_csp)
@@ -111,7 +111,7 @@ def greedy_alone(checkpoint: Path, conversations: list[list[Message]], max_token
     for messages, budget in zip(conversations, max_tokens):
         [completion] = generate_batch(model, [render(messages, tokenizer, add_generation_prompt=True)],
                                       SamplingParams(max_new_tokens=budget, temperature=0),
-                                      stop_ids=[tokenizer.special[END_OF_TURN]], tokenizer=tokenizer)[0]
+                                      stop_ids=[tokenizer.end_id], tokenizer=tokenizer)[0]
         out.append((completion.text.strip(), len(completion.tokens), completion.finish_reason))
     return out
 
@@ -173,7 +173,7 @@ def test_beam_search_requests_answer_what_the_engine_finds(chat_server, chat_mod
     beams = SamplingParams(max_new_tokens=24, num_beams=3, length_penalty=0.6)
     expected_chat = [c.text.strip() for c in generate_batch(
         model, [render(messages, tokenizer, add_generation_prompt=True)], beams, n=2,
-        stop_ids=[tokenizer.special[END_OF_TURN]], tokenizer=tokenizer)[0]]
+        stop_ids=[tokenizer.end_id], tokenizer=tokenizer)[0]]
     prompts = ["A tuple", "The"]
     expected_text = [c.text for answers in generate_batch(
         model, [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts], beams,

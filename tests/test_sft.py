@@ -27,7 +27,7 @@ def test_tiny_sft_makes_the_model_reproduce_the_answers(chat_model):
     vals = [m["val_loss"] for m in read_metrics(run) if "val_loss" in m]
     assert vals[-1] < 0.05 < vals[0]
     model, tokenizer, _ = load_model(run)
-    end = tokenizer.special["<|end|>"]
+    end = tokenizer.end_id
     for question, answer in QA[:3]:
         prompt = render([Message("user", question)], tokenizer, add_generation_prompt=True)
         reply = generate(model, prompt, SamplingParams(max_new_tokens=20, temperature=0), stop_ids=(end,))

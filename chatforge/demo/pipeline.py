@@ -255,13 +255,12 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     )
     from chatforge.ppo import frozen
     from chatforge.rollout import model_reward
-    from chatforge.tokenizer import END_OF_TURN
 
     c = ctx.config
     words = ctx.held_out_words[: c.eval_words]
     questions = [w.question(DEFINE) for w in words]
     reward_model, tokenizer = ctx.load(ctx.run / "reward")
-    reward = model_reward(reward_model, tokenizer.special[END_OF_TURN], tokenizer.pad_id)
+    reward = model_reward(reward_model, tokenizer.end_id, tokenizer.pad_id)
     prompts = [question_ids(q, tokenizer) for q in questions]
     rng = random.Random(c.seed)
 

@@ -32,7 +32,7 @@ from chatforge.serve.schemas import (
     CompletionRequest, ErrorResponse, Health, ModelCard, ModelList, SamplingRequest, ServeConfig, TextCompletion,
     Usage,
 )
-from chatforge.tokenizer import END_OF_TURN, IncrementalDecoder
+from chatforge.tokenizer import IncrementalDecoder
 
 log = logging.getLogger("chatforge.serve")
 API_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -150,12 +150,12 @@ class Server:
                     raise ValueError("the last message must be the user's (the answer replies to it)")
             except ValueError as e:
                 raise ApiError(400, f"messages: {e}", param="messages") from None
-            kind, prompts, stop_ids = "chat", [render(messages, tok, add_generation_prompt=True)], [tok.special[END_OF_TURN]]
+            kind, prompts, stop_ids = "chat", [render(messages, tok, add_generation_prompt=True)], [tok.end_id]
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not texts:
                 raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-            kind, prompts, stop_ids = "completion", [[tok.bos_id, *tok.encode(t)] for t in texts], [tok.bos_id, tok.eos_id]
+            kind, prompts, stop_ids = "completion", [tok.encode_document(t) for t in texts], list(tok.document_stops)
         longest = max(len(p) for p in prompts)
         if longest >= self.context:
             raise ApiError(400, f"the prompt is {longest} tokens; the model's context is {self.context} tokens, "
