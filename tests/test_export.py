@@ -57,3 +57,26 @@ def test_export_never_replaces_a_folder_of_other_files(chat_model, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert_one_line_error(run_cli("export", chat_model, tmp_path, check=False), "a folder with other files in it")
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("precision, tolerance", [("f32", 1e-5), ("f16", 1e-3), ("q8_0", 1e-2)])
+def test_a_gguf_export_loads_in_transformers_and_back_in_chatforge(chat_model, tmp_path, precision, tolerance):
+    """transformers' own GGUF loader reads the file (tokenizer, template, llama.cpp's Q/K order) and computes
+    chatforge's logits, to the precision's rounding; `chatforge import` reads it back."""
+    pytest.importorskip("gguf")
+    out = tmp_path / f"model-{precision}.gguf"
+    run_cli("export", chat_model, out, "--format", "gguf", "--precision", precision)
+    model, tokenizer, _ = load_model(chat_model)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    messages = [Message("user", "What is a tuple? 2024")]
+    rendered = reference_tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True)
+    ids = render(messages, tokenizer, add_generation_prompt=True)
+    assert list(getattr(rendered, "input_ids", rendered)) == ids
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([ids]))
+        assert (reference(torch.tensor([ids])).logits - ours).abs().max() < tolerance * ours.abs().max()
+        run_cli("import", out, tmp_path / "back")
+        back, back_tokenizer, _ = load_model(tmp_path / "back")
+        assert (back.eval()(torch.tensor([ids])) - ours).abs().max() < tolerance * ours.abs().max()
+    assert render(messages, back_tokenizer, add_generation_prompt=True) == ids

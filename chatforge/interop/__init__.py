@@ -24,12 +24,13 @@ from pathlib import Path
 from chatforge.checkpoint import CONFIG_FILE, load_model, save_checkpoint
 from chatforge.config import DEVICE_HELP
 from chatforge.errors import UserError
-from chatforge.interop.gguf import read_gguf
+from chatforge.files import atomic_open
+from chatforge.interop.gguf import GGUF_TYPES, read_gguf, write_gguf
 from chatforge.interop.hf import read_hf_folder
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -77,22 +78,34 @@ def import_model(config: ImportConfig) -> Path:
 class ExportConfig:
     checkpoint: str = field(default="", metadata={"help": "checkpoint folder, or run folder (its latest checkpoint)",
                                                   "positional": True})
-    out: str = field(default="", metadata={"help": "folder to write (an earlier export there is replaced whole)",
-                                           "positional": True})
+    out: str = field(default="", metadata={
+        "help": "hf: the folder to write (an earlier export there is replaced whole); gguf: the .gguf file",
+        "positional": True})
     format: str = field(default="hf", metadata={"help": f"what to write: {', '.join(FORMATS)}"})
+    precision: str = field(default="f16", metadata={"help": f"gguf: the tensors' type, {', '.join(GGUF_TYPES)}"})
     device: str = field(default="cpu", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.precision not in GGUF_TYPES:
+            raise ValueError(f"precision must be one of {', '.join(GGUF_TYPES)}, got {self.precision!r}")
 
 
 def export(config: ExportConfig) -> Path:
-    """`chatforge export`: the checkpoint written in `format` to `out`; the folder."""
+    """`chatforge export`: the checkpoint written in `format` to `out`."""
     out = Path(config.out)
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+    if config.format == "hf" and out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise UserError(f"{out}: a folder with other files in it; export into a new or empty folder")
+    if config.format == "gguf" and (out.suffix != ".gguf" or out.is_dir()):
+        raise UserError(f"{out}: a GGUF export is one file; name it NAME.gguf")
     model, tokenizer, path = load_model(config.checkpoint, config.device)
+    if config.format == "gguf":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out, "wb") as f:  # the GGUF writer fills the temporary file by its name; then it is renamed
+            write_gguf(model, tokenizer, Path(f.name), config.precision, name=Path(config.checkpoint).resolve().name)
+        print(f"{path} -> {out} (GGUF, {config.precision}: llama.cpp and Ollama run it)")
+        return out
     save_checkpoint(out, model, tokenizer, extra={"exported_from": str(path)})
     kind = "LlamaForCausalLM" if model.config.head == "lm" else "LlamaForSequenceClassification"
     print(f"{path} -> {out} (a Hugging Face {kind} folder)")

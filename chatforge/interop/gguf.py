@@ -1,16 +1,20 @@
-"""A GGUF file (llama.cpp's format) of a Llama-family model as a chatforge model, read with the `gguf`
-package: the metadata mapped onto `GPTConfig`, every tensor dequantised to float32 with llama.cpp's rotary row
-order of Q and K undone, and the BPE tokenizer and chat template rebuilt from the metadata.
+"""GGUF files (llama.cpp's format, which Ollama runs too), read and written with the `gguf` package.
+
+Reading a Llama-family model: the metadata mapped onto `GPTConfig`, every tensor dequantised to float32 with
+llama.cpp's rotary row order of Q and K undone, and the BPE tokenizer and chat template rebuilt from the
+metadata. Writing (`write_gguf`): the same layout the other way, in f32, f16 or q8_0. No training framework
+writes GGUF itself; llama.cpp's converter is a script in its repository, which is why this is here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize, quantize
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
@@ -28,6 +32,8 @@ LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GGUF_NAMES = {**{hf: gguf for gguf, hf in LAYER_TENSORS.items()},
+              **{hf.removeprefix("model."): gguf for gguf, hf in MODEL_TENSORS.items()}}  # chatforge's -> llama.cpp's
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types of special tokens
 
 
@@ -143,3 +149,88 @@ def read_gguf(path: Path) -> tuple[GPT, Tokenizer]:
         raise UserError(f"{path}: not a readable GGUF file ({e.__class__.__name__}: {e})") from None
     config = read_config(reader)
     return load_weights(GPT(config), read_weights(reader, config), path), read_tokenizer(reader)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+
+
+def permute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order of a Q or K projection (the inverse of `unpermute_rotary_rows`)."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    """llama.cpp's name for how the tokenizer splits text before merging (the inverse of `read_tokenizer`)."""
+    pre = json.loads(tokenizer.hf.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    kinds = [(step.get("type"), step.get("individual_digits", step.get("use_regex"))) for step in steps]
+    names = {(("ByteLevel", True),): "gpt2", (("Digits", True), ("ByteLevel", True)): "smollm"}
+    if tuple(kinds) not in names:
+        raise UserError(f"this tokenizer splits text in a way llama.cpp has no name for ({[k for k, _ in kinds]})")
+    return names[tuple(kinds)]
+
+
+def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, precision: str = "f16", name: str = "chatforge") -> Path:
+    """`model` as a Llama-architecture GGUF that llama.cpp and Ollama run: its tensors in `precision` (f32, f16
+    or q8_0; norms stay f32, as llama.cpp keeps them), Q and K rows in llama.cpp's order, and the tokenizer
+    (BPE tokens, merges, token types, special ids) and chat template in the metadata."""
+    c = model.config
+    if c.head != "lm" or c.qkv_bias:
+        raise UserError("GGUF export writes Llama language models (no reward or classifier head, no q/k/v biases)")
+    state = json.loads(tokenizer.hf.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    tokens = [token for token, _ in sorted(tokenizer.hf.get_vocab(with_added_tokens=True).items(), key=lambda t: t[1])]
+    special = set(tokenizer.special.values())
+    writer = GGUFWriter(path, "llama")
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[precision])
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_feed_forward_length(c.ffn_hidden)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.n_kv_head)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types([CONTROL if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_add_bos_token(tokenizer.encode_document("a")[:1] == [tokenizer.bos_id])
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_eot_token_id(tokenizer.end_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_embeddings:
+            continue
+        module, suffix = key.rsplit(".", 1)
+        if module.startswith("layers."):
+            _, layer, module = module.split(".", 2)
+            gguf_name = f"blk.{layer}.{GGUF_NAMES[module]}.{suffix}"
+        else:
+            gguf_name = f"{GGUF_NAMES[module]}.{suffix}"
+        array = tensor.detach().float().cpu().numpy()
+        if ".attn_q." in gguf_name:
+            array = permute_rotary_rows(array, c.n_head)
+        elif ".attn_k." in gguf_name:
+            array = permute_rotary_rows(array, c.n_kv_head)
+        kind = GGMLQuantizationType.F32 if array.ndim == 1 else GGUF_TYPES[precision]
+        if kind == GGMLQuantizationType.Q8_0:
+            writer.add_tensor(gguf_name, quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, array.astype(np.float16 if kind == GGMLQuantizationType.F16 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
