@@ -1,6 +1,7 @@
 """Generation throughput: chatforge's KV-cache engine vs a naive loop vs Hugging Face `generate`.
 
     python bench/generate_throughput.py            # cpu preset model, batch 1, 8 and 32, 128 new tokens
+    python bench/generate_throughput.py --model smollm2 --batch-sizes 1 8     # SmolLM2-135M-Instruct
 
 Side by side in one run, on the same weights (the `cpu` preset's architecture, random weights: speed does
 not depend on them): tokens/s of
@@ -12,7 +13,7 @@ Prints a table (medians of --repeats) and writes bench/results/generate_throughp
 includes laying out the decoding step's weights, which every generation does at its start; that cost alone
 is printed too, against a batch-1 generation.
 
-Target: chatforge >= 2x `transformers` generate at batch 1 and batch 8 on CPU.
+Target: chatforge >= 2x `transformers` generate at batch 1 and batch 8 on CPU, for the cpu preset and SmolLM2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from chatforge import config as cfg
 from chatforge.engine import DecodeStep, SamplingParams, generate_batch
+from chatforge.interop import read_model
 from chatforge.model import GPT, hf_llama_config, hf_state_dict
 from chatforge.pretrain import PretrainConfig
 from chatforge.runtime import pick_device
@@ -41,6 +43,8 @@ def naive_generate(model: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="model architecture from this preset (default: cpu)")
+    parser.add_argument("--model", help="a real model instead of the preset's random one: smollm2, a Hugging Face "
+                                        "folder or a GGUF file (as `chatforge import` reads them)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -50,11 +54,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_throughput.json"))
     args = parser.parse_args(argv)
 
-    config = cfg.from_dict(PretrainConfig, cfg.load_preset(args.preset, "pretrain")).model
-    config.vocab_size = args.vocab_size
     device = pick_device(args.device)
     torch.manual_seed(0)
-    model = GPT(config).to(device).eval()
+    if args.model:
+        model = read_model(args.model)[0].to(device).eval()
+        config, args.vocab_size = model.config, model.config.vocab_size
+    else:
+        config = cfg.from_dict(PretrainConfig, cfg.load_preset(args.preset, "pretrain")).model
+        config.vocab_size = args.vocab_size
+        model = GPT(config).to(device).eval()
     try:
         import transformers
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(config))).to(device).eval()
@@ -96,7 +104,7 @@ def main(argv=None) -> None:
     layout_share = medians["layout"] / medians["batch1"]
     print(f"laying out the decoding weights, once per generation: {1e3 * medians['layout']:.2f} ms, "
           f"{layout_share:.1%} of a batch-1 generation of {args.new_tokens} tokens", flush=True)
-    write_report(args.out, rows, preset=args.preset, device=str(device), params_M=model.num_params() / 1e6,
+    write_report(args.out, rows, preset=args.preset, model=args.model, device=str(device), params_M=model.num_params() / 1e6,
                  layout_ms=1e3 * medians["layout"], layout_share_of_batch1=layout_share)
 
 

@@ -122,3 +122,22 @@ def test_a_truncated_gguf_is_a_one_line_error(tmp_path):
     with source.open("rb") as f:
         cut.write_bytes(f.read(os.path.getsize(source) // 2))
     assert_one_line_error(run_cli("import", cut, tmp_path / "x", check=False), "cut.gguf")
+
+
+@needs_smollm2
+def test_smollm2_fine_tunes_in_its_own_template(smollm2, tmp_path):
+    from chatforge.train import read_metrics
+
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "dict.jsonl", [
+        {"prompt": "What does dog mean?", "completion": "dog (noun): a domesticated carnivorous mammal."},
+        {"prompt": "What does run mean?", "completion": "run (verb): move fast on foot."}])
+    run_cli("sft", "--init", smollm2, "--data", data, "--val-fraction", 0, "--batch-size", 2, "--micro-batch-size", 2,
+            "--max-steps", 1, "--lr", 1e-5, "--warmup-steps", 0, "--out", tmp_path / "sft", "--no-progress",
+            "--sample-tokens", 4)
+    (step,) = [m for m in read_metrics(tmp_path / "sft") if "loss" in m]
+    assert 0 < step["loss"] < 10
+    _, before, _ = load_model(smollm2)
+    _, after, _ = load_model(tmp_path / "sft")
+    assert (after.fingerprint, after.chat_template, after.end_id) == (before.fingerprint, before.chat_template, before.end_id)
