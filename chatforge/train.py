@@ -459,7 +459,7 @@ def resolve_run_config(cls, stage: str, preset: str | None, overrides: dict, res
                             f"give one of them")
         # the command line wins over the preset (or the resumed run's config), and says what it overrode
         print(f"{stage}: --max-steps {config.max_steps} overrides epochs = {config.epochs:g} "
-              f"from {'the run' if resume else 'the preset'}")
+              f"from {'the run' if resume else 'the preset' if preset else 'the defaults'}")
         config.epochs = 0.0
     if not resume and step_checkpoints(config.out):
         raise UserError(f"{config.out} already holds a run with checkpoints: continue it with "

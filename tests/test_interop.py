@@ -141,3 +141,18 @@ def test_smollm2_fine_tunes_in_its_own_template(smollm2, tmp_path):
     _, before, _ = load_model(smollm2)
     _, after, _ = load_model(tmp_path / "sft")
     assert (after.fingerprint, after.chat_template, after.end_id) == (before.fingerprint, before.chat_template, before.end_id)
+
+
+@needs_smollm2
+def test_smollm2_samples_candidates_that_its_reward_model_reads_as_sampled(smollm2, tmp_path):
+    from chatforge.comparisons import answers_to_score
+
+    (tmp_path / "prompts.txt").write_text("What does dog mean?\n")
+    run_cli("sample", smollm2, "--prompts", tmp_path / "prompts.txt", "-k", 2, "--max-new-tokens", 6, "--seed", 0,
+            "--out", tmp_path / "candidates.jsonl", "--no-progress")
+    (record,) = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    model, tokenizer, _ = load_model(smollm2)
+    prompt = render([Message("user", "What does dog mean?")], tokenizer, add_generation_prompt=True)
+    for ids, sequence in zip(record["completion_ids"], answers_to_score(record, model, tokenizer)):
+        assert sequence[: len(prompt)] == prompt and sequence[len(prompt):len(prompt) + len(ids)] == ids
+        assert sequence[-1] == tokenizer.end_id  # <|im_end|> closes every answer the reward model reads
