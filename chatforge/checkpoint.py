@@ -28,14 +28,16 @@ from chatforge import __version__
 from chatforge.config import from_dict
 from chatforge.errors import UserError
 from chatforge.files import atomic_dir, current_dir, recover_dir
-from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_model_type, hf_state_dict
+from chatforge.lora import add_adapters, adapter_settings, check_base, has_adapters, trained_state, weights_sha256
+from chatforge.model import GPT, GPTConfig, from_hf_state_dict, hf_llama_config, hf_model_type, hf_state_dict, with_head
 from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 GENERATION_CONFIG_FILE = "generation_config.json"
-REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint: its adapters (and a head it trained), not its base
+REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE)
 CHECKPOINT_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 SET_ASIDE_STEP = re.compile(r"^\.(step_\d+)\.old-\d+$")  # a step folder that a killed re-save set aside
@@ -70,13 +72,19 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically: a crash leaves the old version or the new one."""
+    """Write a complete checkpoint folder atomically: a crash leaves the old version or the new one. A model
+    with LoRA adapters is written as what it trained and a pointer to its base (`lora`)."""
     directory = Path(directory)
-    weights = hf_state_dict(model)
-    if model.config.tie_embeddings and model.config.head == "lm":
-        weights.pop("lm_head.weight")  # stored once, as Hugging Face does for tied embeddings
+    if has_adapters(model):
+        adapter = adapter_settings(model)
+        adapter["base_sha256"] = weights_sha256(resolve_checkpoint(adapter["base"]) / WEIGHTS_FILE)
+        weights, file, extra = trained_state(model), ADAPTER_FILE, {**(extra or {}), "adapter": adapter}
+    else:
+        weights, file = hf_state_dict(model), WEIGHTS_FILE
+        if model.config.tie_embeddings and model.config.head == "lm":
+            weights.pop("lm_head.weight")  # stored once, as Hugging Face does for tied embeddings
     with atomic_dir(directory) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS_FILE,
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / file,
                   metadata={"format": "pt", "producer": f"chatforge {__version__}"})
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config_json(model.config, tokenizer, extra), indent=2) + "\n")
         tokenizer.save(tmp)
@@ -122,9 +130,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = step_checkpoints(path)
     if found:
         path = found[-1][1]
-    elif not any((path / f).exists() for f in REQUIRED_FILES):
+    elif not any((path / f).exists() for f in (*REQUIRED_FILES, WEIGHTS_FILE, ADAPTER_FILE)):
         raise UserError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    weights = [f for f in (WEIGHTS_FILE, ADAPTER_FILE) if (path / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()] + ([] if weights else [WEIGHTS_FILE])
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return path
@@ -139,9 +148,12 @@ def read_model_config(path: Path) -> GPTConfig:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, Path]:
-    """The model and tokenizer of a checkpoint (or of a run folder's latest checkpoint)."""
+    """The model and tokenizer of a checkpoint (or of a run folder's latest checkpoint); a LoRA run's checkpoint
+    is its base with the adapters (and head) it trained on top."""
     path = resolve_checkpoint(path)
     config = read_model_config(path)
+    if (path / ADAPTER_FILE).is_file():
+        return _load_adapted(path, config, device)
     try:
         weights = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError) as e:
@@ -157,6 +169,25 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     if missing or unexpected:
         raise UserError(f"{path / WEIGHTS_FILE}: weights do not match config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device), Tokenizer.load(path), path
+
+
+def _load_adapted(path: Path, config: GPTConfig, device) -> tuple[GPT, Tokenizer, Path]:
+    adapter = json.loads((path / CONFIG_FILE).read_text())["chatforge"]["adapter"]
+    base, _, base_path = load_model(adapter["base"], device)
+    check_base(adapter["base_sha256"], weights_sha256(base_path / WEIGHTS_FILE), base_path)
+    if config.head != base.config.head:
+        base = with_head(base, config.head, config.labels)
+    base.config = config  # the trained head's score offset, dropout and the rest
+    model = add_adapters(base, adapter["r"], adapter["alpha"], adapter["dropout"], adapter["targets"], adapter["base"])
+    try:
+        weights = load_file(path / ADAPTER_FILE)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / ADAPTER_FILE}: truncated or corrupt adapter ({e})") from None
+    unknown = sorted(set(weights) - set(model.state_dict()))
+    if unknown:
+        raise UserError(f"{path / ADAPTER_FILE}: tensors the adapted model does not have ({unknown[:3]})")
+    model.load_state_dict(weights, strict=False)
     return model.to(device), Tokenizer.load(path), path
 
 

@@ -23,13 +23,14 @@ from chatforge.comparisons import text_ids
 from chatforge.config import DEVICE_HELP, require_positive, save_json
 from chatforge.data import load_splits
 from chatforge.errors import UserError
-from chatforge.model import GPT, with_head
+from chatforge.model import GPT
 from chatforge.reward import last_token_outputs, right_pad
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
 from chatforge.sources import parse_records
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
-    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, fine_tuning_start, process_share, resolve_run_config, run_stage,
+    set_max_steps_from_epochs,
 )
 
 REPORT_FILE = "classification_report.json"
@@ -195,7 +196,7 @@ def train_classifier(config: ClassifyConfig, resume_from: Path | None = None) ->
     """Fine-tune a model with a classification head on labelled text; returns the run folder."""
 
     def setup(device: torch.device, d: Dist):
-        base, tokenizer, _ = load_model(resume_from or config.init, device)
+        base, tokenizer, path = load_model(resume_from or config.init, device)
         max_len = base.config.max_seq_len
         train, val, skipped = load_splits(lambda paths: load_labelled(paths, config, tokenizer, max_len),
                                           config.data, config.val_data, config.val_fraction, config.seed)
@@ -209,7 +210,8 @@ def train_classifier(config: ClassifyConfig, resume_from: Path | None = None) ->
             raise UserError(f"labels {', '.join(unknown)} are not among --classes {', '.join(config.classes)}")
         if len(config.classes) < 2:
             raise UserError(f"a classifier needs at least 2 classes, the data has {len(config.classes)}")
-        model = base if resume_from is not None else with_head(base, "classifier", config.classes)
+        model = base if resume_from is not None else fine_tuning_start(base, tokenizer, path, config, "classifier",
+                                                                       config.classes)
         if d.is_main:
             counts = {c: sum(x.label == c for x in train) for c in config.classes}
             print(f"classify: {len(train):,} training and {len(val):,} held-out examples; classes "

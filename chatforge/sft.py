@@ -26,7 +26,8 @@ from chatforge.runtime import Dist, all_reduce_mean
 from chatforge.sources import parse_records
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import (
-    FineTuneConfig, FineTuneTask, process_share, resolve_run_config, run_stage, set_max_steps_from_epochs,
+    FineTuneConfig, FineTuneTask, fine_tuning_start, process_share, resolve_run_config, run_stage,
+    set_max_steps_from_epochs,
 )
 
 
@@ -186,9 +187,11 @@ def sft(config: SFTConfig, resume_from: Path | None = None) -> Path:
     """Fine-tune a pretrained model on conversations; returns the run folder."""
 
     def setup(device: torch.device, d: Dist):
-        model, tokenizer, _ = load_model(resume_from or config.init, device)
+        model, tokenizer, path = load_model(resume_from or config.init, device)
         if model.config.head != "lm":
             raise UserError(f"{config.init}: SFT starts from a language model, this checkpoint has a {model.config.head} head")
+        if resume_from is None:
+            model = fine_tuning_start(model, tokenizer, path, config)
         model.set_dropout(config.dropout)
         max_len = model.config.max_seq_len
         train, val, skipped = load_splits(lambda paths: load_examples(paths, tokenizer, max_len, config.skip_invalid),

@@ -32,7 +32,8 @@ from chatforge.checkpoint import (
 from chatforge.data import BucketedEpochs
 from chatforge.errors import UserError
 from chatforge.files import atomic_write
-from chatforge.model import GPT
+from chatforge.lora import LoRAOptions, add_adapters, has_adapters, merge_adapters
+from chatforge.model import GPT, with_head
 from chatforge.plots import CURVES_FILE, plot_training_curves
 from chatforge.runtime import (
     Dist, all_reduce_mean, autocast, init_distributed, peak_flops, pick_device, pick_dtype, shutdown_distributed,
@@ -74,7 +75,7 @@ class TrainConfig:
 
 
 @dataclass
-class FineTuneConfig(TrainConfig):
+class FineTuneConfig(TrainConfig, LoRAOptions):
     """What the stages that fine-tune on a fixed set of records share (SFT, reward model, classifier)."""
 
     init: str = field(default="", metadata={"help": "checkpoint (or run folder) to start from"})
@@ -83,6 +84,27 @@ class FineTuneConfig(TrainConfig):
     val_fraction: float = field(default=0.1, metadata={"help": "share of --data held out when no --val-data"})
     skip_invalid: bool = field(default=False, metadata={"help": "count and skip invalid records instead of stopping"})
     epochs: float = field(default=0.0, metadata={"help": "passes over the training records; sets max_steps when > 0"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_lora()
+
+
+def fine_tuning_start(model: GPT, tokenizer: Tokenizer, init: Path, config: FineTuneConfig, head: str | None = None,
+                      labels: list[str] | None = None) -> GPT:
+    """The model a fine-tuning run starts from: `model` (loaded from `init`), the adapters of a LoRA run merged
+    into it, with a new `head` if one is given, and with fresh LoRA adapters when `config.lora_r` > 0. Their
+    base is `init`, or, when `init` was itself a LoRA run, the merged model written to OUT/base: adapters on
+    adapters would make "the adapters switched off" mean the base before that run, not `init`."""
+    if has_adapters(model):
+        model = merge_adapters(model)
+        if config.lora_r:
+            init = save_checkpoint(Path(config.out) / "base", model, tokenizer)
+    if head is not None:
+        model = with_head(model, head, labels)
+    if config.lora_r:
+        model = add_adapters(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, init)
+    return model
 
 
 class Task:

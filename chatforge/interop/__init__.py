@@ -27,6 +27,7 @@ from chatforge.errors import UserError
 from chatforge.files import atomic_open
 from chatforge.interop.gguf import GGUF_TYPES, read_gguf, write_gguf
 from chatforge.interop.hf import read_hf_folder
+from chatforge.lora import has_adapters, merge_adapters
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer
 
@@ -100,6 +101,8 @@ def export(config: ExportConfig) -> Path:
     if config.format == "gguf" and (out.suffix != ".gguf" or out.is_dir()):
         raise UserError(f"{out}: a GGUF export is one file; name it NAME.gguf")
     model, tokenizer, path = load_model(config.checkpoint, config.device)
+    if has_adapters(model):  # other tools get one set of weights
+        model = merge_adapters(model)
     if config.format == "gguf":
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(out, "wb") as f:  # the GGUF writer fills the temporary file by its name; then it is renamed
@@ -109,4 +112,20 @@ def export(config: ExportConfig) -> Path:
     save_checkpoint(out, model, tokenizer, extra={"exported_from": str(path)})
     kind = "LlamaForCausalLM" if model.config.head == "lm" else "LlamaForSequenceClassification"
     print(f"{path} -> {out} (a Hugging Face {kind} folder)")
+    return out
+
+
+@dataclass
+class MergeConfig:
+    checkpoint: str = field(default="", metadata={"help": "a LoRA run's checkpoint, or its run folder", "positional": True})
+    out: str = field(default="", metadata={"help": "checkpoint folder to write", "positional": True})
+
+
+def merge(config: MergeConfig) -> Path:
+    """`chatforge merge`: a LoRA run's adapters added into its base's weights, written as a full checkpoint."""
+    model, tokenizer, path = load_model(config.checkpoint)
+    if not has_adapters(model):
+        raise UserError(f"{path}: has no LoRA adapters to merge")
+    out = save_checkpoint(Path(config.out), merge_adapters(model), tokenizer, extra={"merged_from": str(path)})
+    print(f"{path} + its base -> {out}")
     return out
