@@ -119,3 +119,20 @@ def check_base(expected: str, actual: str, base: Path) -> None:
     if expected != actual:
         raise UserError(f"{base}: its weights changed since the adapter was trained on them (SHA-256 {actual[:12]}, "
                         f"the adapter's base had {expected[:12]})")
+
+
+class WithoutAdapters(torch.nn.Module):
+    """A model with its adapters switched off, as a module of its own that shares the model's weights: PPO's
+    reference policy under LoRA, one copy of the weights in memory instead of two."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self._model = (model,)  # a tuple, not a submodule: the parameters stay the policy's alone
+
+    @property
+    def config(self):
+        return self._model[0].config
+
+    def forward(self, *args, **kwargs):
+        with adapters_disabled(self._model[0]) as base:
+            return base(*args, **kwargs)

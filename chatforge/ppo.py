@@ -35,6 +35,7 @@ from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.errors import UserError
 from chatforge.evaluate import compare_policies
 from chatforge.files import atomic_write_jsonl
+from chatforge.lora import LoRAOptions, WithoutAdapters, add_adapters, has_adapters
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
     AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, policy_terms,
@@ -48,7 +49,7 @@ from chatforge.rollout import (
 from chatforge.runtime import Dist, pick_device
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, resolve_run_config, run_stage
+from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, merged_start, resolve_run_config, run_stage
 
 # --- the update ---------------------------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
 # --- the stage: models, rollouts, diagnostics, checkpoints -----------------------------------------------
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(TrainConfig, LoRAOptions):
     policy: str = field(default="", metadata={"help": "SFT checkpoint (or run folder): the policy starts from it, and a frozen copy is the reference"})
     reward: str = field(default="", metadata={"help": "reward model checkpoint (`reward train`), or a classifier with --reward-label"})
     reward_label: str = field(default="", metadata={"help": "with a classifier as the reward: the class whose score is the reward"})
@@ -161,6 +162,7 @@ class PPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_lora()
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
         require_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon")
@@ -387,8 +389,8 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
     sft, tokenizer, sft_path = load_model(config.policy, device)
     if sft.config.head != "lm":
         raise UserError(f"{sft_path}: the policy starts from a language model (SFT), this checkpoint has a {sft.config.head} head")
-    policy = load_model(resume_from, device)[0] if resume_from else copy.deepcopy(sft)
-    policy.set_dropout(0.0)  # PPO's ratios must be 1 before any update (see ppo_epochs)
+    # a LoRA SFT run's adapters are part of the SFT policy: merged first, or "adapters off" would not be SFT
+    sft, sft_path = merged_start(sft, tokenizer, sft_path, config)
     reward_model, reward = load_reward(config, tokenizer, device)
     if reward_model.config.max_seq_len < sft.config.max_seq_len and reward_model.config.head == "scalar":
         raise UserError(f"{config.reward}: the reward model's context ({reward_model.config.max_seq_len}) is "
@@ -398,6 +400,14 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
         raise UserError(f"{config.reward}: its context ({value_model.config.max_seq_len}) is shorter than the policy's "
                         f"({sft.config.max_seq_len}), too short for the value model: use --value-init sft")
     value_model.set_dropout(0.0)
+    if resume_from:
+        policy = load_model(resume_from, device)[0]
+    elif config.lora_r:  # the adapters go onto the SFT weights in place: the reference is them switched off
+        policy = add_adapters(sft, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, sft_path)
+    else:
+        policy = copy.deepcopy(sft)
+    policy.set_dropout(0.0)  # PPO's ratios must be 1 before any update (see ppo_epochs)
+    reference = WithoutAdapters(policy) if has_adapters(policy) else frozen(sft)
     if config.ptx_data:
         data_tokenizer = load_data_tokenizer(config.ptx_data)
         if not same_tokenizer(tokenizer, data_tokenizer):
@@ -411,7 +421,7 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
         raise UserError(f"no training prompts left after holding out {len(val_ids)}: give --val-prompts or lower --val-fraction")
     print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
           + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
-    task = PPOTask(config, policy, frozen(sft), value_model, reward, tokenizer, train_ids, val_ids, device)
+    task = PPOTask(config, policy, reference, value_model, reward, tokenizer, train_ids, val_ids, device)
     return policy, tokenizer, task
 
 

@@ -90,16 +90,23 @@ class FineTuneConfig(TrainConfig, LoRAOptions):
         self.check_lora()
 
 
-def fine_tuning_start(model: GPT, tokenizer: Tokenizer, init: Path, config: FineTuneConfig, head: str | None = None,
-                      labels: list[str] | None = None) -> GPT:
-    """The model a fine-tuning run starts from: `model` (loaded from `init`), the adapters of a LoRA run merged
-    into it, with a new `head` if one is given, and with fresh LoRA adapters when `config.lora_r` > 0. Their
-    base is `init`, or, when `init` was itself a LoRA run, the merged model written to OUT/base: adapters on
-    adapters would make "the adapters switched off" mean the base before that run, not `init`."""
+def merged_start(model: GPT, tokenizer: Tokenizer, init: Path, config: TrainConfig | LoRAOptions) -> tuple[GPT, Path]:
+    """`model` (loaded from `init`) with the adapters of a LoRA run merged into it, and the checkpoint new
+    adapters stand on: `init`, or, when `init` was itself a LoRA run and this run trains adapters of its own,
+    the merged model written to OUT/base (adapters on adapters would make "the adapters switched off" mean the
+    base before that run, not `init`)."""
     if has_adapters(model):
         model = merge_adapters(model)
         if config.lora_r:
             init = save_checkpoint(Path(config.out) / "base", model, tokenizer)
+    return model, init
+
+
+def fine_tuning_start(model: GPT, tokenizer: Tokenizer, init: Path, config: FineTuneConfig, head: str | None = None,
+                      labels: list[str] | None = None) -> GPT:
+    """The model a fine-tuning run starts from (`merged_start`), with a new `head` if one is given, and with
+    fresh LoRA adapters when `config.lora_r` > 0."""
+    model, init = merged_start(model, tokenizer, init, config)
     if head is not None:
         model = with_head(model, head, labels)
     if config.lora_r:

@@ -549,3 +549,44 @@ def test_a_rollout_in_chunks_keeps_the_order_and_draws_each_chunk_afresh():
     assert rollout(policy, prompts, 2, 6, stop_id=2, seed=3, rows=4)[1] == answers  # seeded
     whole = rollout(policy, prompts, 2, 6, stop_id=2, seed=3)
     assert whole[0] == rows and len(whole[1]) == 10
+
+
+def test_ppo_with_lora_keeps_one_copy_of_the_weights_and_its_reference_is_the_lora_sft_model(please, tmp_path):
+    """TRL's pitfall (#495, #3196): when the SFT model is itself a LoRA run, "the adapters switched off" must be
+    the SFT model, not its base. The SFT adapters are merged first (into OUT/base), the policy's new adapters
+    stand on that, and the reference is the policy with them off: the same weights, SFT's log-probs."""
+    pytest.importorskip("peft")
+    import chatforge.ppo as ppo
+    from chatforge.checkpoint import load_model
+    from chatforge.lora import has_adapters
+    from conftest import run_cli
+
+    run_cli("sft", "--preset", "tiny", "--init", please / "sft", "--data", please / "chat.jsonl", "--val-fraction", 0,
+            "--max-steps", 3, "--epochs", 0, "--lr", 1e-2, "--lora-r", 4, "--out", tmp_path / "lora-sft", "--no-progress")
+    lora_sft, _, _ = load_model(tmp_path / "lora-sft")
+    policy, _, task = ppo.build_ppo(ppo_config(please, tmp_path / "ppo", policy=str(tmp_path / "lora-sft"), lora_r=4),
+                                    torch.device("cpu"))
+    assert has_adapters(policy) and (tmp_path / "ppo" / "base" / "config.json").is_file()
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {n for n in policy.state_dict() if "lora_" in n}
+    x = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(task.reference(x), lora_sft.eval()(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in task.reference.parameters()) == 0  # it owns no weights: it is the policy's
+
+
+def test_a_lora_ppo_run_resumes_exactly(please, tmp_path):
+    pytest.importorskip("peft")
+    import shutil
+
+    import chatforge.ppo as ppo
+    from chatforge.train import read_metrics
+
+    whole = ppo.train_ppo(ppo_config(please, tmp_path / "whole", lora_r=4, max_steps=2, checkpoint_every=1,
+                                     eval_every=100, val_prompts=[], val_fraction=0.0))
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000002")
+    config, checkpoint = ppo.resolve_config(None, {}, str(cut))
+    ppo.train_ppo(config, resume_from=checkpoint)
+    key = lambda run: [(m["step"], m["reward"], m["policy_loss"]) for m in read_metrics(run) if "reward" in m]
+    assert key(cut) == key(whole) and len(key(whole)) == 2
