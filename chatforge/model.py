@@ -298,9 +298,8 @@ class GPT(nn.Module):
     def set_dropout(self, p: float) -> None:
         """Change the residual dropout (e.g. for fine-tuning a model pretrained without it)."""
         self.config = dataclasses.replace(self.config, dropout=p)  # validates p
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = p
+        for block in self.layers:  # the residual dropouts only: an adapter's own dropout is its own setting
+            block.dropout.p = p
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token embedding if embedding=False."""

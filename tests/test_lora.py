@@ -88,3 +88,13 @@ def test_an_adapter_refuses_a_base_whose_weights_changed(pretrained, lora_run, t
     assert_one_line_error(run_cli("chat", moved, "--prompt", "hi", check=False), "its weights changed")
     merged = merge_adapters(load_model(lora_run)[0])
     assert not has_adapters(merged) and all(p.requires_grad for p in merged.parameters())
+
+
+def test_the_residual_dropout_setting_leaves_the_adapters_dropout_alone(tmp_path):
+    from chatforge.lora import add_adapters
+    from chatforge.model import GPT, GPTConfig
+
+    model = add_adapters(GPT(GPTConfig(vocab_size=50, n_layer=1, d_model=32, n_head=4, max_seq_len=16)), 4, 8.0, 0.1,
+                         ["q_proj"], tmp_path)
+    model.set_dropout(0.0)
+    assert model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.1 and model.layers[0].dropout.p == 0.0
