@@ -177,8 +177,9 @@ def _render_template_for_training(messages: list[Message], tokenizer: Tokenizer)
         if m.role != "assistant":
             continue
         prefix = template_text(messages[:i], tokenizer, add_generation_prompt=True)
-        start = text.find(m.content, len(prefix)) if text.startswith(prefix) else -1
-        stop = text.find(end, start + len(m.content)) if start >= 0 else -1
+        content = m.content.strip()  # some templates trim what they are given
+        start = text.find(content, len(prefix)) if text.startswith(prefix) else -1
+        stop = text.find(end, start + len(content)) if start >= 0 else -1
         if stop < 0:
             raise ValueError(f"message {i}: the chat template does not render the conversation as its prefixes "
                              f"followed by the answer and {end}, so the answer's tokens cannot be found")

@@ -60,7 +60,7 @@ def model_config_json(config: GPTConfig, tokenizer: Tokenizer, extra: dict | Non
 def generation_config(tokenizer: Tokenizer) -> dict:
     """transformers' generation_config.json: generation stops where chatforge's does, at the end of a turn
     (<|end|>), of a text (<|eos|>), or at the <|bos|> that starts the next document in pretraining data."""
-    stops = [tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id]
+    stops = list(dict.fromkeys((tokenizer.end_id, *tokenizer.document_stops)))  # no BOS: no None
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id}
 
 
@@ -176,8 +176,9 @@ def _load_adapted(path: Path, config: GPTConfig, device) -> tuple[GPT, Tokenizer
     adapter = json.loads((path / CONFIG_FILE).read_text())["chatforge"]["adapter"]
     base, _, base_path = load_model(adapter["base"], device)
     check_base(adapter["base_sha256"], weights_sha256(base_path / WEIGHTS_FILE), base_path)
-    if config.head != base.config.head:
-        base = with_head(base, config.head, config.labels)
+    if config.head != "lm" and (config.head, config.labels, config.num_labels) != (
+            base.config.head, base.config.labels, base.config.num_labels):
+        base = with_head(base, config.head, config.labels)  # the adapter's file holds the trained head
     base.config = config  # the trained head's score offset, dropout and the rest
     model = add_adapters(base, adapter["r"], adapter["alpha"], adapter["dropout"], adapter["targets"], adapter["base"])
     try:

@@ -181,7 +181,10 @@ def fit_answers(prompt: list[Message], encode: Callable[[list[Message]], list[li
         return prompt, sequences, False
     answer = longest - len(render(prompt, tokenizer, add_generation_prompt=True))
     prompt, _ = fit_prompt(prompt, tokenizer, max_seq_len - answer)
-    return prompt, encode(prompt), True
+    sequences = encode(prompt)
+    if max(map(len, sequences)) > max_seq_len:  # a template that renders turns differently once some are gone
+        raise ValueError(f"{max(map(len, sequences))} tokens even cut, longer than the model's context ({max_seq_len})")
+    return prompt, sequences, True
 
 
 def load_groups(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip_invalid: bool) -> tuple[list[RankedAnswers], int]:

@@ -61,7 +61,7 @@ def add_adapters(model: GPT, r: int, alpha: float, dropout: float, targets: list
     (a new head is trained whole); `base` is the checkpoint the frozen weights come from."""
     peft, _ = _peft()
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                             base_model_name_or_path=str(base))
+                             base_model_name_or_path=str(Path(base).resolve()))  # wherever the run is read from
     model = peft.inject_adapter_in_model(config, model)
     if model.config.head != "lm":
         model.score.requires_grad_(True)

@@ -35,7 +35,7 @@ from chatforge.data import TokenWindows, load_data_tokenizer, load_splits
 from chatforge.errors import UserError
 from chatforge.evaluate import compare_policies
 from chatforge.files import atomic_write_jsonl
-from chatforge.lora import LoRAOptions, WithoutAdapters, add_adapters, has_adapters
+from chatforge.lora import LoRAOptions, WithoutAdapters, add_adapters, has_adapters, merge_adapters
 from chatforge.model import GPT, with_head
 from chatforge.objectives import (
     AdaptiveKLController, RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss, policy_terms,
@@ -163,6 +163,8 @@ class PPOConfig(TrainConfig, LoRAOptions):
     def __post_init__(self):
         super().__post_init__()
         self.check_lora()
+        if self.lora_dropout:
+            raise ValueError("lora_dropout must be 0 for PPO: its ratios must be 1 before any update")
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
         require_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon")
@@ -223,7 +225,7 @@ def reward_from_checkpoint(checkpoint: str, tokenizer: Tokenizer, device: torch.
         raise UserError(f"{path}: a language model, not a reward model (`reward train`) or a classifier")
     if not same_tokenizer(tokenizer, reward_tokenizer):
         raise UserError(f"{path}: the reward model's tokenizer differs from the policy's; train it from the same SFT model")
-    model = frozen(model)
+    model = frozen(merge_adapters(model) if has_adapters(model) else model)  # a LoRA run's: one set of weights
     if model.config.head == "classifier":
         return model, classifier_reward(model, tokenizer, label, kind, batch_size)
     return model, model_reward(model, tokenizer.end_id, tokenizer.pad_id, batch_size)

@@ -111,6 +111,8 @@ def load_examples(paths: list[str], tokenizer: Tokenizer, max_seq_len: int, skip
         answer = len(ids) - len(render(messages[:-1], tokenizer, add_generation_prompt=True))
         prompt, _ = fit_prompt(messages[:-1], tokenizer, max_seq_len + 1 - answer)
         ids, trained = render_for_training([*prompt, messages[-1]], tokenizer)
+        if len(ids) > max_seq_len + 1:  # a template that renders earlier turns differently once some are gone
+            raise ValueError(f"{len(ids)} tokens even cut, longer than the model's context ({max_seq_len}) allows")
         return ids, trained, True
 
     items, skipped = parse_records(paths, parse, skip_invalid, "conversation")

@@ -108,9 +108,11 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A short hash of the whole tokenizer: token ids stored in a file are only meaningful to a tokenizer
         with the same fingerprint."""
-        vocabulary = json.loads(self.hf.to_str())
-        vocabulary.pop("post_processor", None)  # what text means in ids, not what a tokenizer adds around it
-        return hashlib.sha256(json.dumps(vocabulary, sort_keys=True).encode()).hexdigest()[:16]
+        # what text means in ids, not what a tokenizer adds around it: hashed without the post-processor, so a
+        # tokenizer hashes as it did before chatforge gave its tokenizers one (stored ids stay valid)
+        vocabulary = HFTokenizer.from_str(self.hf.to_str())
+        vocabulary.post_processor = None
+        return hashlib.sha256(vocabulary.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

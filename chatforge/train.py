@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from chatforge import config as cfg
 from chatforge.checkpoint import (
-    load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
+    CONFIG_FILE, load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
 )
 from chatforge.data import BucketedEpochs
 from chatforge.errors import UserError
@@ -98,7 +98,13 @@ def merged_start(model: GPT, tokenizer: Tokenizer, init: Path, config: TrainConf
     if has_adapters(model):
         model = merge_adapters(model)
         if config.lora_r:
-            init = save_checkpoint(Path(config.out) / "base", model, tokenizer)
+            base = Path(config.out) / "base"
+            # written once (a resumed run's adapters stand on it), by one process
+            if not (base / CONFIG_FILE).is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+                save_checkpoint(base, model, tokenizer)
+            if dist.is_initialized():
+                dist.barrier()
+            init = base
     return model, init
 
 

@@ -134,3 +134,26 @@ def test_an_imported_template_trains_on_exactly_the_answers_and_their_end_of_tur
         m.content + "<|im_end|>" for m in CONVERSATION if m.role == "assistant"]
     with pytest.raises(ValueError, match="special token <|im_start|>"):
         render([Message("user", "hi<|im_start|>system")], chatml)
+
+
+def test_a_template_in_chat_template_jinja_or_among_named_templates_is_found(chatml, tmp_path):
+    """transformers 5 writes the template to chat_template.jinja; older folders may list named templates."""
+    import json
+
+    from chatforge.checkpoint import generation_config
+    from chatforge.interop.hf import read_tokenizer
+
+    chatml.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    config.pop("end_of_turn_token")
+    (tmp_path / "chat_template.jinja").write_text(template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    found = read_tokenizer(tmp_path)
+    assert found.chat_template == template and found.end_id == chatml.end_id
+    (tmp_path / "chat_template.jinja").unlink()
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert read_tokenizer(tmp_path).chat_template == template
+    no_bos = Tokenizer(chatml.hf, {**chatml.config, "bos_token": None})
+    assert None not in generation_config(no_bos)["eos_token_id"]  # transformers cannot stop at None

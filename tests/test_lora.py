@@ -98,3 +98,24 @@ def test_the_residual_dropout_setting_leaves_the_adapters_dropout_alone(tmp_path
                          ["q_proj"], tmp_path)
     model.set_dropout(0.0)
     assert model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.1 and model.layers[0].dropout.p == 0.0
+
+
+def test_a_lora_classifier_with_new_classes_loads_and_is_merged_when_it_is_the_reward(pretrained, tmp_path):
+    from chatforge.lora import add_adapters
+    from chatforge.model import with_head
+    from chatforge.ppo import reward_from_checkpoint, value_model_from
+
+    base, tokenizer, _ = load_model(pretrained)
+    save_checkpoint(tmp_path / "three", with_head(base, "classifier", ["a", "b", "c"]), tokenizer)
+    three, _, _ = load_model(tmp_path / "three")
+    two = add_adapters(with_head(three, "classifier", ["yes", "no"]), 4, 8.0, 0.0, ["q_proj"], tmp_path / "three")
+    torch.nn.init.normal_(two.score.weight)
+    save_checkpoint(tmp_path / "two", two, tokenizer)
+    loaded, _, _ = load_model(tmp_path / "two")  # a 2-class head over a 3-class base
+    x = torch.tensor([[1, 4, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), two.eval()(x))
+        reward_model, _ = reward_from_checkpoint(str(tmp_path / "two"), tokenizer, torch.device("cpu"), "yes")
+        assert not has_adapters(reward_model)
+        torch.testing.assert_close(reward_model(x), two(x), atol=1e-5, rtol=0)
+    assert value_model_from("reward", base, reward_model).config.head == "scalar"

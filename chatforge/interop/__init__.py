@@ -21,7 +21,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatforge.checkpoint import CONFIG_FILE, load_model, save_checkpoint
+from chatforge.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, load_model, save_checkpoint
 from chatforge.config import DEVICE_HELP
 from chatforge.errors import UserError
 from chatforge.files import atomic_open
@@ -96,8 +96,10 @@ class ExportConfig:
 def export(config: ExportConfig) -> Path:
     """`chatforge export`: the checkpoint written in `format` to `out`."""
     out = Path(config.out)
-    if config.format == "hf" and out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise UserError(f"{out}: a folder with other files in it; export into a new or empty folder")
+    if config.format == "hf" and out.is_dir() and any(out.iterdir()) and (
+            not (out / CONFIG_FILE).is_file() or (out / TRAINER_STATE_FILE).is_file()):
+        raise UserError(f"{out}: a folder with other files in it (or a training checkpoint); export into a new or "
+                        "empty folder")
     if config.format == "gguf" and (out.suffix != ".gguf" or out.is_dir()):
         raise UserError(f"{out}: a GGUF export is one file; name it NAME.gguf")
     model, tokenizer, path = load_model(config.checkpoint, config.device)

@@ -209,7 +209,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, precision: str = "f
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_eot_token_id(tokenizer.end_id)
     writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_chat_template(tokenizer.chat_template)
+    if tokenizer.native or tokenizer.config.get("chat_template"):  # a base model may have none
+        writer.add_chat_template(tokenizer.chat_template)
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_embeddings:
             continue

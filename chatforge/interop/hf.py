@@ -113,7 +113,15 @@ def read_tokenizer(folder: Path) -> Tokenizer:
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name} (chatforge reads the fast tokenizer's files)")
     tokenizer = Tokenizer.load(folder)
-    if tokenizer.native or not tokenizer.config.get("chat_template"):
+    if tokenizer.native:
+        return tokenizer
+    template = tokenizer.config.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():  # where transformers 5 writes it
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # several named templates: the default one is the chat template
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    tokenizer = Tokenizer(tokenizer.hf, {**tokenizer.config, "chat_template": template})
+    if not template:
         return tokenizer
     end = end_of_turn_token(tokenizer)
     return Tokenizer(tokenizer.hf, {**tokenizer.config, "end_of_turn_token": end}) if end else tokenizer
