@@ -2,6 +2,7 @@
 
     python bench/generate_throughput.py            # cpu preset model, batch 1, 8 and 32, 128 new tokens
     python bench/generate_throughput.py --model smollm2 --batch-sizes 1 8     # SmolLM2-135M-Instruct
+    python bench/generate_throughput.py --lora-r 16 --batch-sizes 1 8         # unmerged adapters (peft on both)
 
 Side by side in one run, on the same weights (the `cpu` preset's architecture, random weights: speed does
 not depend on them): tokens/s of
@@ -40,12 +41,31 @@ def naive_generate(model: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.
     return seq[:, prompts.shape[1]:]
 
 
+def with_random_adapters(model: GPT, hf, r: int):
+    """LoRA adapters of rank r on every projection, B random (peft starts it at 0, which would hide nothing)."""
+    import peft
+
+    from chatforge.lora import PROJECTIONS, add_adapters
+
+    model = add_adapters(model, r, 2.0 * r, 0.0, list(PROJECTIONS), Path("."))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    if hf is not None:
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=2.0 * r, target_modules=list(PROJECTIONS))).eval()
+        ours = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        hf.load_state_dict({f"base_model.model.model.{k}": v for k, v in ours.items()}, strict=False)
+    return model.eval(), hf
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="model architecture from this preset (default: cpu)")
     parser.add_argument("--model", help="a real model instead of the preset's random one: smollm2, a Hugging Face "
                                         "folder or a GGUF file (as `chatforge import` reads them)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--lora-r", type=int, default=0, help="unmerged LoRA adapters of this rank on both sides (0: none)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -71,6 +91,8 @@ def main(argv=None) -> None:
     except ImportError:
         hf = None
         print("transformers is not installed: its column is left out")
+    if args.lora_r:  # the same random adapters, unmerged, on both sides: chatforge's through peft, and peft's own
+        model, hf = with_random_adapters(model, hf, args.lora_r)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     rows = []
     for batch in args.batch_sizes:
@@ -104,7 +126,7 @@ def main(argv=None) -> None:
     layout_share = medians["layout"] / medians["batch1"]
     print(f"laying out the decoding weights, once per generation: {1e3 * medians['layout']:.2f} ms, "
           f"{layout_share:.1%} of a batch-1 generation of {args.new_tokens} tokens", flush=True)
-    write_report(args.out, rows, preset=args.preset, model=args.model, device=str(device), params_M=model.num_params() / 1e6,
+    write_report(args.out, rows, preset=args.preset, model=args.model, lora_r=args.lora_r, device=str(device), params_M=model.num_params() / 1e6,
                  layout_ms=1e3 * medians["layout"], layout_share_of_batch1=layout_share)
 
 
