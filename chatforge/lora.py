@@ -11,6 +11,7 @@ checkpoint with the SHA-256 of the base's weights; `checkpoint.load_model` puts 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,8 +109,16 @@ def adapters_disabled(model: GPT) -> Iterator[GPT]:
 
 
 def weights_sha256(file: Path) -> str:
+    """The SHA-256 of a weights file, read once per version of the file: a LoRA run writes it into every
+    checkpoint, and reading a 540 MB base at each save would cost more than the save."""
+    stat = Path(file).stat()
+    return _sha256(str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, modified_ns: int) -> str:  # size and time: a rewritten file is hashed again
     digest = hashlib.sha256()
-    with open(file, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
