@@ -119,3 +119,44 @@ def test_a_lora_classifier_with_new_classes_loads_and_is_merged_when_it_is_the_r
         assert not has_adapters(reward_model)
         torch.testing.assert_close(reward_model(x), two(x), atol=1e-5, rtol=0)
     assert value_model_from("reward", base, reward_model).config.head == "scalar"
+
+
+def test_the_decoding_step_folds_the_adapters_into_its_weights_and_follows_them():
+    """With vanilla adapters the step keeps its own one-matmul reading of the weights, the adapters folded in,
+    and equals forward token for token: adapters on, switched off, changed between generations. An adapter it
+    cannot fold (DoRA) makes it decode through forward instead."""
+    import peft
+
+    from chatforge.engine import DecodeStep, new_cache
+    from chatforge.lora import PROJECTIONS, add_adapters
+    from test_model import CONFIGS, make_model
+
+    idx = torch.randint(0, 97, (2, 12))
+
+    def decoded_equals_forward(model, expect_weights: bool):
+        with torch.inference_mode():
+            full = model(idx)
+            cache = new_cache(model, 2, 12)
+            model(idx[:, :4], cache)
+            step = DecodeStep(model)
+            assert (step.weights is not None) == expect_weights
+            steps = torch.stack([step(idx[:, t], cache) for t in range(4, 12)], 1)
+        torch.testing.assert_close(steps, full[:, 4:], rtol=0, atol=1e-5)
+        return full
+
+    stock = make_model(CONFIGS["gqa"]).eval()
+    model = add_adapters(make_model(CONFIGS["gqa"]), 4, 8.0, 0.0, list(PROJECTIONS), base=".").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)  # peft starts B at 0, which would hide a step that ignores the adapters
+    adapted = decoded_equals_forward(model, expect_weights=True)
+    with adapters_disabled(model):
+        assert torch.equal(decoded_equals_forward(model, expect_weights=True), decoded_equals_forward(stock, True))
+    assert (adapted - decoded_equals_forward(stock, True)).abs().max() > 1e-2  # the adapters count
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_A" in name).mul_(-3)
+    decoded_equals_forward(model, expect_weights=True)
+    dora = peft.inject_adapter_in_model(peft.LoraConfig(r=4, use_dora=True, target_modules=["v_proj"]),
+                                        make_model(CONFIGS["gqa"])).eval()
+    decoded_equals_forward(dora, expect_weights=False)

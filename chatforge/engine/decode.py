@@ -7,13 +7,16 @@ made by `DecodeStep` at the start of each generation and dropped with it, so a g
 weights of the moment it starts, whatever changed them before (an optimizer step, a write through `.data`,
 a replaced module).
 
-The copy is only a faithful reading of the model when the model computes nothing else: every module of the
-class `GPT` builds, no forward hook. Otherwise (a LoRA-wrapped projection, a hook) `DecodeStep` runs
-`forward` on the one new token instead, so that decoding never uses other weights than the model does.
+The copy is only a faithful reading of the model when each projection computes `x @ W^T` for a matrix W
+that can be read: a plain `nn.Linear`, or peft's LoRA layer, which computes `x @ (W + (α/r)·B A)^T` in eval
+mode, so its adapters are folded into the copy (one matmul per projection, as without adapters). Anything
+else (a hook, DoRA, another wrapper) makes `DecodeStep` run `forward` on the one new token instead, so that
+decoding never uses other weights than the model does.
 """
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -26,24 +29,65 @@ from chatforge.model import GPT, MLP, Attention, Block, RMSNorm, attention_mask,
 _STOCK_MODULES = (GPT, Block, Attention, MLP, RMSNorm, nn.ModuleList, nn.Embedding, nn.Dropout)
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _lora_linear_class() -> type | None:
+    """peft's LoRA `Linear`, if peft is in use (a model with adapters imported it); not importing it otherwise."""
+    layer = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(layer, "Linear", None)
+
+
+def projection_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The (out, in) matrix W for which `linear(x)` computes `x @ W^T` in eval mode, or None where it computes
+    something else. For peft's LoRA layer that is the base weight plus each active adapter's (α/r)·B A
+    (peft's own `get_delta_weight`): vanilla adapters only, no DoRA or other variant, no bias on B."""
+    if is_plain_linear(linear):
+        return linear.weight
+    if type(linear) is not _lora_linear_class() or linear.training or any(_hooked(m) for m in linear.modules()):
+        return None
+    base = linear.get_base_layer()
+    if not is_plain_linear(base) or linear.fan_in_fan_out:
+        return None
+    if linear.merged:  # the adapters already in the base weight; disabled, forward would unmerge them first
+        return None if linear.disable_adapters else base.weight
+    weight = base.weight
+    for name in [] if linear.disable_adapters else linear.active_adapters:
+        if name not in linear.lora_A:
+            continue
+        if name in linear.lora_variant or linear.lora_B[name].bias is not None:
+            return None
+        weight = weight + linear.get_delta_weight(name)
+    return weight
+
+
 def reads_as_stock(model: GPT) -> bool:
     """Whether `decode_step` computes what `model.forward` does: every module of the exact class a `GPT`
-    builds (projections plain `nn.Linear`), none with a forward hook."""
-    return all(is_plain_linear(m) if isinstance(m, nn.Linear) else
-               type(m) in _STOCK_MODULES and not (m._forward_hooks or m._forward_pre_hooks)
-               for m in model.modules())
+    builds, with no forward hook, every projection one whose `projection_weight` can be read."""
+    read = set()  # the modules inside a readable projection (a LoRA layer's A, B and dropout)
+    for module in model.modules():
+        if id(module) in read:
+            continue
+        if isinstance(module, nn.Linear) or hasattr(module, "get_base_layer"):
+            if projection_weight(module) is None:
+                return False
+            read.update(id(m) for m in module.modules())
+        elif type(module) not in _STOCK_MODULES or _hooked(module):
+            return False
+    return True
 
 
 class DecodeWeights:
     """The weights of `decode_step`, laid out for it: per layer q/k/v and gate/up concatenated (one matmul
     each), every matrix transposed to (in, out), since for a few rows `x @ W^T` with W^T contiguous runs
-    faster on CPU than `F.linear` on the (out, in) weight. A copy: it does not follow later changes of the
-    parameters, which is why each generation makes its own."""
+    faster on CPU than `F.linear` on the (out, in) weight; LoRA adapters folded in. A copy: it does not
+    follow later changes of the parameters, which is why each generation makes its own."""
 
     @torch.no_grad()
     def __init__(self, model: GPT):
-        def transposed(*linears: nn.Linear) -> torch.Tensor:
-            return torch.cat([linear.weight.t() for linear in linears], dim=1)  # one copy, contiguous
+        def transposed(*linears: nn.Module) -> torch.Tensor:
+            return torch.cat([projection_weight(linear).t() for linear in linears], dim=1)  # one copy, contiguous
 
         self.layers = [SimpleNamespace(
             attention_norm=block.input_layernorm.weight.detach(), mlp_norm=block.post_attention_layernorm.weight.detach(),
@@ -51,7 +95,7 @@ class DecodeWeights:
             out=transposed(block.self_attn.o_proj), gate_up=transposed(block.mlp.gate_proj, block.mlp.up_proj),
             down=transposed(block.mlp.down_proj)) for block in model.layers]
         self.embedding, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
-        self.head = model.lm_head.weight.t().contiguous()
+        self.head = projection_weight(model.lm_head).t().contiguous()
 
 
 def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache, weights: DecodeWeights) -> torch.Tensor:
