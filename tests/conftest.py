@@ -169,6 +169,17 @@ def kill_when(*args, ready, timeout: float = 240) -> None:
     process.wait()
 
 
+# what a run logs that depends on the machine's speed, not on what it computes
+TIMING = ("generate_s", "score_s", "train_s", "samples_per_s", "step_time", "tokens_per_s", "mfu")
+
+
+def metrics_without_timing(run: Path) -> list[dict]:
+    """A run's metrics.jsonl records without their timings: what an exact resume must reproduce."""
+    from chatforge.train import read_metrics
+
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run)]
+
+
 def run_torchrun(*args, processes: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node PROCESSES -m chatforge ARGS` (gloo on CPU), one thread per process."""
     result = subprocess.run(

@@ -156,3 +156,100 @@ def test_smollm2_samples_candidates_that_its_reward_model_reads_as_sampled(smoll
     for ids, sequence in zip(record["completion_ids"], answers_to_score(record, model, tokenizer)):
         assert sequence[: len(prompt)] == prompt and sequence[len(prompt):len(prompt) + len(ids)] == ids
         assert sequence[-1] == tokenizer.end_id  # <|im_end|> closes every answer the reward model reads
+
+
+# --- LoRA on SmolLM2: a few steps of SFT and of PPO on CPU, cut by SIGKILL and resumed exactly -------------
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="LoRA needs peft")
+# adapters on two projections of each layer: a few seconds a step of SFT or PPO on two cores
+LORA = {"lora_r": 4, "lora_alpha": 8.0, "lora_targets": ["q_proj", "v_proj"]}
+
+
+def cli_args(stage: str, options: dict) -> list:
+    """The command line that gives `stage` these config fields."""
+    args = [stage]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, *value] if isinstance(value, list) else [flag, value]
+    return args
+
+
+def run_then_kill_and_resume(stage: str, options: dict, reference: Path, killed: Path, max_steps: int) -> None:
+    """`reference`: the uninterrupted run (already done, in-process). The same run from the command line,
+    SIGKILLed once its first checkpoint is written, then `--resume`d: it must log the same metrics step for
+    step and end with the same adapters."""
+    from conftest import kill_when, metrics_without_timing
+    from safetensors.torch import load_file
+
+    from chatforge.checkpoint import ADAPTER_FILE, step_checkpoints
+
+    kill_when(*cli_args(stage, {**options, "out": str(killed)}), ready=lambda: step_checkpoints(killed))
+    done = [step for step, _ in step_checkpoints(killed)]
+    assert done and done[-1] < max_steps, f"killed after {done}: the run should have been cut mid-way"
+    same_run = lambda run: {k: v for k, v in json.loads((run / "run_config.json").read_text()).items() if k != "out"}
+    assert same_run(killed) == same_run(reference)
+    result = run_cli(stage, "--resume", killed, "--no-progress")
+    assert f"resuming at step {done[-1]}" in result.stdout
+
+    expected, resumed = metrics_without_timing(reference), metrics_without_timing(killed)
+    assert [m["step"] for m in expected if "loss" in m] == list(range(1, max_steps + 1))
+    assert resumed == expected
+    (last, final), (resumed_last, resumed_final) = step_checkpoints(reference)[-1], step_checkpoints(killed)[-1]
+    assert last == resumed_last == max_steps
+    adapters, resumed_adapters = load_file(final / ADAPTER_FILE), load_file(resumed_final / ADAPTER_FILE)
+    assert adapters.keys() == resumed_adapters.keys() and any("lora_B" in k for k in adapters)
+    assert all(torch.equal(adapters[k], resumed_adapters[k]) for k in adapters)  # on one CPU: bit for bit
+
+
+@pytest.fixture(scope="module")
+def smollm2_lora_sft(smollm2, tmp_path_factory) -> tuple[dict, Path]:
+    """The options of a LoRA SFT run of SmolLM2 on four short answers (with adapter dropout, so that the
+    resumed run needs the RNG state too), and the run, uninterrupted."""
+    from conftest import write_jsonl
+
+    from chatforge.sft import resolve_config, sft
+
+    root = tmp_path_factory.mktemp("smollm2_lora_sft")
+    data = write_jsonl(root / "chat.jsonl", [{"prompt": f"Say {w}.", "completion": f"{w.title()}."}
+                                             for w in ("hi", "yes", "no", "ok")])
+    options = {"init": str(smollm2), "data": [str(data)], "val_fraction": 0.0, "batch_size": 2, "micro_batch_size": 2,
+               "max_steps": 4, "checkpoint_every": 2, "eval_every": 100, "lr": 1e-3, "warmup_steps": 0,
+               "sample_prompts": ["Hi."], "sample_tokens": 1, "lora_dropout": 0.1, "progress": False, **LORA}
+    return options, sft(resolve_config(None, {**options, "out": str(root / "run")}, None)[0])
+
+
+@needs_smollm2
+@needs_peft
+def test_a_lora_sft_of_smollm2_resumes_exactly_after_sigkill(smollm2_lora_sft, tmp_path):
+    options, reference = smollm2_lora_sft
+    run_then_kill_and_resume("sft", options, reference, tmp_path / "killed", max_steps=4)
+
+
+@needs_smollm2
+@needs_peft
+def test_a_lora_ppo_of_smollm2_resumes_exactly_after_sigkill(smollm2, smollm2_lora_sft, tmp_path):
+    """PPO from the LoRA SFT run (merged into OUT/base, which the resumed run's adapters stand on) against a
+    LoRA reward model of one step, with the stateful options on (adaptive β, running reward statistics)."""
+    from conftest import write_jsonl
+
+    from chatforge import ppo, reward
+
+    rm = reward.train_reward_model(reward.resolve_config(None, {
+        "init": str(smollm2), "data": [str(write_jsonl(tmp_path / "pairs.jsonl", [
+            {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+            {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "Hi!"}]))],
+        "val_fraction": 0.0, "epochs": 0.0, "max_steps": 1, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3,
+        "warmup_steps": 0, "out": str(tmp_path / "rm"), "progress": False, **LORA}, None)[0])
+    # a short system message: SmolLM2's template adds a long default one to a prompt without
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {w}."}]}
+        for w in ("hi", "yes", "no", "ok")])
+    options = {"policy": str(smollm2_lora_sft[1]), "reward": str(rm), "prompts": [str(prompts)], "val_fraction": 0.0,
+               "batch_size": 2, "micro_batch_size": 2, "max_new_tokens": 4, "ppo_epochs": 1, "max_steps": 4,
+               "checkpoint_every": 2, "eval_every": 100, "lr": 1e-3, "value_init": "reward-head", "kl_target": 1.0,
+               "normalize_reward": True, "progress": False, **LORA}
+    reference = ppo.train_ppo(ppo.resolve_config(None, {**options, "out": str(tmp_path / "reference")}, None)[0])
+    run_then_kill_and_resume("ppo", options, reference, tmp_path / "killed", max_steps=4)

@@ -264,7 +264,6 @@ def test_running_moments_and_explained_variance_by_hand():
 PLEASE_PROMPTS = ["Say something.", "Answer me.", "Talk.", "Tell me a thing.", "Speak.", "Give me words."]
 HELD_OUT_PROMPTS = ["Say a thing.", "Talk to me.", "Words, please.", "Tell me something.", "Speak to me.",
                     "Answer this.", "Give words.", "Say words.", "Talk now.", "Tell me."]
-TIMING = ("generate_s", "score_s", "train_s", "samples_per_s", "step_time", "tokens_per_s", "mfu")
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +333,7 @@ def test_kill_and_resume_continues_exactly(please, data_dir, tmp_path):
     """SIGKILL mid-run, then --resume: the same metrics step for step as an uninterrupted run, with every
     stateful option on (ptx batches, adaptive β, running reward statistics)."""
     from chatforge.checkpoint import step_checkpoints
-    from chatforge.train import read_metrics
-    from conftest import kill_when, run_cli
+    from conftest import kill_when, metrics_without_timing, run_cli
 
     options = ["--ptx-data", data_dir, "--kl-target", 1, "--normalize-reward", "--max-steps", 8,
                "--checkpoint-every", 3, "--eval-every", 4]
@@ -347,10 +345,7 @@ def test_kill_and_resume_continues_exactly(please, data_dir, tmp_path):
     result = run_cli("ppo", "--resume", killed, "--no-progress")
     assert f"resuming at step {done[-1]}" in result.stdout
 
-    def without_timing(run):
-        return [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run)]
-
-    expected, resumed = without_timing(reference), without_timing(killed)
+    expected, resumed = metrics_without_timing(reference), metrics_without_timing(killed)
     assert len(resumed) == len(expected) and resumed == expected
     assert any("ptx_loss" in m for m in expected) and len({m.get("beta") for m in expected if "beta" in m}) > 1
 
