@@ -370,11 +370,17 @@ class PPOTask(Task):
     # --- resume ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"value_model": self.value_model.state_dict(), "value_optimizer": self.value_optimizer.state_dict(),
+        # the value model's trained weights only: with --value-init reward-head its body is the frozen reward model's
+        trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
+        value_state = {name: t for name, t in self.value_model.state_dict().items() if name in trained}
+        return {"value_model": value_state, "value_optimizer": self.value_optimizer.state_dict(),
                 "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value_model.load_state_dict(state["value_model"])
+        trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
+        if set(state["value_model"]) != trained:
+            raise UserError("the checkpoint's value model does not match this run's --value-init")
+        self.value_model.load_state_dict(state["value_model"], strict=False)
         self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])

@@ -172,6 +172,8 @@ class SFTTask(FineTuneTask):
         return {"val_loss": (all_reduce_mean(total, self.d) / all_reduce_mean(count, self.d).clamp(min=1)).item()}
 
     def samples(self, model: GPT) -> list[str]:
+        if not self.config.sample_prompts:
+            return []
         params = SamplingParams(max_new_tokens=self.config.sample_tokens, temperature=0, seed=self.config.seed)
         prompts = [render([Message("user", p)], self.tokenizer, add_generation_prompt=True)
                    for p in self.config.sample_prompts]
