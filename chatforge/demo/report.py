@@ -14,7 +14,7 @@ from chatforge.files import atomic_write
 
 Block = tuple  # ("h1" | "h2" | "p", text) | ("table", header, rows) | ("img", path, caption) | ("pre", text)
 
-MODEL_NAMES = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO-ptx"}
+MODEL_NAMES = {"pretrain": "pretrained", "base": "base", "sft": "SFT", "ppo": "PPO-ptx"}
 
 
 def _number(value, digits: int = 3) -> str:
@@ -26,10 +26,14 @@ def _number(value, digits: int = 3) -> str:
 
 
 def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
+    base = settings["run"].get("base")
+    story = (f"fine-tuned from the pretrained model `{base}` on WordNet 3.0 and chatterbot-corpus (PPO's ptx term on "
+             "the training words' WordNet entries and the Python 3.11 documentation); evaluated on words never in a "
+             "conversation nor in that text" if base else
+             "built from scratch on WordNet 3.0, the Python 3.11 documentation and chatterbot-corpus; evaluated on "
+             "words whose WordNet entries were in the pretraining text but never in a conversation")
     blocks: list[Block] = [("h1", f"chatforge report card: {run.name}"),
-                           ("p", f"Preset `{settings['preset']}`. A dictionary assistant built the InstructGPT way on "
-                                 "WordNet 3.0, the Python 3.11 documentation and chatterbot-corpus; evaluated on words "
-                                 "whose WordNet entries were in the pretraining text but never in a conversation.")]
+                           ("p", f"Preset `{settings['preset']}`. A dictionary assistant the InstructGPT way, {story}.")]
     evaluation = results.get("evaluate")
     if evaluation:
         models = evaluation["models"]
@@ -54,9 +58,12 @@ def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
     for name, result in results.items():
         speed = result.get("tokens_per_s") or result.get("samples_per_s")
         unit = "tokens/s" if "tokens_per_s" in result else "samples/s" if "samples_per_s" in result else ""
+        peak = result.get("peak_resident_bytes")
         stage_rows.append([name, f"{result['seconds']:.0f} s", f"{speed:,.0f} {unit}" if speed else "",
-                           _stage_summary(name, result)])
-    blocks += [("h2", "Stages"), ("table", ["stage", "time", "speed", "result"], stage_rows)]
+                           f"{peak / 2**30:.2f} GiB" if peak else "", _stage_summary(name, result)])
+    blocks += [("h2", "Stages"), ("p", "Peak memory: the most the process held resident during the stage (weights, "
+                                       "optimizer state, activations, the Python runtime)."),
+               ("table", ["stage", "time", "speed", "peak memory", "result"], stage_rows)]
     for picture, caption in (("pretrain/curves.png", "pretraining loss and speed"), ("sft/curves.png", "SFT loss"),
                              ("reward/curves.png", "reward model: loss and held-out pairwise accuracy"),
                              ("reward/calibration.png", "reward model calibration on held-out words"),
@@ -74,6 +81,8 @@ def report_blocks(run: Path, settings: dict, results: dict) -> list[Block]:
 
 
 def _stage_summary(name: str, result: dict) -> str:
+    if name == "base":
+        return f"{result['source']}: {result['params'] / 1e6:.1f}M parameters, context {result['context']:,}"
     if name == "corpus":
         return f"{result['documents']:,} documents, {result['tokens'].get('train', 0):,} training tokens"
     if name in ("pretrain", "sft"):
