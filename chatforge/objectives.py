@@ -39,12 +39,13 @@ def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(16, budget // vocab_size)
 
 
-def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool):
-    """Sum of the token losses, the target count, and (with_grads) d(sum)/d hidden and d(sum)/d weight."""
+def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_grad: bool = True):
+    """Sum of the token losses, the target count, and (with_grads) d(sum)/d hidden and, with weight_grad too,
+    d(sum)/d weight (None for a frozen head: LoRA's, or a tied embedding that is not trained)."""
     valid = targets != IGNORE_INDEX
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight_grad else None
     step = _chunk_tokens(weight.shape[0], hidden.device)
     for start in range(0, hidden.shape[0], step):
         h, y, keep = hidden[start : start + step], targets[start : start + step], valid[start : start + step]
@@ -57,23 +58,26 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool):
             grad[torch.arange(len(y), device=y.device), y] -= 1
             grad = grad.mul_(keep[:, None]).to(h.dtype)
             grad_hidden[start : start + step] = grad @ weight
-            grad_weight += grad.t() @ h
+            if grad_weight is not None:
+                grad_weight += grad.t() @ h
     return total, valid.sum(), grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total, count, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, with_grads=True)
+        total, count, grad_hidden, grad_weight = _chunked_cross_entropy(
+            hidden, weight, targets, with_grads=True, weight_grad=ctx.needs_input_grad[1])
         count = count.clamp(min=1)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), count)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), count)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_output / count
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None
+        return (grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype), None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,22 @@ def test_fused_head_and_cross_entropy_equal_the_plain_ones(monkeypatch, chunk):
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), plain, atol=1e-6, rtol=1e-6)
 
 
+
+def test_fused_head_with_a_frozen_weight_computes_no_weight_gradient(monkeypatch):
+    """A frozen head (LoRA's, a tied embedding not trained): the hidden states' gradient as before, none for it."""
+    monkeypatch.setattr(losses, "_chunk_tokens", lambda vocab, device: 16)
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 24, requires_grad=True)
+    weight = torch.randn(97, 24)
+    targets = torch.randint(0, 97, (50,))
+    targets[::3] = IGNORE_INDEX
+    linear_cross_entropy(hidden, weight, targets).backward()
+    fused = hidden.grad.clone()
+    hidden.grad = None
+    F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX).backward()
+    torch.testing.assert_close(fused, hidden.grad, atol=1e-6, rtol=1e-5)
+    assert weight.grad is None
+
 def test_model_loss_equals_cross_entropy_of_its_logits():
     from chatforge.model import GPT, GPTConfig
 
