@@ -41,26 +41,27 @@ def _chunk_tokens(vocab_size: int, device: torch.device) -> int:
 
 def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_grad: bool = True):
     """Sum of the token losses, the target count, and (with_grads) d(sum)/d hidden and, with weight_grad too,
-    d(sum)/d weight (None for a frozen head: LoRA's, or a tied embedding that is not trained)."""
-    valid = targets != IGNORE_INDEX
+    d(sum)/d weight (None for a frozen head: LoRA's, or a tied embedding that is not trained). Only the
+    positions with a target go through the head: in SFT most tokens are the prompt's, which carry no loss."""
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_hidden = torch.zeros_like(hidden) if with_grads else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight_grad else None
     step = _chunk_tokens(weight.shape[0], hidden.device)
-    for start in range(0, hidden.shape[0], step):
-        h, y, keep = hidden[start : start + step], targets[start : start + step], valid[start : start + step]
-        y = y.clamp(min=0)
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        h, y = hidden[chunk], targets[chunk]
         logits = (h @ weight.t()).float()
         logsumexp = logits.logsumexp(dim=-1)
-        total += ((logsumexp - logits.gather(1, y[:, None]).squeeze(1)) * keep).sum()
+        total += (logsumexp - logits.gather(1, y[:, None]).squeeze(1)).sum()
         if with_grads:  # d loss / d logits = softmax - onehot, built in place over the logits
             grad = logits.sub_(logsumexp[:, None]).exp_()
             grad[torch.arange(len(y), device=y.device), y] -= 1
-            grad = grad.mul_(keep[:, None]).to(h.dtype)
-            grad_hidden[start : start + step] = grad @ weight
+            grad = grad.to(h.dtype)
+            grad_hidden[chunk] = grad @ weight
             if grad_weight is not None:
                 grad_weight += grad.t() @ h
-    return total, valid.sum(), grad_hidden, grad_weight
+    return total, rows.new_tensor(len(rows)), grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
