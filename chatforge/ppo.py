@@ -261,7 +261,8 @@ class PPOTask(Task):
     progress_keys = ("reward", "kl_per_answer")
 
     def __init__(self, config: PPOConfig, policy: GPT, reference: GPT, value_model: GPT, reward: Reward,
-                 tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device):
+                 tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device,
+                 questions: dict[tuple[int, ...], str] | None = None):
         self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
         self.tokenizer, self.train, self.val, self.device = tokenizer, train, val, device
         self.stop_id = tokenizer.end_id
@@ -274,6 +275,7 @@ class PPOTask(Task):
         self.seq_len = round(mean_prompt + config.max_new_tokens / 2)
         self.tokens_per_step = round(self.seq_len * config.batch_size)
         self.last_eval: list[str] = []
+        self.questions = questions or {}  # prompt ids -> the user's message, for the samples in the log
 
     # --- data -----------------------------------------------------------------------------------------
 
@@ -319,7 +321,7 @@ class PPOTask(Task):
         texts = answer_texts(self.tokenizer, answers)
         tokens = int(experience.batch.mask.sum()) + sum(map(len, prompts))
         record = {"lr": lr, "beta": self.kl_controller.beta, **rollout_diagnostics(experience, texts),
-                  "sample": f"{self.tokenizer.decode(prompts[0], skip_special=True).strip()} -> {texts[0]}"}
+                  "sample": f"{self.question(prompts[0])} -> {texts[0]}"}
         alarms = [a for a in [collapse_alarm(texts)] if a]
         if not experience.finite:
             alarms.append("non-finite rewards, log-probs or values in the rollout: step skipped, nothing applied")
@@ -359,13 +361,18 @@ class PPOTask(Task):
         report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
                                   self.config.max_new_tokens, self.config.seed, self.config.generating_rows,
                                   self.config.scoring_rows, reference_too=False)
-        self.last_eval = [f"{a['prompt']} -> {a['policy']}" for a in report["answers"][: self.config.sample_answers]]
+        self.last_eval = [f"{self.question(p)} -> {a['policy']}"
+                          for p, a in zip(prompts, report["answers"][: self.config.sample_answers])]
         policy = report["policy"]
         return {"val_reward": policy["reward"], "val_kl_per_answer": report["kl_per_answer"],
                 "val_answer_length": policy["length"], "val_finished": policy["finished"]}
 
     def samples(self, model: GPT) -> list[str]:
         return self.last_eval
+
+    def question(self, prompt: list[int]) -> str:
+        """What the user asked in a prompt (its rendering holds a chat template's system prompt and markup)."""
+        return self.questions.get(tuple(prompt)) or self.tokenizer.decode(prompt, skip_special=True).strip()
 
     def plot(self, metrics: list[dict], run_dir: Path) -> None:
         plot_ppo_curves(metrics, run_dir / PPO_CURVES_FILE, f"ppo: {run_dir}", self.config.kl_bound)
@@ -432,7 +439,8 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
         raise UserError(f"no training prompts left after holding out {len(val_ids)}: give --val-prompts or lower --val-fraction")
     print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
           + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
-    task = PPOTask(config, policy, reference, value_model, reward, tokenizer, train_ids, val_ids, device)
+    questions = {tuple(ids): messages[-1].content for (_, messages), ids in zip(train + val, train_ids + val_ids)}
+    task = PPOTask(config, policy, reference, value_model, reward, tokenizer, train_ids, val_ids, device, questions)
     return policy, tokenizer, task
 
 

