@@ -58,6 +58,8 @@ class RunConfig:
     chatterbot_max: int = field(default=0, metadata={"help": "at most this many chatterbot conversations (0: all 1,982)"})
     preference_words: int = field(default=300, metadata={"help": "training words whose definition answers are ranked"})
     k: int = field(default=4, metadata={"help": "answers per prompt the simulated annotator ranks"})
+    sample_batch: int = field(default=8, metadata={"help": "prompts per batch when sampling the K answers to rank "
+                                                           "(K x this many rows decode together)"})
     answer_tokens: int = field(default=48, metadata={"help": "longest answer when sampling and evaluating"})
     eval_words: int = field(default=120, metadata={"help": "held-out words evaluated (at most)"})
     shots: int = field(default=3, metadata={"help": "solved examples in the few-shot multiple-choice test"})
@@ -67,6 +69,9 @@ class RunConfig:
     device: str = field(default="auto", metadata={"help": "where every stage runs: auto (a GPU when there is one), cpu, "
                                                           "cuda, cuda:N or mps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        cfg.require_positive(self, "words", "k", "sample_batch", "answer_tokens")
 
 
 @dataclass
@@ -228,7 +233,7 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
     params = SamplingParams(max_new_tokens=ctx.config.answer_tokens, temperature=1.0, seed=seed)
     records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=[0.7, 1.0],
-                                progress=ctx.config.progress)
+                                batch_size=ctx.config.sample_batch, progress=ctx.config.progress)
     ranked = []
     for record, word in zip(records, words):
         ranking, left_out = rank_answers(record["completions"], word)
