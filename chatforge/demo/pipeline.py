@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,8 +152,6 @@ def stage_base(ctx: Context, out: Path) -> dict:
 
     model_dir = out / "model"
     if model_dir.exists():  # an import cut short: written again whole
-        import shutil
-
         shutil.rmtree(model_dir)
     import_model(ImportConfig(source=ctx.config.base, out=str(model_dir)))
     model, _ = ctx.load(model_dir)
