@@ -18,6 +18,7 @@ and the pipeline's own from its [run] table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -406,7 +407,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
         folder.mkdir(parents=True, exist_ok=True)
         print(f"run: {name} ...")
         t0 = time.perf_counter()
-        result, peak = peak_resident_memory(lambda: stage(ctx, folder))
+        result, peak = peak_resident_memory(functools.partial(stage, ctx, folder))
         results[name] = {**result, "seconds": time.perf_counter() - t0, "peak_resident_bytes": peak}
         cfg.save_json(results[name], done)
     report = write_report(run, settings, results)
