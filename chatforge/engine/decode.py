@@ -24,17 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.engine.kv_cache import KVCache
-from chatforge.model import (
-    GPT,
-    MLP,
-    Attention,
-    Block,
-    RMSNorm,
-    attention_mask,
-    is_plain_linear,
-    rms_norm,
-    split_heads,
-)
+from chatforge.model import GPT, MLP, Attention, Block, RMSNorm, attention_mask, is_plain_linear, rms_norm, split_heads
 
 _STOCK_MODULES = (GPT, Block, Attention, MLP, RMSNorm, nn.ModuleList, nn.Embedding, nn.Dropout)
 
