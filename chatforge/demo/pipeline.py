@@ -60,6 +60,8 @@ class RunConfig:
     chatterbot_max: int = field(default=0, metadata={"help": "at most this many chatterbot conversations (0: all 1,982)"})
     preference_words: int = field(default=300, metadata={"help": "training words whose definition answers are ranked"})
     k: int = field(default=4, metadata={"help": "answers per prompt the simulated annotator ranks"})
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0], metadata={
+        "help": "sampling temperatures of the K answers to rank, in turn"})
     sample_batch: int = field(default=8, metadata={"help": "prompts per batch when sampling the K answers to rank "
                                                            "(K x this many rows decode together)"})
     answer_tokens: int = field(default=48, metadata={"help": "longest answer when sampling and evaluating"})
@@ -232,7 +234,7 @@ def _ranked(ctx: Context, words: list, model_dir: Path, out: Path, seed: int) ->
     model, tokenizer = ctx.load(model_dir)
     prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
     params = SamplingParams(max_new_tokens=ctx.config.answer_tokens, temperature=1.0, seed=seed)
-    records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=[0.7, 1.0],
+    records = sample_candidates(model, tokenizer, prompts, ctx.config.k, params, temperatures=ctx.config.temperatures,
                                 batch_size=ctx.config.sample_batch, progress=ctx.config.progress)
     ranked = []
     for record, word in zip(records, words):
