@@ -20,6 +20,7 @@ from chatforge.chat_format import Message, render
 from chatforge.data import TokenWindows
 from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.model import GPT
+from chatforge.packing import pack_shared_prefix
 from chatforge.rollout import Reward, answer_texts, rollout, score_rollout
 from chatforge.tokenizer import Tokenizer
 
@@ -105,14 +106,14 @@ def continuation_logprobs(model: GPT, prefix: list[int], continuations: Sequence
     if longest >= context:
         raise ValueError(f"a continuation of {longest} tokens leaves no room for its context ({context} tokens)")
     prefix = prefix[-(context - longest):]
-    width = len(prefix) + max(map(len, continuations))
-    ids = torch.zeros(len(continuations), width, dtype=torch.long)
-    for row, continuation in enumerate(continuations):
-        ids[row, : len(prefix) + len(continuation)] = torch.tensor(prefix + continuation)
-    device = model.embed_tokens.weight.device
-    logits = model(ids[:, :-1].to(device), head_from=len(prefix) - 1).float()
-    logprobs = logits.log_softmax(-1).gather(2, ids[:, len(prefix):, None].to(device)).squeeze(-1)
-    return [float(logprobs[row, : len(c)].mean()) for row, c in enumerate(continuations)]
+    # the prefix once, each continuation after it in the same row (a few-shot prefix is most of the tokens)
+    packed = pack_shared_prefix([[prefix + c for c in continuations]], pad_id=0).to(model.embed_tokens.weight.device)
+    predicted_from = [packed.slots(k)[len(prefix) - 1 : -1] for k in range(len(continuations))]
+    head_from = min(slots[0] for slots in predicted_from)
+    logits = model(packed.ids, positions=packed.positions, attend=packed.attend, head_from=head_from)[0].float()
+    logprobs = logits.log_softmax(-1)
+    return [float(logprobs[torch.tensor(slots, device=logits.device) - head_from, torch.tensor(c, device=logits.device)].mean())
+            for slots, c in zip(predicted_from, continuations)]
 
 
 @torch.no_grad()

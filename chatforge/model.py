@@ -251,7 +251,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                last_only: bool = False, pad: torch.Tensor | None = None, head_from: int = 0):
+                last_only: bool = False, pad: torch.Tensor | None = None, head_from: int = 0,
+                positions: torch.Tensor | None = None, attend: torch.Tensor | None = None):
         """idx: (B, T) token ids -> logits (B, T, vocab) for the lm head, values (B, T) for the scalar head,
         or (B, T, num_labels) logits for the classifier head.
 
@@ -264,6 +265,9 @@ class GPT(nn.Module):
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         With `last_only`, only the last position goes through the head (prefilling a prompt for generation);
         with `head_from`, only the positions from there on (the answers of a PPO batch, not their prompts).
+        Rows that pack several sequences (`reward.pack_shared_prefix`: one prompt, then each of its answers)
+        give each token's rotary `positions` (B, T) and the boolean `attend` (B, 1, T, T) of the keys each
+        query sees, instead of `pad`.
         """
         T = idx.shape[1]
         if cache is not None:
@@ -272,8 +276,13 @@ class GPT(nn.Module):
             start, pad = cache.length, cache.pad
         else:
             start, pad = 0, pad.to(idx.device) if pad is not None and bool(pad.any()) else None
-        cos, sin = self.rotary(start, T, pad)
-        mask = attention_mask(start, T, pad, idx.device)
+        if positions is not None:
+            if cache is not None or pad is not None or attend is None:
+                raise ValueError("packed rows take positions and attend together, without a cache or padding")
+            cos, sin, mask = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], attend
+        else:
+            cos, sin = self.rotary(start, T, pad)
+            mask = attention_mask(start, T, pad, idx.device)
         x = self.embed_tokens(idx)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)

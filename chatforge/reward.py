@@ -40,6 +40,7 @@ from chatforge.errors import UserError
 from chatforge.files import atomic_write_jsonl
 from chatforge.model import GPT
 from chatforge.objectives import centering_penalty, ranking_loss
+from chatforge.packing import pack_shared_prefix, packed_outputs
 from chatforge.plots import plot_calibration
 from chatforge.runtime import Dist, all_reduce_sum, pick_device
 from chatforge.sources import parse_records
@@ -122,19 +123,19 @@ class RewardTask(FineTuneTask):
             yield self._collate(part), self.d.world_size / len(groups)
 
     def _collate(self, groups: list[RankedAnswers]):
-        ids, lengths = right_pad([s for g in groups for s in g.sequences], self.tokenizer.pad_id)
-        return ids.to(self.device), lengths, [len(g.sequences) for g in groups], [g.ranking for g in groups]
+        packed = pack_shared_prefix([g.sequences for g in groups], self.tokenizer.pad_id)
+        return packed.to(self.device), [g.ranking for g in groups]
 
     def _group_scores(self, model, batch) -> list[torch.Tensor]:
-        ids, lengths, sizes, _ = batch
-        return list(last_token_outputs(model, ids, lengths).float().split(sizes))
+        packed, _ = batch
+        return list(packed_outputs(model, packed).float().split(packed.sizes))
 
     def loss(self, model, batch) -> torch.Tensor:
         """Σ over this micro-batch's prompts of (ranking loss + λ·E[r²]), times this process's share
         (world size / prompts in the step): the step's loss is the mean over its prompts."""
         collated, share = batch
         total = 0.0
-        for scores, ranking in zip(self._group_scores(model, collated), collated[3]):
+        for scores, ranking in zip(self._group_scores(model, collated), collated[1]):
             total = total + ranking_loss(scores, ranking, self.config.margin)
             if self.config.center_coef:
                 total = total + self.config.center_coef * centering_penalty(scores)
@@ -147,7 +148,7 @@ class RewardTask(FineTuneTask):
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, prompts, pairs right, pairs
         for start in range(0, len(held_out), self.config.micro_batch_size):
             batch = self._collate(held_out[start : start + self.config.micro_batch_size])
-            for scores, ranking in zip(self._group_scores(model, batch), batch[3]):
+            for scores, ranking in zip(self._group_scores(model, batch), batch[1]):
                 right, pairs = pairs_ordered(scores, ranking)
                 sums += torch.tensor([ranking_loss(scores, ranking).item(), 1, right, pairs], device=self.device)
         loss, prompts, right, pairs = all_reduce_sum(sums, self.d).tolist()
@@ -224,6 +225,25 @@ def score_sequences(model: GPT, sequences: Sequence[Sequence[int]], pad_id: int,
     return scores
 
 
+@torch.inference_mode()
+def score_groups(model: GPT, groups: Sequence[Sequence[Sequence[int]]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """The reward of each sequence of each group (the answers to one prompt), flattened: groups packed with
+    their shared prompt once (`pack_shared_prefix`), about `batch_size` sequences per forward pass."""
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    scores, start = [], 0
+    while start < len(groups):
+        end, answers = start, 0
+        while end < len(groups) and (end == start or answers + len(groups[end]) <= batch_size):
+            answers += len(groups[end])
+            end += 1
+        scores += packed_outputs(model, pack_shared_prefix(groups[start:end], pad_id).to(device)).float().tolist()
+        start = end
+    model.train(was_training)
+    return scores
+
+
 def calibration_bins(predicted: list[float], won: list[bool], bins: int = 10) -> list[dict]:
     """Pairs binned by predicted P(win): each bin's mean prediction, observed win rate and count."""
     out = []
@@ -246,8 +266,7 @@ def evaluate_rankings(model: GPT, groups: list[RankedAnswers], pad_id: int, batc
     Calibration shows each pair in an order fixed by a hash (the winner first about half of the time), so
     that "predicted P(first wins) = σ(r₁ − r₂)" can be compared with how often the first did win.
     """
-    sequences = [s for g in groups for s in g.sequences]
-    flat = score_sequences(model, sequences, pad_id, batch_size)
+    flat = score_groups(model, [g.sequences for g in groups], pad_id, batch_size)
     right = pairs = 0
     predicted, won = [], []
     offset = 0

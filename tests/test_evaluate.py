@@ -14,7 +14,8 @@ from chatforge.tokenizer import Tokenizer
 def test_continuation_logprobs_equal_each_sequence_alone():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=60, n_layer=2, d_model=32, n_head=4, max_seq_len=32)).eval()
-    prefix, continuations = [1, 5, 9, 13], [[20, 21, 22], [30], [40, 41]]
+    # packed in one row after the prefix; two continuations share their first token too
+    prefix, continuations = [1, 5, 9, 13], [[20, 21, 22], [30], [40, 41], [20, 25]]
     got = continuation_logprobs(model, prefix, continuations)
     for score, continuation in zip(got, continuations):
         ids = torch.tensor([prefix + continuation])

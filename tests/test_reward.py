@@ -14,8 +14,9 @@ from chatforge.model import GPT, GPTConfig
 from chatforge.objectives import ranking_loss
 from chatforge.comparisons import RankedAnswers, comparison_from_record, load_groups
 from chatforge.reward import (
-    RewardTask, calibration_bins, expected_calibration_error, last_token_outputs, right_pad, score_sequences,
+    RewardTask, calibration_bins, expected_calibration_error, last_token_outputs, right_pad, score_groups, score_sequences,
 )
+from chatforge.packing import pack_shared_prefix, packed_outputs
 from chatforge.runtime import Dist
 from chatforge.train import read_metrics
 from conftest import assert_one_line_error, keyword_rankings, run_cli, run_torchrun, write_jsonl
@@ -31,18 +32,19 @@ def scalar_model(seed: int = 0) -> GPT:
 
 
 class CountingModel(torch.nn.Module):
-    """Counts the sequences forwarded through the model."""
+    """Counts the rows and the token slots forwarded through the model."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.rows = model, 0
+        self.model, self.rows, self.tokens = model, 0, 0
 
     def forward(self, ids, **kwargs):
         self.rows += ids.shape[0]
+        self.tokens += ids.numel()
         return self.model(ids, **kwargs)
 
 
-def test_kwise_loss_is_the_mean_pairwise_loss_with_each_answer_forwarded_once():
+def test_kwise_loss_is_the_mean_pairwise_loss_with_the_prompt_and_each_answer_forwarded_once():
     model = scalar_model()
     answers = [[1, 5, 6, 7, 2], [1, 5, 8, 2], [1, 5, 9, 9, 9, 9, 2], [1, 5, 3, 2], [1, 5, 4, 4, 2]]
     ranking = [2, 0, 4, 1, 3]  # best first
@@ -62,7 +64,7 @@ def test_kwise_loss_is_the_mean_pairwise_loss_with_each_answer_forwarded_once():
     counting = CountingModel(model)
     batch = task._collate([RankedAnswers([torch.tensor(a).numpy() for a in answers], ranking, "here")])
     fast = task.loss(counting, (batch, 1.0))
-    assert counting.rows == 5
+    assert (counting.rows, counting.tokens) == (1, 2 + 3 + 2 + 5 + 2 + 3)  # the shared [1, 5] once, then each answer
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     # and the same through the bare function, with and without a margin
     scores = torch.stack([model(torch.tensor([a]))[0, -1] for a in answers])
@@ -93,6 +95,29 @@ def test_scores_are_read_at_the_last_token_whatever_the_padding():
         torch.testing.assert_close(model(left, pad=pad)[:, -1], alone, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="new_cache"):  # a cache carries its own padding
         model(left, cache=new_cache(model, len(sequences), width), pad=pad)
+
+
+def test_packed_answers_score_and_learn_as_they_do_alone():
+    """One row per prompt (the shared tokens once, then each answer at its own positions, seeing only the
+    prompt and itself) gives each answer the score and the gradient it has forwarded alone."""
+    model = scalar_model().train()
+    groups = [[[1, 5, 6, 7, 2], [1, 5, 8, 2], [1, 5, 6, 9, 9, 2]],  # shares [1, 5], then [1, 5, 6] for two
+              [[1, 3, 2], [1, 3, 2]],  # identical answers: each keeps its last token
+              [[4, 2], [7, 7, 7, 2]]]  # nothing shared
+    alone = torch.stack([model(torch.tensor([s]))[0, -1] for g in groups for s in g])
+    alone.square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for pad_id in (0, 42):
+        packed = pack_shared_prefix(groups, pad_id)
+        assert packed.ids.shape == (3, 2 + 3 + 2 + 4) and packed.sizes == [3, 2, 2]
+        scores = packed_outputs(model, packed)
+        torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)
+    scores.square().sum().backward()
+    for got, want in zip([p.grad for p in model.parameters()], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert score_groups(model, groups, pad_id=0, batch_size=2) == pytest.approx(alone.tolist(), abs=1e-5)
+    assert model.training  # scoring leaves the mode as it found it
 
 
 @pytest.mark.parametrize("record, expected", [
@@ -279,8 +304,8 @@ def test_task_is_a_pure_function_of_the_step(pretrained):
               for i in range(3, 40)]
     config = type("C", (), {"batch_size": 4, "seed": 3, "margin": 0.0, "center_coef": 0.0})()
     task = RewardTask(config, tokenizer, groups, groups[:2], Dist(), torch.device("cpu"))
-    first = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
-    again = [b[0][0].tolist() for b in task.micro_batches(5, 2)]
+    first = [b[0][0].ids.tolist() for b in task.micro_batches(5, 2)]
+    again = [b[0][0].ids.tolist() for b in task.micro_batches(5, 2)]
     assert first == again and len(first) == 2
 
 

@@ -110,12 +110,14 @@ class Context:
         return self.start if name in ("base", "pretrain") else self.run / name
 
     def load(self, folder: str | Path):
-        """(model, tokenizer) of a stage's checkpoint, on the run's device."""
+        """(model, tokenizer) of a stage's checkpoint, on the run's device, for inference: a LoRA run's
+        adapters merged into the weights (one matmul a projection instead of three)."""
         from chatforge.checkpoint import load_model
+        from chatforge.lora import has_adapters, merge_adapters
         from chatforge.runtime import pick_device
 
         model, tokenizer, _ = load_model(folder, pick_device(self.config.device))
-        return model, tokenizer
+        return merge_adapters(model) if has_adapters(model) else model, tokenizer
 
 
 def _train(run_fn, resolve, config, stage_dir: Path) -> Path:
