@@ -99,21 +99,44 @@ class MultipleChoice:
 
 @torch.no_grad()
 def continuation_logprobs(model: GPT, prefix: list[int], continuations: Sequence[list[int]]) -> list[float]:
-    """Mean log-probability per token of each continuation after `prefix`, all in one batch (the prefix
-    is cut from the left when a sequence would not fit the context)."""
+    """Mean log-probability per token of each continuation after `prefix` (see `choice_logprobs`)."""
+    return choice_logprobs(model, [(prefix, continuations)])[0]
+
+
+@torch.no_grad()
+def choice_logprobs(model: GPT, questions: Sequence[tuple[list[int], Sequence[list[int]]]],
+                    batch_size: int = 8) -> list[list[float]]:
+    """For each (prefix, continuations): the mean log-probability per token of each continuation after the
+    prefix. A question is one row, its prefix once and each continuation after it (`pack_shared_prefix`: a
+    few-shot prefix is most of the tokens); `batch_size` questions go through the model together. A prefix
+    is cut from the left when a sequence would not fit the context."""
     context = model.config.max_seq_len
-    longest = max(map(len, continuations))
-    if longest >= context:
-        raise ValueError(f"a continuation of {longest} tokens leaves no room for its context ({context} tokens)")
-    prefix = prefix[-(context - longest):]
-    # the prefix once, each continuation after it in the same row (a few-shot prefix is most of the tokens)
-    packed = pack_shared_prefix([[prefix + c for c in continuations]], pad_id=0).to(model.embed_tokens.weight.device)
-    predicted_from = [packed.slots(k)[len(prefix) - 1 : -1] for k in range(len(continuations))]
-    head_from = min(slots[0] for slots in predicted_from)
-    logits = model(packed.ids, positions=packed.positions, attend=packed.attend, head_from=head_from)[0].float()
-    logprobs = logits.log_softmax(-1)
-    return [float(logprobs[torch.tensor(slots, device=logits.device) - head_from, torch.tensor(c, device=logits.device)].mean())
-            for slots, c in zip(predicted_from, continuations)]
+    device = model.embed_tokens.weight.device
+    scores = []
+    for first in range(0, len(questions), batch_size):
+        groups, cut = [], []
+        for prefix, continuations in questions[first : first + batch_size]:
+            longest = max(map(len, continuations))
+            if longest >= context:
+                raise ValueError(f"a continuation of {longest} tokens leaves no room for its context ({context} tokens)")
+            prefix = prefix[-(context - longest):]
+            groups.append([prefix + c for c in continuations])
+            cut.append((len(prefix), continuations))
+        packed = pack_shared_prefix(groups, pad_id=0).to(device)
+        # the slot whose output predicts each continuation token: the one before it in the same sequence
+        predicted_from = [packed.slots(k)[length - 1 : -1] for k, (length, continuations) in
+                          enumerate((length, c) for length, cs in cut for c in cs)]
+        head_from = min(slots[0] for slots in predicted_from)
+        logprobs = model(packed.ids, positions=packed.positions, attend=packed.attend,
+                         head_from=head_from).float().log_softmax(-1)
+        k = 0
+        for row, (_, continuations) in enumerate(cut):
+            scores.append([])
+            for c in continuations:
+                slots = torch.tensor(predicted_from[k], device=device) - head_from
+                scores[-1].append(float(logprobs[row, slots, torch.tensor(c, device=device)].mean()))
+                k += 1
+    return scores
 
 
 @torch.no_grad()
@@ -126,12 +149,10 @@ def multiple_choice_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[M
     end = tokenizer.end_id
     was_training = model.training
     model.eval()
-    right = 0
-    for item in items:
-        prefix = render([*examples, Message("user", item.text())], tokenizer, add_generation_prompt=True)
-        replies = [[*tokenizer.encode(item.reply(i)), end] for i in range(len(item.options))]
-        scores = continuation_logprobs(model, prefix, replies)
-        right += max(range(len(scores)), key=scores.__getitem__) == item.answer
+    questions = [(render([*examples, Message("user", item.text())], tokenizer, add_generation_prompt=True),
+                  [[*tokenizer.encode(item.reply(i)), end] for i in range(len(item.options))]) for item in items]
+    right = sum(max(range(len(scores)), key=scores.__getitem__) == item.answer
+                for scores, item in zip(choice_logprobs(model, questions), items))
     model.train(was_training)
     return right / max(len(items), 1)
 
@@ -152,11 +173,10 @@ def cloze_accuracy(model: GPT, tokenizer: Tokenizer, items: Sequence[Cloze], sho
     it was fine-tuned to do; `shots` holds solved examples (few-shot) or nothing (zero-shot)."""
     was_training = model.training
     model.eval()
-    right = 0
-    for item in items:
-        prefix = tokenizer.encode_document(shots + item.context)
-        scores = continuation_logprobs(model, prefix, [tokenizer.encode(option) for option in item.options])
-        right += max(range(len(scores)), key=scores.__getitem__) == item.answer
+    questions = [(tokenizer.encode_document(shots + item.context), [tokenizer.encode(option) for option in item.options])
+                 for item in items]
+    right = sum(max(range(len(scores)), key=scores.__getitem__) == item.answer
+                for scores, item in zip(choice_logprobs(model, questions), items))
     model.train(was_training)
     return right / max(len(items), 1)
 

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from chatforge.data import TokenWindows
-from chatforge.evaluate import bits_per_byte, continuation_logprobs, token_bytes
+from chatforge.evaluate import bits_per_byte, choice_logprobs, continuation_logprobs, token_bytes
 from chatforge.model import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
 
@@ -21,6 +22,10 @@ def test_continuation_logprobs_equal_each_sequence_alone():
         ids = torch.tensor([prefix + continuation])
         logprobs = model(ids).log_softmax(-1)[0, len(prefix) - 1 : -1].gather(1, torch.tensor(continuation)[:, None])
         assert math.isclose(score, float(logprobs.mean()), rel_tol=0, abs_tol=1e-5)
+    # several questions in one batch, each with its own prefix, as each alone
+    questions = [(prefix, continuations), ([2, 3], [[7], [8, 9]]), ([1, 5, 9, 13, 17, 19], [[20, 21], [30]])]
+    for batched, (p, c) in zip(choice_logprobs(model, questions, batch_size=3), questions):
+        assert batched == pytest.approx(continuation_logprobs(model, p, c), abs=1e-5)
 
 
 @torch.no_grad()

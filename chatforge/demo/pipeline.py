@@ -323,12 +323,20 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     # the same four definitions as a dictionary line to complete: "word (pos):" + " definition."
     clozes = [Cloze(f"{w.word} ({w.pos}):", [f" {o}." for o in item.options], item.answer) for w, item in zip(words, items)]
     cloze_shots = "".join(f"{w.word} ({w.pos}): {w.definition}.\n" for w in ctx.train_words[: c.shots])
-    table, answers, models = {}, {}, {}
+    table, answers, models, spent = {}, {}, {}, {}
+
+    def timed(part: str, fn, *args, **kwargs):  # where the stage's time goes, for the report
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
+        return result
+
     for name in ("base" if c.base else "pretrain", "sft", "ppo"):
         model = models[name] = frozen(ctx.load(ctx.model_dir(name))[0])
-        completions = answer_questions(model, tokenizer, questions, c.answer_tokens)
+        completions = timed("answers", answer_questions, model, tokenizer, questions, c.answer_tokens)
         replies = [a.text for a in completions]
-        rewards = reward(prompts, [a.tokens for a in completions], [a.finish_reason == "stop" for a in completions]).tolist()
+        rewards = timed("reward", reward, prompts, [a.tokens for a in completions],
+                        [a.finish_reason == "stop" for a in completions]).tolist()
         f1 = [definition_f1(r, w) for r, w in zip(replies, words)]
         table[name] = {
             "definition_f1": float(np.mean(f1)),
@@ -336,18 +344,19 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
             "repeated_rate": repeated_answer_rate(replies),
             "pos_accuracy": float(np.mean([part_of_speech(r) == w.pos for r, w in zip(replies, words)])),
             "reward": float(np.mean(rewards)),
-            "bits_per_byte": bits_per_byte(model, tokenizer, str(ctx.run / "corpus" / "shards"), batches=4,
-                                           seq_len=min(model.config.max_seq_len, c.bpb_seq_len or 1 << 30)),
-            "zero_shot_mc": multiple_choice_accuracy(model, tokenizer, items),
-            "few_shot_mc": multiple_choice_accuracy(model, tokenizer, items, shots),
-            "zero_shot_cloze": cloze_accuracy(model, tokenizer, clozes),
-            "few_shot_cloze": cloze_accuracy(model, tokenizer, clozes, cloze_shots),
+            "bits_per_byte": timed("bits_per_byte", bits_per_byte, model, tokenizer, str(ctx.run / "corpus" / "shards"),
+                                   batches=4, seq_len=min(model.config.max_seq_len, c.bpb_seq_len or 1 << 30)),
+            "zero_shot_mc": timed("multiple_choice", multiple_choice_accuracy, model, tokenizer, items),
+            "few_shot_mc": timed("multiple_choice", multiple_choice_accuracy, model, tokenizer, items, shots),
+            "zero_shot_cloze": timed("cloze", cloze_accuracy, model, tokenizer, clozes),
+            "few_shot_cloze": timed("cloze", cloze_accuracy, model, tokenizer, clozes, cloze_shots),
         }
         answers[name] = {"replies": replies, "f1": f1, "rewards": rewards}
     ppo, sft = answers["ppo"], answers["sft"]
     win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
     sft_model = models["sft"]
-    sampled = compare_policies(models["ppo"], sft_model, reward, tokenizer, prompts, c.answer_tokens, c.seed)
+    sampled = timed("sampled_kl", compare_policies, models["ppo"], sft_model, reward, tokenizer, prompts, c.answer_tokens,
+                    c.seed)
     samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}
                for i, q in enumerate(questions[:6])]
     atomic_write_jsonl(out / "answers.jsonl", ({"question": q, "word": w.word, "pos": w.pos, "gold": w.definition,
@@ -355,7 +364,7 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
                                                for i, (q, w) in enumerate(zip(questions, words))))
     return {"words": len(words), "models": table, "ppo_vs_sft": {
         "win_rate_reward": win(ppo["rewards"], sft["rewards"]), "win_rate_f1": win(ppo["f1"], sft["f1"]),
-        "kl_per_answer": sampled["kl_per_answer"]}, "samples": samples}
+        "kl_per_answer": sampled["kl_per_answer"]}, "samples": samples, "seconds_by_part": spent}
 
 
 FINE_TUNING: list[tuple[str, Callable[[Context, Path], dict]]] = [
