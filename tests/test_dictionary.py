@@ -8,7 +8,7 @@ from chatforge.demo.corpora import WORDNET_DIRS, Entry, Synset
 from chatforge.demo.dictionary import (
     DEFINE, GLOSS_WORDS, STOP_WORDS, SYNONYM, USE, Word, annotator_score, bag_f1, common_gloss_words, content_words,
     conversations, definition_f1, demo_words, head_word, is_degenerate, is_held_out, part_of_speech, rank_answers,
-    repeated_answer_rate, repetition, split_words, tokens,
+    repeated_answer_rate, repetition, split_words, tokens, with_part_of_speech,
 )
 
 
@@ -112,6 +112,8 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
     # answers 5 and 6 score exactly as 1 and 3 do, and the rule cannot tell them apart: they are left out
     assert rank_answers(answers, DOG) == ([3, 1, 2, 4, 7, 0], [5, 6])
     assert head_word(answers[4]) == "cat" and head_word(answers[5]) is None
+    assert with_part_of_speech("dog (noun): a domestic animal.", "verb") == "dog (verb): a domestic animal."
+    assert with_part_of_speech("a domestic animal.", "verb") is None  # no head to restate
 
 
 def entry(word, pos, definition, tagged=1, examples=(), words=None):

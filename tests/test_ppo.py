@@ -305,7 +305,7 @@ def test_ppo_raises_the_reward_and_the_rewarded_word_on_held_out_prompts_with_bo
     from conftest import run_cli
 
     out = tmp_path / "ppo"
-    run_cli(*ppo_args(please, out))
+    run_cli(*ppo_args(please, out, "--kl-coef", 0.03))  # tiny's 0.02 ends within 0.1 nat of the bound of 10
     metrics = read_metrics(out)
     assert not [m for m in metrics if m.get("alarms")], "no alarm in a healthy run"
     steps = [m for m in metrics if "kl_per_answer" in m]

@@ -199,6 +199,12 @@ def head_word(answer: str) -> str | None:
     return match.group(1) if match else None
 
 
+def with_part_of_speech(answer: str, pos: str) -> str | None:
+    """An answer "word (pos): definition." restated with part of speech `pos` (None when it has no such head)."""
+    match = HEAD.match(answer)
+    return f"{match.group(1)} ({pos}): {match.group(3)}" if match else None
+
+
 def definition_part(answer: str) -> str:
     """The definition in an answer "word (pos): definition.", or the whole answer when it has no such head
     (the word and the part of speech are not counted as matching the definition)."""

@@ -34,6 +34,7 @@ from chatforge.checkpoint import step_checkpoints
 from chatforge.errors import UserError
 from chatforge.files import atomic_write, atomic_write_jsonl
 from chatforge.runtime import peak_resident_memory
+from chatforge.sources import read_records
 
 DONE_FILE = "done.json"
 
@@ -270,7 +271,34 @@ def stage_reward(ctx: Context, out: Path) -> dict:
     from chatforge.plots import plot_calibration
 
     plot_calibration(report["calibration"], out / "calibration.png", "reward model calibration (held-out words)")
-    return {**result, **{k: v for k, v in report.items() if k != "calibration"}}
+    rankings = [record for _, record in read_records(held_out)]
+    probe = part_of_speech_probe(model, tokenizer, rankings, ctx.held_out_words)
+    return {**result, **{k: v for k, v in report.items() if k != "calibration"}, "part_of_speech_probe": probe}
+
+
+def part_of_speech_probe(model, tokenizer, rankings: list[dict], words: list) -> dict:
+    """Whether the reward model knows a word's part of speech or only which parts of speech pay: each
+    held-out prompt's best answer is restated with each of the four ("passage (verb): ..."), and the probe
+    counts how often the word's own scores highest (chance: 25%). A reward model that prefers one part of
+    speech whatever the word is what PPO learns to exploit, and the report shows it before PPO runs."""
+    from chatforge.demo.dictionary import DEFINE, PARTS_OF_SPEECH, with_part_of_speech
+    from chatforge.evaluate import question_ids
+    from chatforge.reward import score_groups
+
+    by_question = {w.question(DEFINE): w for w in words}
+    groups, truth = [], []
+    for record in rankings:
+        word, best = by_question.get(record["prompt"]), record["completions"][record["ranking"][0]]
+        if word is None or word.pos not in PARTS_OF_SPEECH or with_part_of_speech(best, word.pos) is None:
+            continue
+        prompt = question_ids(record["prompt"], tokenizer)
+        groups.append([prompt + tokenizer.encode(with_part_of_speech(best, pos)) + [tokenizer.end_id] for pos in PARTS_OF_SPEECH])
+        truth.append(PARTS_OF_SPEECH.index(word.pos))
+    if not groups:
+        return {"answers": 0}
+    scores = np.array(score_groups(model, groups, tokenizer.pad_id)).reshape(len(groups), len(PARTS_OF_SPEECH))
+    return {"answers": len(groups), "right_first": float(np.mean(scores.argmax(1) == np.array(truth))),
+            "mean_score": dict(zip(PARTS_OF_SPEECH, scores.mean(0).round(3).tolist()))}
 
 
 def stage_ppo(ctx: Context, out: Path) -> dict:

@@ -88,8 +88,11 @@ def _stage_summary(name: str, result: dict) -> str:
     if name in ("pretrain", "sft"):
         return f"{result['steps']} steps, validation loss {result.get('val_loss', float('nan')):.3f}"
     if name == "reward":
+        probe = result.get("part_of_speech_probe", {})
+        pos = (f", the word's part of speech scored first for {probe['right_first']:.0%} of {probe['answers']} answers "
+               "(chance 25%)") if probe.get("answers") else ""
         return (f"held-out pairwise accuracy {result['accuracy']:.1%}, calibration error "
-                f"{result['calibration_error']:.3f}, reward-length correlation {result['length_correlation']:+.2f}")
+                f"{result['calibration_error']:.3f}, reward-length correlation {result['length_correlation']:+.2f}{pos}")
     if name == "ppo":
         alarms = f", {len(result['alarms'])} alarm(s)" if result["alarms"] else ", no alarms"
         return (f"{result['iterations']} iterations, reward {result['reward_first']:+.2f} -> {result['reward_last']:+.2f}, "
