@@ -265,7 +265,7 @@ class GPT(nn.Module):
         chunk by chunk so the full logits never exist (see `losses.linear_cross_entropy`).
         With `last_only`, only the last position goes through the head (prefilling a prompt for generation);
         with `head_from`, only the positions from there on (the answers of a PPO batch, not their prompts).
-        Rows that pack several sequences (`reward.pack_shared_prefix`: one prompt, then each of its answers)
+        Rows that pack several sequences (`packing.pack_shared_prefix`: one prompt, then each of its answers)
         give each token's rotary `positions` (B, T) and the boolean `attend` (B, 1, T, T) of the keys each
         query sees, instead of `pad`.
         """

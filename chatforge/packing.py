@@ -41,7 +41,7 @@ class PackedGroups:
     attend: torch.Tensor  # (R, 1, T, T) the keys each query sees
     last: torch.Tensor  # (N,) each sequence's last token, an index into the (R·T) flattened outputs
     sizes: list[int]  # sequences per group
-    layout: list[tuple[int, int, int]]  # each sequence's row, tokens shared with its group, first own slot
+    layout: list[tuple[int, int, int, int]]  # each sequence's row, tokens shared with its group, first own slot, length
 
     def to(self, device) -> "PackedGroups":
         return dataclasses.replace(self, ids=self.ids.to(device), positions=self.positions.to(device),
@@ -49,9 +49,8 @@ class PackedGroups:
 
     def slots(self, sequence: int) -> list[int]:
         """Where each token of the `sequence`-th sequence (counted over all groups) sits in its row."""
-        row, shared, start = self.layout[sequence]
-        own = int(self.last[sequence]) - row * self.ids.shape[1] - start + 1
-        return list(range(shared)) + list(range(start, start + own))
+        _, shared, start, length = self.layout[sequence]
+        return list(range(shared)) + list(range(start, start + length - shared))
 
 
 def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedGroups:
@@ -65,7 +64,7 @@ def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -
         shared = shared_prefix(seqs)
         row, segment, position = list(seqs[0][:shared]), [0] * shared, list(range(shared))
         for k, s in enumerate(seqs, 1):
-            layout.append((len(rows), shared, len(row)))
+            layout.append((len(rows), shared, len(row), len(s)))
             row += list(s[shared:])
             segment += [k] * (len(s) - shared)
             position += range(shared, len(s))
