@@ -20,7 +20,7 @@ from chatforge.chat_format import Message, render
 from chatforge.data import TokenWindows
 from chatforge.engine import Completion, SamplingParams, generate_batch
 from chatforge.model import GPT
-from chatforge.packing import pack_shared_prefix
+from chatforge.packing import pack_shared_prefix, shared_prefix
 from chatforge.rollout import Reward, answer_texts, rollout, score_rollout
 from chatforge.tokenizer import Tokenizer
 
@@ -105,11 +105,13 @@ def continuation_logprobs(model: GPT, prefix: list[int], continuations: Sequence
 
 @torch.no_grad()
 def choice_logprobs(model: GPT, questions: Sequence[tuple[list[int], Sequence[list[int]]]],
-                    batch_size: int = 8) -> list[list[float]]:
+                    batch_size: int = 8, per_row: int | None = None) -> list[list[float]]:
     """For each (prefix, continuations): the mean log-probability per token of each continuation after the
-    prefix. A question is one row, its prefix once and each continuation after it (`pack_shared_prefix`: a
-    few-shot prefix is most of the tokens); `batch_size` questions go through the model together. A prefix
-    is cut from the left when a sequence would not fit the context."""
+    prefix. Each question's prefix goes through the model once, each continuation after it
+    (`pack_shared_prefix`); `batch_size` questions go through the model together, `per_row` of them in one
+    row after the tokens their prefixes share (a few-shot prompt). By default 4 a row when the shared
+    tokens outnumber a question's own, else 1: a longer row costs more attention than it saves otherwise.
+    A prefix is cut from the left when a sequence would not fit the context."""
     context = model.config.max_seq_len
     device = model.embed_tokens.weight.device
     scores = []
@@ -122,7 +124,11 @@ def choice_logprobs(model: GPT, questions: Sequence[tuple[list[int], Sequence[li
             prefix = prefix[-(context - longest):]
             groups.append([prefix + c for c in continuations])
             cut.append((len(prefix), continuations))
-        packed = pack_shared_prefix(groups, pad_id=0).to(device)
+        row_size = per_row
+        if row_size is None:
+            common = shared_prefix([group[0][:length] for group, (length, _) in zip(groups, cut)])
+            row_size = 4 if common > np.mean([length - common + sum(map(len, cs)) for length, cs in cut]) else 1
+        packed = pack_shared_prefix(groups, pad_id=0, groups_per_row=row_size).to(device)
         # the slot whose output predicts each continuation token: the one before it in the same sequence
         predicted_from = [packed.slots(k)[length - 1 : -1] for k, (length, continuations) in
                           enumerate((length, c) for length, cs in cut for c in cs)]
@@ -130,10 +136,11 @@ def choice_logprobs(model: GPT, questions: Sequence[tuple[list[int], Sequence[li
         logprobs = model(packed.ids, positions=packed.positions, attend=packed.attend,
                          head_from=head_from).float().log_softmax(-1)
         k = 0
-        for row, (_, continuations) in enumerate(cut):
+        for _, continuations in cut:
             scores.append([])
             for c in continuations:
                 slots = torch.tensor(predicted_from[k], device=device) - head_from
+                row = packed.layout[k][0]
                 scores[-1].append(float(logprobs[row, slots, torch.tensor(c, device=device)].mean()))
                 k += 1
     return scores

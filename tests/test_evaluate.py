@@ -24,8 +24,11 @@ def test_continuation_logprobs_equal_each_sequence_alone():
         assert math.isclose(score, float(logprobs.mean()), rel_tol=0, abs_tol=1e-5)
     # several questions in one batch, each with its own prefix, as each alone
     questions = [(prefix, continuations), ([2, 3], [[7], [8, 9]]), ([1, 5, 9, 13, 17, 19], [[20, 21], [30]])]
-    for batched, (p, c) in zip(choice_logprobs(model, questions, batch_size=3), questions):
-        assert batched == pytest.approx(continuation_logprobs(model, p, c), abs=1e-5)
+    shots = [1, 5, 9, 13, 17, 19]  # questions after one few-shot prompt, which a row holds once
+    questions += [(shots + [23], [[20, 21], [30]]), (shots + [23, 24], [[40], [41, 42]]), (shots, [[50], [51]])]
+    for per_row in (1, 2, 4, None):
+        for batched, (p, c) in zip(choice_logprobs(model, questions, batch_size=5, per_row=per_row), questions):
+            assert batched == pytest.approx(continuation_logprobs(model, p, c), abs=1e-5)
 
 
 @torch.no_grad()

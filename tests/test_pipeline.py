@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from chatforge.checkpoint import step_checkpoints
@@ -174,3 +175,28 @@ def test_a_run_on_an_imported_base_is_killed_mid_stage_then_finishes_with_a_meas
     assert set(evaluation["seconds_by_part"]) == {"answers", "reward", "bits_per_byte", "multiple_choice", "cloze",
                                                    "sampled_kl"}
     assert sum(evaluation["seconds_by_part"].values()) <= json.loads((out / "evaluate" / "done.json").read_text())["seconds"]
+
+    from chatforge.demo.best_of_n import main as best_of_n  # the reward model's picks against the oracle's
+
+    best_of_n([str(out), "--n", "3", "--repeats", "4"])
+    result = json.loads((out / "best-of-n.json").read_text())
+    assert result["words"] == len(rows) and result["sft_greedy_f1"] == pytest.approx(evaluation["models"]["sft"]["definition_f1"])
+    assert [row["m"] for row in result["best_of"]] == [1, 2, 3]
+    assert result["best_of"][-1]["kl_bound"] == pytest.approx(math.log(3) - 2 / 3)
+    assert result["best_of"][0]["reward_model"] == result["best_of"][0]["annotator"]  # one answer: the same pick
+
+
+def test_best_of_n_picks_the_top_scored_of_m_answers_drawn():
+    from chatforge.demo.best_of_n import best_of, rank_correlation
+
+    scores = np.array([[0.1, 0.9, 0.5], [2.0, -1.0, 0.0]])
+    values = np.array([[10.0, 20.0, 30.0], [1.0, 2.0, 3.0]])
+    rng = np.random.default_rng(0)
+    assert best_of(scores, values, 3, rng, repeats=5).tolist() == [[20.0, 1.0]]  # all n: one draw, the top
+    single = best_of(scores, values, 1, rng, repeats=3000)  # one answer drawn: the average answer
+    assert single.shape == (3000, 2) and single.mean(0) == pytest.approx([20.0, 2.0], rel=0.05)
+    pairs = best_of(scores, values, 2, rng, repeats=3000)  # word 0: the pair {0, 2} keeps 30, else 20
+    assert pairs[:, 0].mean() == pytest.approx((20 + 20 + 30) / 3, rel=0.05)
+    assert rank_correlation(np.array([1.0, 2.0, 3.0]), np.array([5.0, 7.0, 9.0])) == pytest.approx(1.0)
+    assert rank_correlation(np.array([1.0, 2.0, 3.0]), np.array([9.0, 7.0, 5.0])) == pytest.approx(-1.0)
+    assert np.isnan(rank_correlation(np.array([1.0, 1.0]), np.array([1.0, 2.0])))

@@ -113,6 +113,9 @@ def test_packed_answers_score_and_learn_as_they_do_alone():
         assert packed.ids.shape == (3, 2 + 3 + 2 + 4) and packed.sizes == [3, 2, 2]
         scores = packed_outputs(model, packed)
         torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)
+    for per_row in (2, 3):  # several groups a row, after the tokens they all share ([1] for the first two)
+        packed = pack_shared_prefix(groups, 0, groups_per_row=per_row)
+        torch.testing.assert_close(packed_outputs(model, packed), alone, rtol=0, atol=1e-5)
     scores.square().sum().backward()
     for got, want in zip([p.grad for p in model.parameters()], expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

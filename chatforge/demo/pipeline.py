@@ -383,8 +383,9 @@ def stage_evaluate(ctx: Context, out: Path) -> dict:
     ppo, sft = answers["ppo"], answers["sft"]
     win = lambda a, b: float(np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(a, b)]))  # noqa: E731
     sft_model = models["sft"]
+    # KL(PPO ‖ SFT) over PPO's own samples: the SFT model scores them, it need not answer
     sampled = timed("sampled_kl", compare_policies, models["ppo"], sft_model, reward, tokenizer, prompts, c.answer_tokens,
-                    c.seed)
+                    c.seed, reference_too=False)
     samples = [{"question": q, **{name: answers[name]["replies"][i] for name in answers}, "wordnet": words[i].definition}
                for i, q in enumerate(questions[:6])]
     atomic_write_jsonl(out / "answers.jsonl", ({"question": q, "word": w.word, "pos": w.pos, "gold": w.definition,
@@ -413,11 +414,24 @@ def _comparable(settings: dict) -> dict:
     return {**settings, "run": {k: v for k, v in run.items() if k not in ("progress", "device")}}
 
 
+def run_context(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Context:
+    """A run's context: its data found and its words split into training, held-out and format words."""
+    from chatforge.demo.corpora import find_data, read_wordnet
+    from chatforge.demo.dictionary import demo_words, split_words, without_leaks
+
+    ctx = Context(config, preset, Path(config.out), find_data(config.data_dir or None), stage_overrides or {})
+    words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words + config.format_words)
+    ctx.train_words, ctx.held_out_words = split_words(words[: config.words], config.held_out_fraction, config.seed)
+    ctx.format_words = without_leaks(words[config.words :], ctx.held_out_words)
+    if not ctx.train_words or not ctx.held_out_words:
+        raise UserError(f"{min(len(words), config.words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
+                        "held-out: use more --words")
+    return ctx
+
+
 def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict] | None = None) -> Path:
     """Every stage not yet done, then the report; returns the run folder. `stage_overrides` are the
     preset's [run.<stage>] tables."""
-    from chatforge.demo.corpora import find_data, read_wordnet
-    from chatforge.demo.dictionary import demo_words, split_words, without_leaks
     from chatforge.demo.report import write_report
 
     run = Path(config.out)
@@ -428,13 +442,7 @@ def run_pipeline(config: RunConfig, preset: str, stage_overrides: dict[str, dict
     if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(settings):
         raise UserError(f"{saved}: this run was started with other settings; use another --out to change them")
     cfg.save_json(settings, saved)
-    ctx = Context(config, preset, run, find_data(config.data_dir or None), stage_overrides)
-    words = demo_words(read_wordnet(ctx.data["wordnet"]), config.words + config.format_words)
-    ctx.train_words, ctx.held_out_words = split_words(words[: config.words], config.held_out_fraction, config.seed)
-    ctx.format_words = without_leaks(words[config.words :], ctx.held_out_words)
-    if not ctx.train_words or not ctx.held_out_words:
-        raise UserError(f"{min(len(words), config.words)} words split into {len(ctx.train_words)} training and {len(ctx.held_out_words)} "
-                        "held-out: use more --words")
+    ctx = run_context(config, preset, stage_overrides)
     print(f"run: {len(ctx.train_words)} training words, {len(ctx.held_out_words)} held-out words, "
           f"{len(ctx.format_words)} format words -> {run}")
     results = {}
