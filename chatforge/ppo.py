@@ -46,7 +46,7 @@ from chatforge.rollout import (
     Experience, Reward, answer_texts, classifier_reward, collapse_alarm, make_experience, model_reward, rollout,
     rollout_diagnostics,
 )
-from chatforge.runtime import Dist, pick_device
+from chatforge.runtime import Dist, broadcast_parameters, pick_device, sum_gradients
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, merged_start, resolve_run_config, run_stage
@@ -56,11 +56,17 @@ from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, merged_s
 def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience: Experience,
                optimizers: Sequence[torch.optim.Optimizer], *, epochs: int, minibatch_size: int, clip: float = 0.2,
                value_clip: float = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0,
-               ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None) -> dict[str, float]:
+               ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None,
+               d: Dist = Dist()) -> dict[str, float]:
     """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
     yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics
     over the applied updates (total, policy, value and ptx loss, entropy, clip fraction, approx KL to the
     sampling policy, gradient norm) and how many updates were skipped for a non-finite loss or gradient.
+
+    Under several processes (`d`) every process holds the whole experience and draws the same minibatches;
+    each computes every world_size-th row of a minibatch (and of its pretraining batch), weighted by its
+    share of the minibatch's tokens, and the gradients are summed (`sum_gradients`): the update is the one a
+    single process makes on the whole minibatch.
 
     Run the models without dropout (`GPT.set_dropout(0)`): with it, log π differs from log π_old before
     any update and the first epoch's ratios are not 1.
@@ -68,29 +74,47 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
     b = experience.batch
     rows = len(b.ids)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    keys = ("loss", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ptx_loss")
     sums: dict[str, float] = {}
     updates = skipped = 0
     for _ in range(epochs):
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, minibatch_size):
-            idx = order[start : start + minibatch_size].to(b.ids.device)
-            part = b.rows(idx)
-            width = part.mask.shape[1]
-            old_logprobs, advantages, old_values, returns = (
-                t[idx, :width] for t in (experience.logprobs, experience.advantages, experience.values, experience.returns))
-            logprobs, entropy_value = policy_terms(part.answer_logits(policy), part.answer_tokens, part.mask,
-                                                   entropy_grad=entropy_coef != 0)
-            policy_loss, clip_fraction = clipped_policy_loss(logprobs, old_logprobs, advantages, part.mask, clip)
-            value_loss = clipped_value_loss(part.answer_values(value_model).float(), old_values, returns,
-                                            part.mask, value_clip)
-            ptx = None
-            if ptx_batches is not None and ptx_coef:
+            minibatch = order[start : start + minibatch_size].to(b.ids.device)
+            idx = minibatch[d.rank :: d.world_size]
+            share = b.mask[idx].sum() / b.mask[minibatch].sum().clamp(min=1)  # of the minibatch's tokens
+            zero = torch.zeros((), device=b.ids.device)
+            policy_loss = value_loss = entropy_value = clip_fraction = kl_to_old = zero  # a process with no rows
+            if len(idx):
+                part = b.rows(idx)
+                width = part.mask.shape[1]
+                old_logprobs, advantages, old_values, returns = (
+                    t[idx, :width] for t in (experience.logprobs, experience.advantages, experience.values, experience.returns))
+                logprobs, entropy_value = policy_terms(part.answer_logits(policy), part.answer_tokens, part.mask,
+                                                       entropy_grad=entropy_coef != 0)
+                policy_loss, clip_fraction = clipped_policy_loss(logprobs, old_logprobs, advantages, part.mask, clip)
+                value_loss = clipped_value_loss(part.answer_values(value_model).float(), old_values, returns,
+                                                part.mask, value_clip)
+                kl_to_old = approx_kl(logprobs.detach(), old_logprobs, part.mask)
+            ptx = zero
+            with_ptx = ptx_batches is not None and ptx_coef
+            if with_ptx:
                 inputs, targets = next(ptx_batches)
-                ptx = policy(inputs, targets=targets)
-            loss = ppo_ptx_loss(policy_loss, value_loss, entropy_value, ptx, vf_coef, entropy_coef, ptx_coef)
-            loss.backward()
+                windows = len(inputs)
+                inputs, targets = inputs[d.rank :: d.world_size], targets[d.rank :: d.world_size]
+                if len(inputs):
+                    ptx = policy(inputs, targets=targets) * (len(inputs) / windows)
+            loss = ppo_ptx_loss(share * policy_loss, share * value_loss, share * entropy_value, ptx, vf_coef,
+                                entropy_coef, ptx_coef if with_ptx else 0.0)
+            stats = {"loss": loss, "policy_loss": share * policy_loss, "value_loss": share * value_loss,
+                     "entropy": share * entropy_value, "clip_fraction": share * clip_fraction,
+                     "approx_kl": share * kl_to_old, "ptx_loss": ptx}
+            if loss.requires_grad:
+                loss.backward()
+            scalars = torch.stack([stats[k].detach().float() for k in keys])
+            totals = dict(zip(keys, sum_gradients(params, scalars, d).tolist()))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-            applied = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            applied = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
             for optimizer in optimizers:
                 if applied:  # a non-finite loss or gradient never reaches the weights
                     optimizer.step()
@@ -98,13 +122,11 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
             if not applied:
                 skipped += 1
                 continue
-            stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_value,
-                     "clip_fraction": clip_fraction, "grad_norm": grad_norm,
-                     "approx_kl": approx_kl(logprobs.detach(), old_logprobs, part.mask)}
-            if ptx is not None:
-                stats["ptx_loss"] = ptx
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            totals["grad_norm"] = float(grad_norm)
+            if not with_ptx:
+                del totals["ptx_loss"]
+            for key, value in totals.items():
+                sums[key] = sums.get(key, 0.0) + value
             updates += 1
     return {**{key: value / max(updates, 1) for key, value in sums.items()}, "skipped_updates": skipped}
 
@@ -260,11 +282,16 @@ class PPOTask(Task):
 
     progress_keys = ("reward", "kl_per_answer")
 
+    # the minibatch updates sum every process's gradients themselves (`ppo_epochs`): no DDP wrapper
+    syncs_own_gradients = True
+
     def __init__(self, config: PPOConfig, policy: GPT, reference: GPT, value_model: GPT, reward: Reward,
                  tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device,
-                 questions: dict[tuple[int, ...], str] | None = None):
+                 questions: dict[tuple[int, ...], str] | None = None, d: Dist = Dist()):
         self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
-        self.tokenizer, self.train, self.val, self.device = tokenizer, train, val, device
+        self.tokenizer, self.train, self.val, self.device, self.d = tokenizer, train, val, device, d
+        # every process starts from rank 0's weights (as DDP would make them)
+        broadcast_parameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad], d)
         self.stop_id = tokenizer.end_id
         self.value_optimizer = make_optimizer(value_model, config, device)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)
@@ -294,6 +321,13 @@ class PPOTask(Task):
         """Minibatch updates in one iteration (each takes one ptx batch)."""
         return self.config.ppo_epochs * math.ceil(self.config.batch_size / self.config.micro_batch_size)
 
+    @property
+    def rollout_rows(self) -> int:
+        """Answers generated together: `generating_rows`, but no more than one process's share of the batch,
+        so that every process has a chunk to sample (the answers, seeded per chunk, are the same for any
+        number of processes whose share is at least `rollout_batch_size`)."""
+        return min(self.config.generating_rows, math.ceil(self.config.batch_size / self.d.world_size))
+
     def ptx_batches(self, step: int):
         for k in itertools.count():
             inputs, targets = self.ptx.batch(step * self.updates_per_step + k, self.config.ptx_batch_size)
@@ -310,18 +344,21 @@ class PPOTask(Task):
         c = self.config
         t0 = time.perf_counter()
         prompts, answers, finished = rollout(self.policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
-                                             self.stop_id, seed=c.seed * 100_003 + step, rows=c.rollout_batch_size)
+                                             self.stop_id, seed=c.seed * 100_003 + step, rows=self.rollout_rows, d=self.d)
         t1 = time.perf_counter()
         experience = make_experience(
             self.policy, self.reference, self.value_model, self.reward, prompts, answers, finished,
             self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
             unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
-            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.scoring_rows)
+            reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.scoring_rows,
+            d=self.d)
         t2 = time.perf_counter()
-        texts = answer_texts(self.tokenizer, answers)
-        tokens = int(experience.batch.mask.sum()) + sum(map(len, prompts))
+        # the whole rollout's, on every process (so that every process raises the same alarms)
+        texts = answer_texts(self.tokenizer, experience.batch.answers())
+        tokens = int(experience.batch.mask.sum()) + experience.batch.prompt_tokens()
+        first_prompt = experience.batch.ids[0, int(experience.batch.pad[0]) : experience.batch.prompt_width].tolist()
         record = {"lr": lr, "beta": self.kl_controller.beta, **rollout_diagnostics(experience, texts),
-                  "sample": f"{self.question(prompts[0])} -> {texts[0]}"}
+                  "sample": f"{self.question(first_prompt)} -> {texts[0]}"}
         alarms = [a for a in [collapse_alarm(texts)] if a]
         if not experience.finite:
             alarms.append("non-finite rewards, log-probs or values in the rollout: step skipped, nothing applied")
@@ -335,28 +372,29 @@ class PPOTask(Task):
             minibatch_size=c.micro_batch_size, clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
             entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef if self.ptx else 0.0,
             ptx_batches=self.ptx_batches(step) if self.ptx else None, grad_clip=c.grad_clip,
-            generator=torch.Generator().manual_seed(c.seed * 100_003 + step))
+            generator=torch.Generator().manual_seed(c.seed * 100_003 + step), d=self.d)
         t3 = time.perf_counter()
         if stats["skipped_updates"]:
             alarms.append(f"{stats['skipped_updates']} minibatch update(s) with a non-finite loss or gradient skipped")
         if record["kl_per_answer"] > c.kl_bound:
             alarms.append(f"KL to the reference {record['kl_per_answer']:.2f} nats per answer, past the bound {c.kl_bound:g}")
         if c.kl_target:
-            self.kl_controller.update(record["kl_per_answer"], len(answers))
+            self.kl_controller.update(record["kl_per_answer"], len(texts))
         forward = self.policy.flops_per_token(self.seq_len) / 3  # one forward pass of one token
         ptx_tokens = ("ptx_loss" in stats) * self.updates_per_step * c.ptx_batch_size * self.ptx_seq_len
         flops = forward * (tokens * (1 + 4 + 6 * c.ppo_epochs) + 3 * ptx_tokens)
         return {**record, **stats, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
-                "samples_per_s": len(answers) / (t3 - t0), "tokens": tokens, "flops": flops,
+                "samples_per_s": len(texts) / (t3 - t0), "tokens": tokens, "flops": flops,
                 **({"alarms": alarms} if alarms else {})}
 
     # --- evaluation -----------------------------------------------------------------------------------
 
     def evaluate(self, model) -> dict[str, float]:
         """The policy on held-out prompts (the same seed each time, so evaluations compare): mean reward,
-        KL to the reference per answer, answer length, and the share of answers that end."""
+        KL to the reference per answer, answer length, and the share of answers that end. On the main
+        process only (it logs them): the others go on to the next rollout and wait for it there."""
         prompts = self.val[: self.config.eval_batches * self.config.batch_size]
-        if not prompts:
+        if not prompts or not self.d.is_main:
             return {}
         report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
                                   self.config.max_new_tokens, self.config.seed, self.config.generating_rows,
@@ -401,7 +439,8 @@ def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> t
         "policy": "CHECKPOINT (the SFT model)", "reward": "CHECKPOINT (the reward model)", "prompts": "FILE [FILE ...]"})
 
 
-def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None = None) -> tuple[GPT, Tokenizer, PPOTask]:
+def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None = None,
+              d: Dist = Dist()) -> tuple[GPT, Tokenizer, PPOTask]:
     """The policy (from SFT, or the checkpoint to resume), its tokenizer, and the task holding the frozen
     reference and reward model, the value model and the prompts."""
     sft, tokenizer, sft_path = load_model(config.policy, device)
@@ -437,10 +476,11 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
     val_ids = prompt_ids(val, tokenizer, context, config.max_new_tokens)
     if not train_ids:
         raise UserError(f"no training prompts left after holding out {len(val_ids)}: give --val-prompts or lower --val-fraction")
-    print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
-          + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
+    if d.is_main:
+        print(f"ppo: {len(train):,} training and {len(val):,} held-out prompts; value model from {config.value_init}"
+              + (f"; ptx from {config.ptx_data}" if config.ptx_data else ""))
     questions = {tuple(ids): messages[-1].content for (_, messages), ids in zip(train + val, train_ids + val_ids)}
-    task = PPOTask(config, policy, reference, value_model, reward, tokenizer, train_ids, val_ids, device, questions)
+    task = PPOTask(config, policy, reference, value_model, reward, tokenizer, train_ids, val_ids, device, questions, d)
     return policy, tokenizer, task
 
 
@@ -451,9 +491,7 @@ def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
         raise UserError("ppo does not support --compile: rollouts change shape every step")
 
     def setup(device: torch.device, d: Dist):
-        if d.enabled:
-            raise UserError("ppo runs on one process: start it without torchrun")
-        return build_ppo(config, device, resume_from)
+        return build_ppo(config, device, resume_from, d)
 
     return run_stage(config, "ppo", setup, resume_from)
 

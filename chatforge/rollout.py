@@ -19,6 +19,7 @@ from chatforge.objectives import (
     RunningMoments, generalized_advantages, kl_penalized_rewards, masked_mean, token_logprobs, whiten,
 )
 from chatforge.reward import reward_head, score_sequences
+from chatforge.runtime import Dist, all_gather_objects
 from chatforge.tokenizer import Tokenizer
 
 
@@ -36,8 +37,8 @@ class RolloutBatch:
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
               device=None) -> "RolloutBatch":
-        width = max(len(p) for p in prompts)
-        answer_width = max(1, max(len(a) for a in answers))
+        width = max((len(p) for p in prompts), default=0)
+        answer_width = max(1, max((len(a) for a in answers), default=0))
         ids = torch.full((len(prompts), width + answer_width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), answer_width)
         for row, (p, a) in enumerate(zip(prompts, answers)):
@@ -50,6 +51,13 @@ class RolloutBatch:
     @property
     def answer_tokens(self) -> torch.Tensor:
         return self.ids[:, self.prompt_width :]
+
+    def answers(self) -> list[list[int]]:
+        """Each row's answer, as sampled."""
+        return [row[: int(n)].tolist() for row, n in zip(self.answer_tokens, self.mask.sum(1))]
+
+    def prompt_tokens(self) -> int:
+        return int((self.prompt_width - self.pad).sum())
 
     def rows(self, index: torch.Tensor | slice) -> "RolloutBatch":
         """The rows `index` as a batch of their own, cut to their own widths (the left padding all of them
@@ -138,7 +146,9 @@ def score_rollout(policy: torch.nn.Module, reference: torch.nn.Module, value_mod
         ref_logprobs[rows, :width] = token_logprobs(part.answer_logits(reference), part.answer_tokens) * part.mask
         if value_model is not None:
             values[rows, :width] = part.answer_values(value_model).float()
-    return ScoredRollout(batch, logprobs, ref_logprobs, values, reward(prompts, answers, finished).float().to(batch.mask.device))
+    # a process of a distributed rollout may have sampled nothing (fewer chunks than processes)
+    scores = reward(prompts, answers, finished).float() if answers else torch.zeros(0)
+    return ScoredRollout(batch, logprobs, ref_logprobs, values, scores.to(batch.mask.device))
 
 
 @torch.no_grad()
@@ -146,7 +156,8 @@ def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_m
                     reward: Reward, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                     finished: Sequence[bool], pad_id: int, *, beta: float, gamma: float = 1.0, lam: float = 0.95,
                     unfinished_penalty: float = 0.0, reward_stats: RunningMoments | None = None,
-                    reward_clip: float = 0.0, whiten_advantages: bool = True, micro_batch_size: int = 8) -> Experience:
+                    reward_clip: float = 0.0, whiten_advantages: bool = True, micro_batch_size: int = 8,
+                    d: Dist = Dist()) -> Experience:
     """Score sampled answers and turn them into advantages:
 
     log-probs under the sampling policy and the reference, and values (`score_rollout`, in micro-batches,
@@ -154,8 +165,14 @@ def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_m
     length limit, normalised by the running statistics `reward_stats` when given (updated with this
     rollout first), clipped to ±`reward_clip` when > 0; then per-token rewards (`kl_penalized_rewards`),
     GAE advantages and returns.
+
+    Under several processes (`d`) each scores the answers it sampled, and the experience is then the
+    whole rollout's on every process (`gather_scored`): the reward statistics, the whitening and the
+    diagnostics are those of the global batch, and every process holds the same numbers.
     """
     scored = score_rollout(policy, reference, value_model, reward, prompts, answers, finished, pad_id, micro_batch_size)
+    if d.enabled:
+        scored, finished = gather_scored(scored, prompts, answers, finished, pad_id, d)
     batch, logprobs, ref_logprobs, values, raw_scores = (scored.batch, scored.logprobs, scored.ref_logprobs,
                                                          scored.values, scored.scores)
     done = torch.tensor(list(finished), dtype=torch.bool, device=batch.ids.device)
@@ -170,6 +187,38 @@ def make_experience(policy: torch.nn.Module, reference: torch.nn.Module, value_m
     if whiten_advantages:
         advantages = whiten(advantages, batch.mask)
     return Experience(batch, logprobs, ref_logprobs, values, raw_scores, scores, done, rewards, kl, advantages, returns)
+
+
+def gather_scored(scored: ScoredRollout, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                  finished: Sequence[bool], pad_id: int, d: Dist) -> tuple[ScoredRollout, list[bool]]:
+    """Every process's scored answers joined in rank order into the whole rollout, on every process. Only
+    the ragged per-answer numbers travel (ids and a few floats per token: small next to the forward passes
+    that made them)."""
+    mask = scored.batch.mask.bool().cpu()
+    lengths = mask.sum(1).tolist()
+
+    def per_answer(t: torch.Tensor | None) -> list | None:
+        return None if t is None else [row[:n] for row, n in zip(t.float().cpu(), lengths)]
+
+    mine = (list(map(list, prompts)), list(map(list, answers)), list(finished), per_answer(scored.logprobs),
+            per_answer(scored.ref_logprobs), per_answer(scored.values), scored.scores.float().cpu())
+    parts = all_gather_objects(mine, d)
+    device = scored.batch.ids.device
+    all_prompts = [p for part in parts for p in part[0]]
+    all_answers = [a for part in parts for a in part[1]]
+    batch = RolloutBatch.build(all_prompts, all_answers, pad_id, device)
+
+    def joined(k: int) -> torch.Tensor | None:
+        if parts[0][k] is None:
+            return None
+        out = torch.zeros_like(batch.mask)
+        for row, values in enumerate(v for part in parts for v in part[k]):
+            out[row, : len(values)] = values.to(device)
+        return out
+
+    joined_scores = torch.cat([part[6] for part in parts]).to(device)
+    return (ScoredRollout(batch, joined(3), joined(4), joined(5), joined_scores),
+            [f for part in parts for f in part[2]])
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -198,13 +247,18 @@ def classifier_reward(model: GPT, tokenizer: Tokenizer, label: str, kind: str, b
 
 
 def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, stop_id: int, seed: int,
-            temperature: float = 1.0, rows: int = 0) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+            temperature: float = 1.0, rows: int = 0, d: Dist = Dist()) -> tuple[list[list[int]], list[list[int]], list[bool]]:
     """`n` answers to each prompt from the policy's own distribution (temperature 1: PPO's ratios and KL
     are of that distribution), with the engine, `rows` answers at a time (0: all at once; each later chunk
-    draws from a seed of its own): (prompt of each answer, answers, finished)."""
+    draws from a seed of its own): (prompt of each answer, answers, finished).
+
+    Under several processes each generates its run of consecutive chunks (`d`), and returns its answers
+    only: a chunk's answers depend on the chunk alone (its prompts, its seed), so the rollout, joined in
+    rank order, is the one a single process would sample with the same `rows`."""
     per_chunk = max(1, rows // n) if rows else len(prompts)
+    chunks = list(enumerate(range(0, len(prompts), per_chunk)))
     answers = []
-    for i, start in enumerate(range(0, len(prompts), per_chunk)):
+    for i, start in np.array_split(np.array(chunks, dtype=int).reshape(-1, 2), d.world_size)[d.rank].tolist():
         chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed)
         part = prompts[start : start + per_chunk]

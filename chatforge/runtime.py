@@ -63,6 +63,48 @@ def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
+def all_gather_objects(value, d: Dist) -> list:
+    """`value` from every process, in rank order (pickled: for small, ragged things such as a rollout)."""
+    if not d.enabled:
+        return [value]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_parameters(params: list[torch.Tensor], d: Dist) -> None:
+    """Rank 0's values of `params` on every process (as DDP does when it wraps a model)."""
+    if d.enabled:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
+def sum_gradients(params: list[torch.Tensor], scalars: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum the gradients of `params` and the 1-D tensor `scalars` over processes, in one collective, and
+    return the summed scalars. A parameter without a gradient on this process counts as zeros, so every
+    process calls this the same number of times, whatever work it had.
+
+    By hand rather than DDP because PPO's minibatch update runs the policy twice (answers, then pretraining
+    text) before one backward pass, weighs each process's share by its token count (a sum, not DDP's mean),
+    and must agree on whether the update is applied (the summed loss rides along in `scalars`)."""
+    if not d.enabled:
+        return scalars
+    parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+             for p in params]
+    flat = torch.cat([*parts, scalars.to(parts[0].dtype if parts else scalars.dtype)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p in params:
+        summed = flat[offset : offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            p.grad.copy_(summed)
+        offset += p.numel()
+    return flat[offset:].to(scalars.dtype)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
     if name == "auto":

@@ -131,6 +131,9 @@ class Task:
     tokens_per_step: int  # tokens per optimizer step over all processes, for tokens/s and MFU
     seq_len: int  # the typical sequence length, for the attention FLOPs
     progress_keys: tuple[str, ...] = ("loss",)  # the metrics shown on the progress bar
+    # True for a stage whose own train_step sums the processes' gradients (PPO): the model is then not
+    # wrapped in DDP, and batch_size need not split into micro-batches per process
+    syncs_own_gradients: bool = False
 
     def micro_batches(self, step: int, accumulation: int) -> Iterable[Any]:
         """This process's `accumulation` micro-batches for optimizer step `step`."""
@@ -307,9 +310,9 @@ class Trainer:
         self.config, self.raw_model, self.tokenizer, self.task = config, model, tokenizer, task
         self.d, self.device, self.dtype, self.stage, self.run_config = d, device, dtype, stage, run_config
         self.run_dir = Path(config.out)
-        self.accumulation = gradient_accumulation(config, d.world_size)
+        self.accumulation = 1 if task.syncs_own_gradients else gradient_accumulation(config, d.world_size)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
-        if d.enabled:
+        if d.enabled and not task.syncs_own_gradients:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a
             # broadcast in evaluation would hang when processes run different numbers of forward passes
             self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
@@ -360,7 +363,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
 
     def evaluate(self, bar: tqdm | None) -> None:
-        model = self.model.module if self.d.enabled else self.model  # no DDP hooks: ranks may differ in work
+        # no DDP hooks: processes may differ in work
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         model.eval()
         with torch.no_grad(), self.autocast():
             record = {"step": self.step, **self.task.evaluate(model)}

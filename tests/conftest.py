@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -155,18 +156,39 @@ def run_cli(*args, check: bool = True, env: dict | None = None, timeout: float =
     return result
 
 
-def kill_when(*args, ready, timeout: float = 240) -> None:
-    """Start `chatforge ARGS`, wait (polling) until `ready()` holds, then SIGKILL it, as a crash would."""
+def kill_when(*args, ready, timeout: float = 240, processes: int = 1) -> None:
+    """Start `chatforge ARGS` (under torchrun when `processes` > 1), wait (polling) until `ready()` holds,
+    then SIGKILL it and every process it started, as a crash of the machine would."""
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    process = subprocess.Popen([*(launcher if processes > 1 else [sys.executable]), "-m", "chatforge", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None)
     deadline = time.monotonic() + timeout
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: kill the whole tree, leaves first
+    for pid in [*reversed(descendants(process.pid)), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs, parents before children (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 # what a run logs that depends on the machine's speed, not on what it computes

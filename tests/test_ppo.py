@@ -585,3 +585,67 @@ def test_a_lora_ppo_run_resumes_exactly(please, tmp_path):
     ppo.train_ppo(config, resume_from=checkpoint)
     key = lambda run: [(m["step"], m["reward"], m["policy_loss"]) for m in read_metrics(run) if "reward" in m]
     assert key(cut) == key(whole) and len(key(whole)) == 2
+
+
+# --- under torchrun: 2 processes (gloo) ----------------------------------------------------------------
+
+# the options of the distributed runs: every stateful term on, and rollout chunks of 8 answers, so that one
+# process samples the very answers two do (each of 2 processes generates one chunk of the batch of 16)
+DISTRIBUTED = ["--rollout-batch-size", 8, "--kl-target", 1, "--normalize-reward", "--eval-every", 3]
+COMPARED = ("reward", "kl_per_answer", "score", "loss", "policy_loss", "value_loss", "ptx_loss", "entropy",
+            "approx_kl", "clip_fraction", "grad_norm", "beta", "val_reward", "val_kl_per_answer")
+
+
+def assert_same_runs(expected: list[dict], got: list[dict]) -> None:
+    """Step by step the same rollouts and samples, and the same losses, rewards and KL to 1e-4: the sum of
+    two processes' gradients is the one process's to rounding."""
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for e, g in zip(expected, got):
+        assert e.get("sample") == g.get("sample") and e.get("samples") == g.get("samples"), (e, g)
+        assert {k for k in COMPARED if k in e} == {k for k in COMPARED if k in g}
+        for key in COMPARED:
+            if key in e:
+                assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (e["step"], key, e[key], g[key])
+
+
+def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path):
+    """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
+    minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
+    same weights at the end."""
+    from chatforge.checkpoint import load_model
+    from conftest import metrics_without_timing, run_cli, run_torchrun
+
+    options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3]
+    run_cli(*ppo_args(please, tmp_path / "one", *options))
+    result = run_torchrun(*ppo_args(please, tmp_path / "two", *options))
+    assert "2 process(es)" in result.stdout and result.stdout.count("held-out prompts") == 1  # rank 0 speaks
+    expected, got = metrics_without_timing(tmp_path / "one"), metrics_without_timing(tmp_path / "two")
+    assert len(expected) == 5 and any("ptx_loss" in m for m in expected)  # 2 evaluations, 3 iterations
+    assert_same_runs(expected, got)
+    one, two = load_model(tmp_path / "one")[0], load_model(tmp_path / "two")[0]
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_two_process_ppo_run_killed_resumes_exactly_on_two_or_on_one_process(please, tmp_path):
+    """SIGKILL to every process of a 2-process run mid-way; resumed on 2 processes, and (a copy) on 1: both
+    continue as the uninterrupted run (the state is the same on every process, and answers are seeded by
+    chunk, not by process)."""
+    import shutil
+
+    from chatforge.checkpoint import step_checkpoints
+    from conftest import kill_when, metrics_without_timing, run_cli, run_torchrun
+
+    options = [*DISTRIBUTED, "--max-steps", 5, "--checkpoint-every", 2]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_torchrun(*ppo_args(please, reference, *options))
+    kill_when(*ppo_args(please, killed, *options), processes=2, ready=lambda: step_checkpoints(killed))
+    done = [step for step, _ in step_checkpoints(killed)]
+    assert done and done[-1] < 5, f"killed after {done}: the run should have been cut mid-way"
+    shutil.copytree(killed, tmp_path / "killed-one")
+    result = run_torchrun("ppo", "--resume", killed, "--no-progress")
+    assert f"resuming at step {done[-1]}" in result.stdout
+    run_cli("ppo", "--resume", tmp_path / "killed-one", "--no-progress")
+    expected = metrics_without_timing(reference)
+    assert metrics_without_timing(killed) == expected
+    assert_same_runs(expected, metrics_without_timing(tmp_path / "killed-one"))
