@@ -292,6 +292,9 @@ class PPOTask(Task):
         self.tokenizer, self.train, self.val, self.device, self.d = tokenizer, train, val, device, d
         # every process starts from rank 0's weights (as DDP would make them)
         broadcast_parameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad], d)
+        # with --compile, the minibatch updates' forward passes (the trainer compiles the policy's); rollouts
+        # and scoring stay eager: their shapes change with every generated token and every rollout
+        self.value_model_in_training = torch.compile(value_model) if config.compile else value_model
         self.stop_id = tokenizer.end_id
         self.value_optimizer = make_optimizer(value_model, config, device)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)
@@ -368,7 +371,7 @@ class PPOTask(Task):
         for group in self.value_optimizer.param_groups:
             group["lr"] = (c.value_lr or c.lr) * lr / c.lr
         stats = ppo_epochs(
-            model, self.value_model, experience, [optimizer, self.value_optimizer], epochs=c.ppo_epochs,
+            model, self.value_model_in_training, experience, [optimizer, self.value_optimizer], epochs=c.ppo_epochs,
             minibatch_size=c.micro_batch_size, clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
             entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef if self.ptx else 0.0,
             ptx_batches=self.ptx_batches(step) if self.ptx else None, grad_clip=c.grad_clip,
@@ -487,9 +490,6 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
 def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
     """RLHF: the SFT policy learns to please the reward model with PPO-ptx; returns the run folder, whose
     checkpoints are the policy (a normal language model: `chatforge chat RUN` talks to it)."""
-    if config.compile:
-        raise UserError("ppo does not support --compile: rollouts change shape every step")
-
     def setup(device: torch.device, d: Dist):
         return build_ppo(config, device, resume_from, d)
 

@@ -649,3 +649,14 @@ def test_a_two_process_ppo_run_killed_resumes_exactly_on_two_or_on_one_process(p
     expected = metrics_without_timing(reference)
     assert metrics_without_timing(killed) == expected
     assert_same_runs(expected, metrics_without_timing(tmp_path / "killed-one"))
+
+
+def test_compiled_ppo_updates_equal_eager_ones(please, tmp_path):
+    """--compile: the minibatch updates' forward passes of the policy and the value model go through
+    torch.compile (shapes change with every minibatch: one dynamic recompile), with the eager run's numbers."""
+    from conftest import metrics_without_timing, run_cli
+
+    options = ["--max-steps", 2, "--ppo-epochs", 1, "--eval-every", 2]
+    run_cli(*ppo_args(please, tmp_path / "eager", *options))
+    run_cli(*ppo_args(please, tmp_path / "compiled", *options, "--compile"))
+    assert_same_runs(metrics_without_timing(tmp_path / "eager"), metrics_without_timing(tmp_path / "compiled"))
