@@ -295,6 +295,7 @@ class PPOTask(Task):
         # with --compile, the minibatch updates' forward passes (the trainer compiles the policy's); rollouts
         # and scoring stay eager: their shapes change with every generated token and every rollout
         self.value_model_in_training = torch.compile(value_model) if config.compile else value_model
+        value_model.activation_checkpointing = config.activation_checkpointing
         self.stop_id = tokenizer.end_id
         self.value_optimizer = make_optimizer(value_model, config, device)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target or 1.0, config.kl_horizon)

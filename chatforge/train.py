@@ -65,6 +65,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block's activations in the backward pass instead of keeping them: less memory "
+                "(the activations of one block, not of all), about a third more compute"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     strict: bool = field(default=False, metadata={"help": "stop with a non-zero exit at the first alarm"})
 
@@ -311,6 +314,7 @@ class Trainer:
         self.d, self.device, self.dtype, self.stage, self.run_config = d, device, dtype, stage, run_config
         self.run_dir = Path(config.out)
         self.accumulation = 1 if task.syncs_own_gradients else gradient_accumulation(config, d.world_size)
+        model.activation_checkpointing = config.activation_checkpointing
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
         if d.enabled and not task.syncs_own_gradients:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a
