@@ -6,6 +6,8 @@
       tokenizer.json          the BPE tokenizer, and tokenizer_config.json for AutoTokenizer
       generation_config.json  where generation stops, for transformers (language models)
       trainer_state.pt        optimizer, LR schedule, RNG states, data position, step (training only)
+      optimizer/              instead of the optimizer in trainer_state.pt, with --fsdp: its state sharded, one
+                              file per process (torch.distributed.checkpoint), loadable on any number of them
 
 So `LlamaForCausalLM.from_pretrained(step_000500)` loads it with no conversion. A checkpoint is written
 under a temporary name and swapped in when complete (`files.atomic_dir`): a crash, even while re-saving a
@@ -35,6 +37,7 @@ from chatforge.tokenizer import TOKENIZER_FILE, Tokenizer
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"  # with --fsdp: the optimizer state, sharded (torch.distributed.checkpoint)
 GENERATION_CONFIG_FILE = "generation_config.json"
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpoint: its adapters (and a head it trained), not its base
 REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE)
@@ -71,9 +74,11 @@ def save_checkpoint(
     *,
     trainer_state: dict | None = None,
     extra: dict | None = None,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder atomically: a crash leaves the old version or the new one. A model
-    with LoRA adapters is written as what it trained and a pointer to its base (`lora`)."""
+    with LoRA adapters is written as what it trained and a pointer to its base (`lora`). `folders` (name ->
+    a folder already written, e.g. by every process through torch.distributed.checkpoint) are moved in."""
     directory = Path(directory)
     if has_adapters(model):
         adapter = adapter_settings(model)
@@ -92,6 +97,8 @@ def save_checkpoint(
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        for name, folder in (folders or {}).items():
+            shutil.move(folder, tmp / name)
     return directory
 
 

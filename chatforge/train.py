@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from chatforge import config as cfg
+from chatforge import config as cfg, sharding
 from chatforge.checkpoint import (
-    CONFIG_FILE, load_trainer_state, prune_checkpoints, resolve_checkpoint, save_checkpoint, step_checkpoints, step_dir,
+    CHECKPOINT_DIR, CONFIG_FILE, OPTIMIZER_DIR, load_trainer_state, prune_checkpoints, resolve_checkpoint,
+    save_checkpoint, step_checkpoints, step_dir,
 )
 from chatforge.data import BucketedEpochs
 from chatforge.errors import UserError
@@ -65,6 +67,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "autocast precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of "
+                "copying them to each (DDP); the optimizer state is checkpointed sharded (torch.distributed.checkpoint)"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each block's activations in the backward pass instead of keeping them: less memory "
                 "(the activations of one block, not of all), about a third more compute"})
@@ -315,8 +320,15 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.accumulation = 1 if task.syncs_own_gradients else gradient_accumulation(config, d.world_size)
         model.activation_checkpointing = config.activation_checkpointing
+        if config.fsdp and task.syncs_own_gradients:
+            raise UserError(f"{stage} does not support --fsdp: its rollouts generate with the whole model")
+        if config.fsdp and has_adapters(model):
+            raise UserError("--fsdp with LoRA adapters is not supported: a LoRA run's trained state is already small")
+        self.sharded = config.fsdp and d.enabled
+        if self.sharded:
+            sharding.shard(model)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
-        if d.enabled and not task.syncs_own_gradients:
+        if d.enabled and not task.syncs_own_gradients and not self.sharded:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a
             # broadcast in evaluation would hang when processes run different numbers of forward passes
             self.model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
@@ -338,43 +350,73 @@ class Trainer:
         return states
 
     def _state(self) -> dict:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": self._gather_rng(),
-            "task": self.task.state_dict(),
-            "world_size": self.d.world_size,
-        }
+        state = {"step": self.step, "rng": self._gather_rng(), "task": self.task.state_dict(),
+                 "world_size": self.d.world_size}
+        if not self.config.fsdp:  # with --fsdp, sharded in the checkpoint's optimizer/ folder
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def _load_state(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (checkpoint / OPTIMIZER_DIR).is_dir():
+            sharding.load_optimizer(self.raw_model, self.optimizer, checkpoint / OPTIMIZER_DIR)
+        elif self.sharded:
+            raise UserError(f"{checkpoint}: written without --fsdp; resume it without --fsdp (--no-fsdp)")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.task.load_state_dict(state["task"])
         if len(state["rng"]) == self.d.world_size:
             _set_rng_state(state["rng"][self.d.rank], self.device)
         self.metrics.truncate_after(self.step)
 
     def save(self) -> None:
-        state = self._state()  # a collective: every process takes part
+        """A checkpoint of the step (collectives: every process takes part). With --fsdp every process first
+        writes its shard of the optimizer state to a staging folder, moved into the checkpoint as it is
+        committed; a crash before that leaves the staging folder, which the next save clears."""
+        folder = step_dir(self.run_dir, self.step)
+        state = self._state()
+        folders = {}
+        if self.config.fsdp:
+            staging = self.run_dir / CHECKPOINT_DIR / f".{folder.name}.tmp-{OPTIMIZER_DIR}"
+            if self.d.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.barrier()
+            sharding.save_optimizer(self.raw_model, self.optimizer, staging)
+            folders[OPTIMIZER_DIR] = staging
+        model = self.consolidated(everywhere=False)
         if self.d.is_main:
-            save_checkpoint(step_dir(self.run_dir, self.step), self.raw_model, self.tokenizer,
-                            trainer_state=state, extra={"stage": self.stage, "step": self.step, "run_config": self.run_config})
+            save_checkpoint(folder, model, self.tokenizer, trainer_state=state, folders=folders,
+                            extra={"stage": self.stage, "step": self.step, "run_config": self.run_config})
             prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        self.barrier()
+
+    def barrier(self) -> None:
         if self.d.enabled:
             dist.barrier()
+
+    def consolidated(self, everywhere: bool = True) -> GPT | None:
+        """The whole model: this process's own when it is not sharded; with FSDP a gathered copy, on every
+        process (`everywhere`) or on the main one (the others get None)."""
+        if not self.sharded:
+            return self.raw_model
+        return sharding.consolidated(self.raw_model, everywhere, self.device)
 
     # --- the loop -----------------------------------------------------------------------------------
 
     def evaluate(self, bar: tqdm | None) -> None:
-        # no DDP hooks: processes may differ in work
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        # no DDP hooks or FSDP collectives: processes may differ in work
+        if self.sharded:
+            model = whole = self.consolidated()
+        else:
+            model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+            whole = self.raw_model
         model.eval()
         with torch.no_grad(), self.autocast():
             record = {"step": self.step, **self.task.evaluate(model)}
         model.train()
         if self.d.is_main:
-            samples = self.task.samples(self.raw_model)
+            samples = self.task.samples(whole)
             if samples:
                 record["samples"] = samples
             self.metrics.write(record)
@@ -400,6 +442,13 @@ class Trainer:
         record["step_time"] = time.perf_counter() - t0
         return record
 
+    def gradient_sync(self, enabled: bool):
+        """Whether this backward pass reduces the gradients over processes (the last micro-batch's does)."""
+        if self.sharded:
+            self.raw_model.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        return self.model.no_sync() if self.d.enabled and not enabled else contextlib.nullcontext()
+
     def autocast(self):
         """The mixed-precision context of this run's forward passes."""
         return autocast(self.device, self.dtype)
@@ -411,8 +460,7 @@ class Trainer:
         batches = list(self.task.micro_batches(self.step, self.accumulation))
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = self.model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
-            with sync:
+            with self.gradient_sync(last):
                 with self.autocast():
                     loss = self.task.loss(self.model, batch)
                 loss.backward()
@@ -465,7 +513,9 @@ class Trainer:
             if self.step % c.eval_every == 0 or self.step == c.max_steps:
                 self.evaluate(bar)
             if self.step == c.max_steps:
-                self.task.finish(self.raw_model)
+                whole = self.consolidated()
+                self.task.finish(whole)
+                self.raw_model.config = whole.config  # what finish stores there (the reward model's offset)
             if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
                 self.save()
         if bar:

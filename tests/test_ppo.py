@@ -436,6 +436,7 @@ def test_ppo_errors(please, tmp_path):
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "b"), "--prompts", long, check=False),
                           f"{long}:2", "leaving less than max_new_tokens (16)")
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "c"), "--value-init", "nope", check=False), "value_init")
+    assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "d"), "--fsdp", check=False), "ppo does not support --fsdp")
 
 
 def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):

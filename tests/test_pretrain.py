@@ -116,18 +116,23 @@ def test_kill_and_resume_gives_exactly_the_uninterrupted_losses(data_dir, tmp_pa
     assert len(train_losses(killed)) == 30
 
 
-def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
-    """Same global batch (8 sequences): 1 process x 2 micro-batches vs 2 processes x 1; losses within 1e-4."""
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, sharding):
+    """Same global batch (8 sequences): 1 process x 2 micro-batches vs 2 processes x 1, the model copied to
+    each (DDP) or sharded over them (FSDP2); losses within 1e-4, and the same weights in the checkpoint (with
+    FSDP, gathered from the shards)."""
     common = ["--preset", "tiny", "--max-steps", 8, "--eval-every", 4, "--checkpoint-every", 8, "--no-progress",
               "--data", data_dir, "--batch-size", 8, "--micro-batch-size", 4]
     run_cli("pretrain", *common, "--out", tmp_path / "one")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "chatforge",
-         "pretrain", *map(str, common), "--out", str(tmp_path / "two")],
+         "pretrain", *map(str, common), *sharding, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("pretrain:") == 1  # rank 0 alone logs
+    if sharding:  # the optimizer state in one file per process
+        assert len(list((step_checkpoints(tmp_path / "two")[-1][1] / "optimizer").glob("*.distcp"))) == 2
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
     for (_, a), (_, b) in zip(one + val_losses(tmp_path / "one"), two + val_losses(tmp_path / "two")):
@@ -136,6 +141,32 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
     b, _, _ = load_model(tmp_path / "two")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
+
+
+def test_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(data_dir, tmp_path):
+    """An FSDP run of 2 processes, resumed from its step-4 checkpoint (the optimizer state sharded in 2
+    files) on 2 processes and on 1 (resharded by torch.distributed.checkpoint): both end where the
+    uninterrupted run ends."""
+    from conftest import run_torchrun
+
+    common = ["--preset", "tiny", "--max-steps", 8, "--eval-every", 4, "--checkpoint-every", 4, "--keep-checkpoints", 0,
+              "--no-progress", "--data", data_dir, "--batch-size", 8, "--micro-batch-size", 2]
+    run_torchrun("pretrain", *common, "--fsdp", "--out", tmp_path / "whole")
+    for name in ("two", "one"):
+        shutil.copytree(tmp_path / "whole", tmp_path / name)
+        shutil.rmtree(step_checkpoints(tmp_path / name)[-1][1])  # as if killed before step 8's checkpoint
+    result = run_torchrun("pretrain", "--resume", tmp_path / "two", "--no-progress")
+    assert "resuming at step 4" in result.stdout
+    run_cli("pretrain", "--resume", tmp_path / "one", "--no-progress")
+    expected = train_losses(tmp_path / "whole")
+    whole = load_model(tmp_path / "whole")[0]
+    for name in ("two", "one"):
+        assert [s for s, _ in train_losses(tmp_path / name)] == list(range(1, 9))
+        for (step, a), (_, b) in zip(expected, train_losses(tmp_path / name)):
+            assert b == pytest.approx(a, abs=1e-4), (name, step)
+        resumed = load_model(tmp_path / name)[0]
+        for (key, p), q in zip(whole.named_parameters(), resumed.parameters()):
+            torch.testing.assert_close(q, p, atol=1e-4, rtol=0, msg=f"{name}: {key}")
 
 
 def test_bad_checkpoints_and_runs_give_one_line_errors(data_dir, tmp_path):

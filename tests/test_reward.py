@@ -264,13 +264,14 @@ def test_sample_writes_k_answers_per_prompt_reproducibly(chat_model, tmp_path):
     assert not (tmp_path / "c.jsonl").exists()
 
 
-def test_reward_training_under_two_processes_equals_one(pretrained, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_reward_training_under_two_processes_equals_one(pretrained, tmp_path, sharding):
     data = write_jsonl(tmp_path / "train.jsonl", keyword_rankings(16, 3, seed=0))
     common = ["--preset", "tiny", "--init", str(pretrained), "--data", str(data), "--val-data", str(data),
               "--epochs", "0", "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
               "--eval-every", "3", "--no-progress"]
     run_cli("reward", "train", *common, "--out", tmp_path / "one")
-    run_torchrun("reward", "train", *common, "--out", tmp_path / "two")
+    run_torchrun("reward", "train", *common, *sharding, "--out", tmp_path / "two")
     one = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "one") if "loss" in m]
     two = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "two") if "loss" in m]
     assert len(one) == 3 and [s for s, _ in one] == [s for s, _ in two]

@@ -82,15 +82,17 @@ def test_missing_init_or_data_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_cli("sft", "--preset", "tiny", "--out", tmp_path / "r", check=False), "--init", "--data")
 
 
-def test_two_process_sft_matches_one_process(pretrained, qa_conversations, tmp_path):
-    """torchrun, 2 processes x 1 micro-batch vs 1 process x 2: each trained token weighs the same (1e-4).
-    One held-out conversation: the second process evaluates nothing, and must not hang."""
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_process_sft_matches_one_process(pretrained, qa_conversations, tmp_path, sharding):
+    """torchrun, 2 processes x 1 micro-batch vs 1 process x 2, the model copied (DDP) or sharded (FSDP2):
+    each trained token weighs the same (1e-4). One held-out conversation: the second process evaluates
+    nothing, and must not hang."""
     val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": QA[0][0], "completion": QA[0][1]}])
     common = ["sft", "--preset", "tiny", "--init", pretrained, "--data", qa_conversations, "--val-data",
               val, "--max-steps", 4, "--eval-every", 2, "--checkpoint-every", 4, "--batch-size", 4,
               "--micro-batch-size", 2, "--no-progress"]
     run_cli(*common, "--out", tmp_path / "one")
-    run_torchrun(*common, "--out", tmp_path / "two")
+    run_torchrun(*common, *sharding, "--out", tmp_path / "two")
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]
     for a, b in zip(one, two):
@@ -122,3 +124,9 @@ def test_a_conversation_longer_than_the_context_loses_its_oldest_turns_and_keeps
     assert list(long.ids[-kept:]) == ids[-kept:] and list(long.trained[-kept:]) == [True] * kept
     assert parse(list(long.ids), tokenizer)[-2].content == "last question"  # the oldest turns went first
 
+
+
+def test_fsdp_with_lora_adapters_is_a_one_line_error(pretrained, qa_conversations, tmp_path):
+    result = run_cli("sft", "--preset", "tiny", "--init", pretrained, "--data", qa_conversations, "--lora-r", 4,
+                     "--fsdp", "--out", tmp_path / "r", "--no-progress", check=False)
+    assert_one_line_error(result, "--fsdp with LoRA adapters is not supported")

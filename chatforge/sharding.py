@@ -1,0 +1,60 @@
+"""Training a model sharded over processes with PyTorch's own FSDP2 and Distributed Checkpoint (`--fsdp`).
+
+Under DDP every process holds the whole model, its gradients and AdamW's two moments: 16 bytes per
+parameter in fp32. `fully_shard` (FSDP2) gives each process 1/N of each, and gathers a block's weights
+only while that block computes. What the trainer needs besides:
+
+- `shard`: each transformer block a unit of its own (its weights gathered just before it runs, freed after),
+  then the root (embeddings, final norm, head);
+- `consolidated`: the whole model as one ordinary `GPT`, for evaluation, samples and the checkpoint that
+  `chat`, `serve` and `export` read (an evaluation runs on every process at its own pace, which a sharded
+  model, whose every forward pass is a collective, cannot);
+- `save_optimizer` / `load_optimizer`: AdamW's state through torch.distributed.checkpoint, one file per
+  process, keyed by parameter name, so a run resumes on any number of processes (or one, unsharded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+
+from chatforge.model import GPT
+
+
+def shard(model: GPT) -> None:
+    """Shard `model` in place over the default process group: one FSDP unit per block, then the root."""
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | None:
+    """The sharded `model`'s weights gathered into an unsharded copy on `device`: on every process when
+    `everywhere`, else on the main process only (through the CPU; the others get None). A collective:
+    every process calls it."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if not weights:
+        return None
+    with torch.random.fork_rng(devices=[]):  # the copy's initialisation must not move the training's RNG
+        copy = GPT(model.config)
+    copy.load_state_dict(weights)
+    copy.activation_checkpointing = model.activation_checkpointing
+    return copy.to(device if everywhere else "cpu").train(model.training)
+
+
+def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """AdamW's state, one file per process (a collective; on one process, one file)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The state `save_optimizer` wrote, resharded onto this run's processes (a collective)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
