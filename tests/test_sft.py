@@ -128,5 +128,5 @@ def test_a_conversation_longer_than_the_context_loses_its_oldest_turns_and_keeps
 
 def test_fsdp_with_lora_adapters_is_a_one_line_error(pretrained, qa_conversations, tmp_path):
     result = run_cli("sft", "--preset", "tiny", "--init", pretrained, "--data", qa_conversations, "--lora-r", 4,
-                     "--fsdp", "--out", tmp_path / "r", "--no-progress", check=False)
+                     "--batch-size", 2, "--micro-batch-size", 2, "--fsdp", "--out", tmp_path / "r", "--no-progress", check=False)
     assert_one_line_error(result, "--fsdp with LoRA adapters is not supported")
