@@ -216,3 +216,30 @@ def test_learning_rate_schedule():
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_two_nodes_on_the_loopback_rendezvous_train_as_one_process_does(data_dir, tmp_path):
+    """Two `torchrun --nnodes 2` launches (one process each), as on two machines, meeting at a c10d
+    rendezvous on 127.0.0.1: a short pretraining run completes, with the 1-process run's losses."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--preset", "tiny", "--max-steps", 4, "--eval-every", 4, "--checkpoint-every", 4, "--no-progress",
+              "--data", data_dir, "--batch-size", 4, "--micro-batch-size", 2]
+    run_cli("pretrain", *common, "--out", tmp_path / "one")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+         "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--node-rank", str(rank),
+         "-m", "chatforge", "pretrain", *map(str, common), "--out", str(tmp_path / "two")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for rank in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert sum("2 process(es)" in out for out, _ in outputs) == 1  # the global rank 0 alone logs
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in two] == [s for s, _ in one] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, abs=1e-4)
