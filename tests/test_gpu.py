@@ -1,4 +1,5 @@
-"""The CUDA paths: bf16 decoding with the KV cache, training under autocast, compiled training, generation.
+"""The CUDA paths: bf16 decoding with the KV cache, training under autocast, compiled training, generation,
+PPO, reward training and serving in bf16.
 
 Skipped where there is no GPU (CI); run on a GPU machine with `pytest tests/test_gpu.py`.
 """
@@ -49,3 +50,77 @@ def test_pretraining_in_bf16_lowers_the_loss(data_dir, tmp_path, compile):
     pretrain(config)
     losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert len(losses) == 30 and max(losses[-5:]) < losses[0] - 0.5
+
+
+
+def chat_setup(pretrained, root):
+    """The tiny pretrained model as the SFT policy, a reward model from it (a random scalar head), prompts."""
+    from chatforge.checkpoint import load_model, save_checkpoint
+    from chatforge.model import with_head
+
+    policy, tokenizer, _ = load_model(pretrained)
+    torch.manual_seed(0)
+    reward = with_head(policy, "scalar")
+    torch.nn.init.normal_(reward.score.weight, std=0.5)
+    save_checkpoint(root / "rm", reward, tokenizer)
+    (root / "prompts.txt").write_text("".join(f"Tell me about thing {i}.\n" for i in range(40)))
+    return root / "rm", root / "prompts.txt"
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_ppo_in_bf16_on_gpu(pretrained, tmp_path, compile):
+    """PPO's iterations (rollouts, scoring, minibatch updates; compiled or not) under bf16 autocast with fp32
+    weights: finite numbers, no skipped update, ratios near 1 in the first epoch, a checkpoint that loads."""
+    from chatforge.checkpoint import load_model
+    from chatforge.ppo import PPOConfig, train_ppo
+
+    rm, prompts = chat_setup(pretrained, tmp_path)
+    config = cfg.from_dict(PPOConfig, cfg.merge(cfg.load_preset("tiny", "ppo"), {
+        "policy": str(pretrained), "reward": str(rm), "prompts": [str(prompts)], "out": str(tmp_path / "ppo"),
+        "max_steps": 3, "eval_every": 3, "progress": False, "device": "cuda", "dtype": "bfloat16", "compile": compile}))
+    train_ppo(config)
+    steps = [m for m in read_metrics(tmp_path / "ppo") if "kl_per_answer" in m]
+    assert len(steps) == 3 and not [m for m in steps if m.get("alarms")]
+    for m in steps:
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward", "kl", "loss", "value_loss", "grad_norm"))
+        assert m["skipped_updates"] == 0
+    assert steps[0]["approx_kl"] < 0.05  # bf16 rounds the scoring and the update's passes differently
+    policy, _, _ = load_model(tmp_path / "ppo")
+    assert next(policy.parameters()).dtype == torch.float32  # the master weights stay fp32
+
+
+def test_reward_training_in_bf16_on_gpu(pretrained, tmp_path):
+    from conftest import keyword_rankings, write_jsonl
+    from chatforge.reward import RewardConfig, train_reward_model
+
+    data = write_jsonl(tmp_path / "rankings.jsonl", keyword_rankings(64, 3, seed=0))
+    config = cfg.from_dict(RewardConfig, cfg.merge(cfg.load_preset("tiny", "reward"), {
+        "init": str(pretrained), "data": [str(data)], "out": str(tmp_path / "rm"), "epochs": 0, "max_steps": 40,
+        "eval_every": 40, "progress": False, "device": "cuda", "dtype": "bfloat16"}))
+    train_reward_model(config)
+    metrics = read_metrics(tmp_path / "rm")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 40 and sum(losses[-10:]) < sum(losses[:10])  # the keyword is learnt
+    assert metrics[-1]["val_accuracy"] > 0.6
+
+
+def test_serving_in_bf16_on_gpu(pretrained, tmp_path):
+    """`chatforge serve --device cuda` loads the weights in bf16 (the default on a GPU) and answers."""
+    import json
+    import urllib.request
+
+    from conftest import ServerProcess
+
+    server = ServerProcess(tmp_path / "serve.log", "serve", pretrained, "--device", "cuda")
+    try:
+        body = json.dumps({"model": pretrained.resolve().name, "max_tokens": 16, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Tell me a thing."}]}).encode()
+        request = urllib.request.Request(server.url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=60) as response:
+            reply = json.loads(response.read())
+        assert reply["usage"]["completion_tokens"] > 0 and reply["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
+    assert "bfloat16" in (tmp_path / "serve.log").read_text()
+

@@ -96,14 +96,16 @@ class Server:
 
     def load(self) -> None:
         from chatforge.checkpoint import load_model
-        from chatforge.runtime import pick_device
+        from chatforge.runtime import pick_device, pick_dtype
 
         try:
-            model, self.tokenizer, _ = load_model(self.checkpoint, pick_device(self.config.device))
-            model.eval()
+            device = pick_device(self.config.device)
+            model, self.tokenizer, _ = load_model(self.checkpoint, device)
+            model.to(pick_dtype(self.config.dtype, device)).eval()  # inference: no fp32 master copy needed
             self.context = model.config.max_seq_len
             self.scheduler = Scheduler(model, self.tokenizer, self.config.max_batch, self.config.max_queue, self.metrics)
-            log.warning("model %s loaded: %s parameters, context %d", self.model_name, f"{model.num_params():,}", self.context)
+            log.warning("model %s loaded: %s parameters, context %d, %s on %s", self.model_name,
+                        f"{model.num_params():,}", self.context, str(next(model.parameters()).dtype).removeprefix("torch."), device)
         except Exception as e:  # noqa: BLE001 - reported by /health and every API call
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot load %s: %s", self.checkpoint, self.load_error)

@@ -20,6 +20,8 @@ class ServeConfig:
     api_key: list[str] = field(default_factory=list, metadata={"help": "accept these bearer keys: --api-key K1 K2 ... (none: no key needed)"})
     model_name: str = field(default="", metadata={"help": "the model's id in the API (empty: the name of the folder given)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights' precision: auto (bf16 on a GPU that has it, fp32 elsewhere), float32, bfloat16"})
     max_batch: int = field(default=64, metadata={"help": "most sequences decoding together (a request with n samples takes n, one with num_beams beams that many)"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting for room; more get 429"})
     max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
