@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from chatforge.model import GPT
+from chatforge.model import GPT, rotary_tables
 
 
 def shard(model: GPT) -> None:
@@ -41,9 +41,10 @@ def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | No
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     if not weights:
         return None
-    with torch.random.fork_rng(devices=[]):  # the copy's initialisation must not move the training's RNG
+    with torch.device("meta"):  # no memory and no initialisation: the gathered tensors become its weights
         copy = GPT(model.config)
-    copy.load_state_dict(weights)
+    copy.load_state_dict(weights, assign=True)
+    copy.rope_cos, copy.rope_sin = rotary_tables(model.config)  # buffers are not in a state dict
     copy.activation_checkpointing = model.activation_checkpointing
     return copy.to(device if everywhere else "cpu").train(model.training)
 
