@@ -55,6 +55,8 @@ bench: venv
 	$(PY) bench/reward_throughput.py
 	$(PY) bench/ppo_throughput.py
 	$(PY) bench/ppo_memory.py
+	$(PY) bench/ppo_processes.py
+	$(PY) bench/fsdp_memory.py
 	$(PY) bench/serve_load.py
 
 clean:
