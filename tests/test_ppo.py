@@ -609,14 +609,15 @@ def assert_same_runs(expected: list[dict], got: list[dict]) -> None:
                 assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (e["step"], key, e[key], g[key])
 
 
-def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-r", 4]], ids=["full", "lora"])
+def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, lora):
     """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
-    same weights at the end."""
+    same weights at the end (with LoRA: the same adapters)."""
     from chatforge.checkpoint import load_model
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
-    options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3]
+    options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3, *lora]
     run_cli(*ppo_args(please, tmp_path / "one", *options))
     result = run_torchrun(*ppo_args(please, tmp_path / "two", *options))
     assert "2 process(es)" in result.stdout and result.stdout.count("held-out prompts") == 1  # rank 0 speaks
