@@ -200,3 +200,6 @@ def test_best_of_n_picks_the_top_scored_of_m_answers_drawn():
     assert rank_correlation(np.array([1.0, 2.0, 3.0]), np.array([5.0, 7.0, 9.0])) == pytest.approx(1.0)
     assert rank_correlation(np.array([1.0, 2.0, 3.0]), np.array([9.0, 7.0, 5.0])) == pytest.approx(-1.0)
     assert np.isnan(rank_correlation(np.array([1.0, 1.0]), np.array([1.0, 2.0])))
+    # ties share their mean rank (ranks 0.5, 0.5, 2 against 0, 1, 2: r = √3/2), whatever their order
+    assert rank_correlation(np.array([0.0, 0.0, 1.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(3**0.5 / 2)
+    assert rank_correlation(np.array([0.0, 0.0, 1.0]), np.array([2.0, 1.0, 3.0])) == pytest.approx(3**0.5 / 2)

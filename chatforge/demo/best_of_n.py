@@ -21,14 +21,23 @@ from pathlib import Path
 import numpy as np
 
 from chatforge import config as cfg
+from chatforge.errors import UserError
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's correlation of two score lists (ties broken by order; nan when one side is constant)."""
+    """Spearman's correlation of two score lists: Pearson's of their ranks, tied values sharing the mean of
+    their ranks (most answers of a word score F1 0: ties broken by order would invent an order); nan when
+    one side is constant."""
     if a.std() == 0 or b.std() == 0:
         return float("nan")
-    ranks = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable")  # noqa: E731
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """0-based ranks of `x`, each group of equal values given the mean of the ranks it spans."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2)[inverse]
 
 
 def best_of(scores: np.ndarray, values: np.ndarray, m: int, rng: np.random.Generator, repeats: int) -> np.ndarray:
@@ -58,7 +67,7 @@ def best_of_n(run: Path, n: int, temperature: float, repeats: int = 20) -> dict:
     words = ctx.held_out_words[: config.eval_words]
     greedy = [json.loads(line)["sft"] for line in (run / "evaluate" / "answers.jsonl").read_text().splitlines()]
     if len(greedy) != len(words):
-        raise SystemExit(f"{run / 'evaluate' / 'answers.jsonl'}: {len(greedy)} answers for {len(words)} held-out words")
+        raise UserError(f"{run / 'evaluate' / 'answers.jsonl'}: {len(greedy)} answers for {len(words)} held-out words")
     model, tokenizer = ctx.load(run / "sft")
     prompts = [(w.word, [Message("user", w.question(DEFINE))]) for w in words]
     params = SamplingParams(max_new_tokens=config.answer_tokens, temperature=temperature, seed=config.seed + 7)
@@ -106,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n must be at least 2, got {args.n}")
-    result = best_of_n(args.run, args.n, args.temperature, args.repeats)
+    try:
+        result = best_of_n(args.run, args.n, args.temperature, args.repeats)
+    except UserError as e:  # one line, as the chatforge command gives it
+        raise SystemExit(f"chatforge: error: {e}") from None
     cfg.save_json(result, args.run / "best-of-n.json")
     print(f"{result['words']} held-out words, {args.n} answers each at temperature {args.temperature}: "
           f"SFT greedy F1 {result['sft_greedy_f1']:.3f} ({result['sft_greedy_f1_zero']:.0%} of its answers at 0), "
