@@ -586,10 +586,15 @@ def run_stage(config: TrainConfig, stage: str, setup: Setup, resume_from: Path |
         trainer = Trainer(config, model, tokenizer, task, d=d, device=device, dtype=dtype, stage=stage,
                           run_config=cfg.to_dict(config), resume_from=resume_from)
         if d.is_main:
+            how = [f"{d.world_size} process(es) on {device}", str(dtype)]
+            if not task.syncs_own_gradients:
+                how.append(f"{trainer.accumulation} micro-batch(es) per step")
+            if trainer.sharded:
+                how.append("FSDP2")
+            if resume_from:
+                how.append(f"resuming at step {trainer.step}")
             print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters, "
-                  f"{model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, {d.world_size} process(es) on "
-                  f"{device}, {dtype}, {trainer.accumulation} micro-batch(es) per step"
-                  + (f", resuming at step {trainer.step}" if resume_from else ""))
+                  f"{model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, {', '.join(how)}")
         trainer.fit()
         return run_dir
     finally:
