@@ -426,7 +426,8 @@ class PPOTask(Task):
         trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
         value_state = {name: t for name, t in self.value_model.state_dict().items() if name in trained}
         return {"value_model": value_state, "value_optimizer": self.value_optimizer.state_dict(),
-                "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict()}
+                "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
+                "rollout_rows": self.rollout_rows}
 
     def load_state_dict(self, state: dict) -> None:
         trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
@@ -436,6 +437,10 @@ class PPOTask(Task):
         self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])
+        saved_rows = state.get("rollout_rows", self.rollout_rows)
+        if saved_rows != self.rollout_rows and self.d.is_main:
+            print(f"ppo: rollouts now in chunks of {self.rollout_rows} answers, not {saved_rows} as before the resume "
+                  f"(another number of processes): the run goes on, with other samples than it would have drawn")
 
 
 def resolve_config(preset: str | None, overrides: dict, resume: str | None) -> tuple[PPOConfig, Path | None]:
