@@ -58,9 +58,10 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_gra
             grad = logits.sub_(logsumexp[:, None]).exp_()
             grad[torch.arange(len(y), device=y.device), y] -= 1
             grad = grad.to(h.dtype)
-            grad_hidden[chunk] = grad @ weight
+            # under autocast the products come out in bf16, the gradients are kept in their tensors' dtypes
+            grad_hidden[chunk] = (grad @ weight).to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad.t() @ h
+                grad_weight += (grad.t() @ h).float()
     return total, rows.new_tensor(len(rows)), grad_hidden, grad_weight
 
 

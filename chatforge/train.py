@@ -326,7 +326,7 @@ class Trainer:
             raise UserError("--fsdp with LoRA adapters is not supported: a LoRA run's trained state is already small")
         self.sharded = config.fsdp and d.enabled
         if self.sharded:
-            sharding.shard(model)
+            sharding.shard(model, dtype)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
         if d.enabled and not task.syncs_own_gradients and not self.sharded:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a

@@ -32,6 +32,27 @@ def test_fused_head_and_cross_entropy_equal_the_plain_ones(monkeypatch, chunk):
 
 
 
+def test_fused_head_under_bf16_autocast_follows_the_plain_one(monkeypatch):
+    """Mixed precision (CPU autocast stands in for the GPU's): fp32 weights and hidden states, bf16 products;
+    the loss and gradients come back in the inputs' dtypes, near the plain head's under the same autocast."""
+    monkeypatch.setattr(losses, "_chunk_tokens", lambda vocab, device: 16)
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 24, requires_grad=True)
+    weight = torch.randn(97, 24, requires_grad=True)
+    targets = torch.randint(0, 97, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, targets)
+        fused.backward()
+        fused_grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        plain = F.cross_entropy(hidden @ weight.t(), targets)
+        plain.backward()
+    assert fused_grads[0].dtype == fused_grads[1].dtype == torch.float32
+    torch.testing.assert_close(fused.float(), plain.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, atol=0.02, rtol=0.05)
+    torch.testing.assert_close(fused_grads[1], weight.grad, atol=0.02, rtol=0.05)
+
+
 def test_fused_head_with_a_frozen_weight_computes_no_weight_gradient(monkeypatch):
     """A frozen head (LoRA's, a tied embedding not trained): the hidden states' gradient as before, none for it."""
     monkeypatch.setattr(losses, "_chunk_tokens", lambda vocab, device: 16)

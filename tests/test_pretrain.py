@@ -143,6 +143,23 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, sharding):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=name)
 
 
+def test_bf16_training_under_fsdp_follows_one_process(data_dir, tmp_path):
+    """bf16 autocast (on CPU, standing in for a GPU): FSDP2's gathers move bf16 weights, its shards and
+    AdamW stay fp32, and the losses follow one process's bf16 run (to bf16's rounding)."""
+    from conftest import run_torchrun
+
+    common = ["--preset", "tiny", "--max-steps", 6, "--eval-every", 6, "--checkpoint-every", 6, "--no-progress",
+              "--data", data_dir, "--batch-size", 8, "--micro-batch-size", 2, "--dtype", "bfloat16"]
+    run_cli("pretrain", *common, "--out", tmp_path / "one")
+    run_torchrun("pretrain", *common, "--fsdp", "--out", tmp_path / "two")
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
+    for (_, a), (_, b) in zip(one, two):
+        assert b == pytest.approx(a, abs=5e-3)
+    assert one[-1][1] < one[0][1] - 0.1  # and it learns
+    assert load_model(tmp_path / "two")[0].lm_head.weight.dtype == torch.float32
+
+
 def test_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(data_dir, tmp_path):
     """An FSDP run of 2 processes, resumed from its step-4 checkpoint (the optimizer state sharded in 2
     files) on 2 processes and on 1 (resharded by torch.distributed.checkpoint): both end where the
