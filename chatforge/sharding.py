@@ -6,8 +6,8 @@ only while that block computes. What the trainer needs besides:
 
 - `shard`: each transformer block a unit of its own (its weights gathered just before it runs, freed after),
   then the root (embeddings, final norm, head);
-- `consolidated`: the whole model as one ordinary `GPT`, for evaluation, samples and the checkpoint that
-  `chat`, `serve` and `export` read (an evaluation runs on every process at its own pace, which a sharded
+- `consolidated`: the whole model as one ordinary `GPT` (with its LoRA adapters, if any), for evaluation,
+  samples and the checkpoint that `chat`, `serve` and `export` read (an evaluation runs on every process at its own pace, which a sharded
   model, whose every forward pass is a collective, cannot);
 - `save_optimizer` / `load_optimizer`: AdamW's state through torch.distributed.checkpoint, one file per
   process, keyed by parameter name, so a run resumes on any number of processes (or one, unsharded).
@@ -15,15 +15,19 @@ only while that block computes. What the trainer needs besides:
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from chatforge.lora import adapter_settings, add_adapters, has_adapters
 from chatforge.model import GPT, rotary_tables
 
 
@@ -46,7 +50,12 @@ def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | No
         return None
     with torch.device("meta"):  # no memory and no initialisation: the gathered tensors become its weights
         copy = GPT(model.config)
+        if has_adapters(model):  # the same adapters, so that the gathered names fit
+            a = adapter_settings(model)
+            copy = add_adapters(copy, a["r"], a["alpha"], a["dropout"], a["targets"], a["base"])
     copy.load_state_dict(weights, assign=True)
+    for name, p in model.named_parameters():  # what trains in the sharded model trains in the copy
+        copy.get_parameter(name).requires_grad_(p.requires_grad)
     copy.rope_cos, copy.rope_sin = rotary_tables(model.config)  # buffers are not in a state dict
     copy.activation_checkpointing = model.activation_checkpointing
     return copy.to(device if everywhere else "cpu").train(model.training)
@@ -54,11 +63,23 @@ def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | No
 
 def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """AdamW's state, one file per process (a collective; on one process, one file)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    with _single_process_is_meant():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder,
+                 no_dist=not dist.is_initialized())
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """The state `save_optimizer` wrote, resharded onto this run's processes (a collective)."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
-    dcp.load(state, checkpoint_id=folder)
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP warns that it "assumes" one process when there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

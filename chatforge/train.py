@@ -322,8 +322,6 @@ class Trainer:
         model.activation_checkpointing = config.activation_checkpointing
         if config.fsdp and task.syncs_own_gradients:
             raise UserError(f"{stage} does not support --fsdp: its rollouts generate with the whole model")
-        if config.fsdp and has_adapters(model):
-            raise UserError("--fsdp with LoRA adapters is not supported: a LoRA run's trained state is already small")
         self.sharded = config.fsdp and d.enabled
         if self.sharded:
             sharding.shard(model, dtype)
