@@ -12,6 +12,7 @@ so a run on N processes takes the same steps as a run on one (accumulation = bat
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -573,27 +574,35 @@ def run_stage(config: TrainConfig, stage: str, setup: Setup, resume_from: Path |
     device = pick_device(config.device)
     d = init_distributed(device)
     try:
-        dtype = pick_dtype(config.dtype, device)
-        torch.manual_seed(config.seed)  # the same initial weights on every process
-        model, tokenizer, task = setup(device, d)
-        torch.manual_seed(config.seed + d.rank)  # different dropout masks on each process
-        run_dir = Path(config.out)
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save_json(config, run_dir / RUN_CONFIG_FILE)
-        trainer = Trainer(config, model, tokenizer, task, d=d, device=device, dtype=dtype, stage=stage,
-                          run_config=cfg.to_dict(config), resume_from=resume_from)
-        if d.is_main:
-            how = [f"{d.world_size} process(es) on {device}", str(dtype)]
-            if not task.syncs_own_gradients:
-                how.append(f"{trainer.accumulation} micro-batch(es) per step")
-            if trainer.sharded:
-                how.append("FSDP2")
-            if resume_from:
-                how.append(f"resuming at step {trainer.step}")
-            print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters, "
-                  f"{model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, {', '.join(how)}")
-        trainer.fit()
-        return run_dir
+        return _train(config, stage, setup, resume_from, device, d)
     finally:
+        # the models, and any collective's work they hold (FSDP2's), are gone before the process group: gloo
+        # can abort the process when such work outlives it until the interpreter's teardown
+        gc.collect()
         shutdown_distributed()
+
+
+def _train(config: TrainConfig, stage: str, setup: Setup, resume_from: Path | None, device: torch.device,
+           d: Dist) -> Path:
+    dtype = pick_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    model, tokenizer, task = setup(device, d)
+    torch.manual_seed(config.seed + d.rank)  # different dropout masks on each process
+    run_dir = Path(config.out)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_json(config, run_dir / RUN_CONFIG_FILE)
+    trainer = Trainer(config, model, tokenizer, task, d=d, device=device, dtype=dtype, stage=stage,
+                      run_config=cfg.to_dict(config), resume_from=resume_from)
+    if d.is_main:
+        how = [f"{d.world_size} process(es) on {device}", str(dtype)]
+        if not task.syncs_own_gradients:
+            how.append(f"{trainer.accumulation} micro-batch(es) per step")
+        if trainer.sharded:
+            how.append("FSDP2")
+        if resume_from:
+            how.append(f"resuming at step {trainer.step}")
+        print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters, "
+              f"{model.flops_per_token(task.seq_len) / 1e6:.1f} MFLOP/token, {', '.join(how)}")
+    trainer.fit()
+    return run_dir
