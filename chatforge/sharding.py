@@ -76,7 +76,6 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-
 @contextlib.contextmanager
 def _single_process_is_meant():
     """DCP warns that it "assumes" one process when there is no process group: here that is the intent."""
