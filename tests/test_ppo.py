@@ -609,15 +609,17 @@ def assert_same_runs(expected: list[dict], got: list[dict]) -> None:
                 assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (e["step"], key, e[key], g[key])
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-r", 4]], ids=["full", "lora"])
-def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, lora):
+@pytest.mark.parametrize("extra", [[], ["--lora-r", 4], ["--micro-batch-size", 1, "--ptx-batch-size", 1]],
+                         ids=["full", "lora", "one-row-minibatches"])
+def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, extra):
     """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
-    same weights at the end (with LoRA: the same adapters)."""
+    same weights at the end (with LoRA: the same adapters). With one-row minibatches (and one pretraining
+    window) one process has nothing to compute in every update, and still takes part in it."""
     from chatforge.checkpoint import load_model
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
-    options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3, *lora]
+    options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3, *extra]
     run_cli(*ppo_args(please, tmp_path / "one", *options))
     result = run_torchrun(*ppo_args(please, tmp_path / "two", *options))
     assert "2 process(es)" in result.stdout and result.stdout.count("held-out prompts") == 1  # rank 0 speaks
