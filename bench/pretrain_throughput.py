@@ -29,10 +29,10 @@ from chatforge.model import GPT
 from chatforge.pretrain import PretrainConfig
 from chatforge.runtime import Dist, measure_matmul_flops, peak_flops, pick_device, pick_dtype
 from chatforge.tokenizer import BOS
-from chatforge.train import Trainer
+from chatforge.train import Task, Trainer
 
 
-class SyntheticTask:
+class SyntheticTask(Task):
     """Uniform random tokens: the same work per step as real data, with no disk in the way."""
 
     def __init__(self, config: PretrainConfig, device: torch.device):
@@ -48,9 +48,6 @@ class SyntheticTask:
     def loss(self, model, batch):
         x, y = batch
         return model(x, targets=y)  # one micro-batch per step: its share is the whole loss
-
-    def state_dict(self):
-        return {}
 
 
 class _NoTokenizer:
@@ -86,8 +83,9 @@ def main(argv=None) -> None:
                         help="presets to time; 'cpu-wide' is the cpu preset at d_model 512 (default: cpu cpu-wide)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
-                        help="time each model eagerly and/or under torch.compile (default: both)")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled", "checkpointed"],
+                        help="time each model eagerly, under torch.compile, and/or eagerly with activation "
+                             "checkpointing (default: eager compiled)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--micro-batch-size", type=int, default=0, help="override the preset's micro batch")
@@ -103,6 +101,7 @@ def main(argv=None) -> None:
             preset = cfg.merge(preset, {"model": {"d_model": 512, "n_head": 8, "n_kv_head": 4}})
         config = cfg.from_dict(PretrainConfig, preset)
         config.compile = mode == "compiled"
+        config.activation_checkpointing = mode == "checkpointed"
         if args.micro_batch_size:
             config.micro_batch_size = args.micro_batch_size
         config.batch_size = config.micro_batch_size  # one micro-batch per timed step
@@ -112,7 +111,8 @@ def main(argv=None) -> None:
         result = time_training(config, device, dtype, args.steps, args.warmup)  # writes nothing: no fit()
         result.update(preset=name, d_model=config.model.d_model, n_layer=config.model.n_layer,
                       seq_len=config.model.max_seq_len, micro_batch=config.micro_batch_size,
-                      compile=config.compile, matmul_flops=matmul, peak_flops=peak,
+                      compile=config.compile, activation_checkpointing=config.activation_checkpointing,
+                      matmul_flops=matmul, peak_flops=peak,
                       mfu=result["achieved_flops"] / peak)
         rows.append(result)
         print(f"{name:>10} {mode:>8}: d={result['d_model']:4d} L={result['n_layer']:2d} {result['params_M']:6.1f}M params  "
