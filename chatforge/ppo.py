@@ -496,6 +496,10 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
 def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
     """RLHF: the SFT policy learns to please the reward model with PPO-ptx; returns the run folder, whose
     checkpoints are the policy (a normal language model: `chatforge chat RUN` talks to it)."""
+    if config.fsdp:
+        raise UserError("ppo does not support --fsdp: its rollouts generate with the whole model (under torchrun "
+                        "each process holds a copy)")
+
     def setup(device: torch.device, d: Dist):
         return build_ppo(config, device, resume_from, d)
 

@@ -194,31 +194,31 @@ def gather_scored(scored: ScoredRollout, prompts: Sequence[Sequence[int]], answe
     """Every process's scored answers joined in rank order into the whole rollout, on every process. Only
     the ragged per-answer numbers travel (ids and a few floats per token: small next to the forward passes
     that made them)."""
-    mask = scored.batch.mask.bool().cpu()
-    lengths = mask.sum(1).tolist()
-
-    def per_answer(t: torch.Tensor | None) -> list | None:
-        return None if t is None else [row[:n] for row, n in zip(t.float().cpu(), lengths)]
-
-    mine = (list(map(list, prompts)), list(map(list, answers)), list(finished), per_answer(scored.logprobs),
-            per_answer(scored.ref_logprobs), per_answer(scored.values), scored.scores.float().cpu())
+    lengths = scored.batch.mask.sum(1).long().tolist()
+    per_token = {"logprobs": scored.logprobs, "ref_logprobs": scored.ref_logprobs, "values": scored.values}
+    mine = {"prompts": list(map(list, prompts)), "answers": list(map(list, answers)), "finished": list(finished),
+            "scores": scored.scores.float().cpu(),
+            **{k: None if t is None else [row[:n] for row, n in zip(t.float().cpu(), lengths)]
+               for k, t in per_token.items()}}
     parts = all_gather_objects(mine, d)
-    device = scored.batch.ids.device
-    all_prompts = [p for part in parts for p in part[0]]
-    all_answers = [a for part in parts for a in part[1]]
-    batch = RolloutBatch.build(all_prompts, all_answers, pad_id, device)
 
-    def joined(k: int) -> torch.Tensor | None:
-        if parts[0][k] is None:
+    def joined(key: str) -> list:
+        return [x for part in parts for x in part[key]]
+
+    device = scored.batch.ids.device
+    batch = RolloutBatch.build(joined("prompts"), joined("answers"), pad_id, device)
+
+    def padded(key: str) -> torch.Tensor | None:
+        if mine[key] is None:
             return None
         out = torch.zeros_like(batch.mask)
-        for row, values in enumerate(v for part in parts for v in part[k]):
+        for row, values in enumerate(joined(key)):
             out[row, : len(values)] = values.to(device)
         return out
 
-    joined_scores = torch.cat([part[6] for part in parts]).to(device)
-    return (ScoredRollout(batch, joined(3), joined(4), joined(5), joined_scores),
-            [f for part in parts for f in part[2]])
+    scores = torch.cat([part["scores"] for part in parts]).to(device)
+    return (ScoredRollout(batch, padded("logprobs"), padded("ref_logprobs"), padded("values"), scores),
+            joined("finished"))
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -256,9 +256,10 @@ def rollout(policy: GPT, prompts: Sequence[Sequence[int]], n: int, max_new_token
     only: a chunk's answers depend on the chunk alone (its prompts, its seed), so the rollout, joined in
     rank order, is the one a single process would sample with the same `rows`."""
     per_chunk = max(1, rows // n) if rows else len(prompts)
-    chunks = list(enumerate(range(0, len(prompts), per_chunk)))
+    starts = range(0, len(prompts), per_chunk)
     answers = []
-    for i, start in np.array_split(np.array(chunks, dtype=int).reshape(-1, 2), d.world_size)[d.rank].tolist():
+    for i in np.array_split(np.arange(len(starts)), d.world_size)[d.rank].tolist():
+        start = starts[i]
         chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=chunk_seed)
         part = prompts[start : start + per_chunk]

@@ -41,13 +41,10 @@ def shard(model: GPT, dtype: torch.dtype = torch.float32) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | None:
-    """The sharded `model`'s weights gathered into an unsharded copy on `device`: on every process when
-    `everywhere`, else on the main process only (through the CPU; the others get None). A collective:
-    every process calls it."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
-    if not weights:
-        return None
+def consolidated(model: GPT, device: torch.device) -> GPT:
+    """The sharded `model`'s weights gathered into an unsharded copy on `device`, on every process (a
+    collective: every process calls it)."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):  # no memory and no initialisation: the gathered tensors become its weights
         copy = GPT(model.config)
         if has_adapters(model):  # the same adapters, so that the gathered names fit
@@ -58,7 +55,7 @@ def consolidated(model: GPT, everywhere: bool, device: torch.device) -> GPT | No
         copy.get_parameter(name).requires_grad_(p.requires_grad)
     copy.rope_cos, copy.rope_sin = rotary_tables(model.config)  # buffers are not in a state dict
     copy.activation_checkpointing = model.activation_checkpointing
-    return copy.to(device if everywhere else "cpu").train(model.training)
+    return copy.to(device).train(model.training)
 
 
 def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:

@@ -321,8 +321,6 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.accumulation = 1 if task.syncs_own_gradients else gradient_accumulation(config, d.world_size)
         model.activation_checkpointing = config.activation_checkpointing
-        if config.fsdp and task.syncs_own_gradients:
-            raise UserError(f"{stage} does not support --fsdp: its rollouts generate with the whole model")
         self.sharded = config.fsdp and d.enabled
         if self.sharded:
             sharding.shard(model, dtype)
@@ -369,10 +367,12 @@ class Trainer:
             _set_rng_state(state["rng"][self.d.rank], self.device)
         self.metrics.truncate_after(self.step)
 
-    def save(self) -> None:
-        """A checkpoint of the step (collectives: every process takes part). With --fsdp every process first
-        writes its shard of the optimizer state to a staging folder, moved into the checkpoint as it is
-        committed; a crash before that leaves the staging folder, which the next save clears."""
+    def save(self, whole: GPT | None = None) -> None:
+        """A checkpoint of the step (collectives: every process takes part), of `whole` (`consolidated()`)
+        when given. With --fsdp every process first writes its shard of the optimizer state to a staging
+        folder, moved into the checkpoint as it is committed; a crash before that leaves the staging folder,
+        which the next save clears."""
+        whole = whole or self.consolidated()
         folder = step_dir(self.run_dir, self.step)
         state = self._state()
         folders = {}
@@ -383,9 +383,8 @@ class Trainer:
             self.barrier()
             sharding.save_optimizer(self.raw_model, self.optimizer, staging)
             folders[OPTIMIZER_DIR] = staging
-        model = self.consolidated(everywhere=False)
         if self.d.is_main:
-            save_checkpoint(folder, model, self.tokenizer, trainer_state=state, folders=folders,
+            save_checkpoint(folder, whole, self.tokenizer, trainer_state=state, folders=folders,
                             extra={"stage": self.stage, "step": self.step, "run_config": self.run_config})
             prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         self.barrier()
@@ -394,19 +393,18 @@ class Trainer:
         if self.d.enabled:
             dist.barrier()
 
-    def consolidated(self, everywhere: bool = True) -> GPT | None:
-        """The whole model: this process's own when it is not sharded; with FSDP a gathered copy, on every
-        process (`everywhere`) or on the main one (the others get None)."""
-        if not self.sharded:
-            return self.raw_model
-        return sharding.consolidated(self.raw_model, everywhere, self.device)
+    def consolidated(self) -> GPT:
+        """The whole model: this process's own when it is not sharded; with FSDP a copy gathered on every
+        process (a collective)."""
+        return sharding.consolidated(self.raw_model, self.device) if self.sharded else self.raw_model
 
     # --- the loop -----------------------------------------------------------------------------------
 
-    def evaluate(self, bar: tqdm | None) -> None:
+    def evaluate(self, bar: tqdm | None, whole: GPT | None = None) -> None:
+        """Held-out metrics, samples and pictures, on `whole` (`consolidated()`) when given."""
         # no DDP hooks or FSDP collectives: processes may differ in work
         if self.sharded:
-            model = whole = self.consolidated()
+            model = whole = whole or self.consolidated()
         else:
             model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
             whole = self.raw_model
@@ -509,14 +507,18 @@ class Trainer:
                 shown = {k: f"{record[k]:.3f}" for k in self.task.progress_keys if k in record}
                 bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.0%}")
                 bar.update(1)
-            if self.step % c.eval_every == 0 or self.step == c.max_steps:
-                self.evaluate(bar)
-            if self.step == c.max_steps:
-                whole = self.consolidated()
+            last = self.step == c.max_steps
+            evaluating, saving = last or self.step % c.eval_every == 0, last or self.step % c.checkpoint_every == 0
+            if not (evaluating or saving):
+                continue
+            whole = self.consolidated()  # under FSDP one gathered copy serves evaluation, finish and checkpoint
+            if evaluating:
+                self.evaluate(bar, whole)
+            if last:
                 self.task.finish(whole)
                 self.raw_model.config = whole.config  # what finish stores there (the reward model's offset)
-            if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
-                self.save()
+            if saving:
+                self.save(whole)
         if bar:
             bar.close()
 
