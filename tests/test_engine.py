@@ -283,14 +283,19 @@ def test_greedy_argmax_by_blocks_equals_argmax_ties_and_nan_included():
 import torch.nn as nn  # noqa: E402
 
 from chatforge.engine import DecodeWeights, new_cache, reads_as_stock  # noqa: E402
+from chatforge.engine.decode import PackedMatrix, TransposedMatrix, packs_matrices  # noqa: E402
 from chatforge.model import MLP  # noqa: E402
 from test_model import CONFIGS, make_model  # noqa: E402
 
 
+@pytest.mark.parametrize("layout", ["transposed", "packed"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_decode_step_equals_full_forward_with_and_without_padding(name):
+def test_decode_step_equals_full_forward_with_and_without_padding(name, layout):
     """The engine's one-token step gives every row the logits one full pass over its own tokens gives;
-    row 1 is left-padded by 3 slots (a shorter prompt in the batch)."""
+    row 1 is left-padded by 3 slots (a shorter prompt in the batch). In both layouts of the weights: for
+    one row, and packed for MKL for several (where torch has MKL)."""
+    if layout == "packed" and not packs_matrices(torch.device("cpu"), torch.float32):
+        pytest.skip("this build of torch has no MKL")
     model = make_model(CONFIGS[name])
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -301,13 +306,24 @@ def test_decode_step_equals_full_forward_with_and_without_padding(name):
         with torch.inference_mode():
             cache = new_cache(model, batch_size=2, max_len=20, pad=pad)
             model(padded[:, :6], cache)
-            step = DecodeStep(model)
+            step = DecodeStep(model, rows=2 if layout == "packed" else 1)
             assert step.weights is not None  # the step's own reading of the weights, not forward
+            assert isinstance(step.weights.head, PackedMatrix if layout == "packed" else TransposedMatrix)
             steps = torch.stack([step(padded[:, t], cache) for t in range(6, 20)], dim=1)
         assert cache.length == 20
         torch.testing.assert_close(steps[:1], full[0][:, 6:], rtol=0, atol=1e-5)
         if pad is not None:
             torch.testing.assert_close(steps[1:], full[1][:, 3:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not packs_matrices(torch.device("cpu"), torch.float32), reason="this build of torch has no MKL")
+def test_a_packed_matrix_multiplies_any_number_of_rows():
+    """One packing serves every batch size a generation passes through as its rows finish."""
+    weight = torch.randn(300, 96)
+    matrix = PackedMatrix(weight)
+    for rows in range(1, 41):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(matrix(x), x @ weight.t(), rtol=0, atol=1e-4)
 
 
 def test_decode_step_under_autocast_keeps_forward_precision():
