@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
+from chatforge import sharding
 from chatforge.chat_format import Message, render
 from chatforge.checkpoint import load_model
 from chatforge.config import DEVICE_HELP, require_positive, save_json
@@ -57,7 +59,7 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                optimizers: Sequence[torch.optim.Optimizer], *, epochs: int, minibatch_size: int, clip: float = 0.2,
                value_clip: float = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0,
                ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None,
-               d: Dist = Dist()) -> dict[str, float]:
+               d: Dist = Dist(), sharded: bool = False) -> dict[str, float]:
     """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
     yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics
     over the applied updates (total, policy, value and ptx loss, entropy, clip fraction, approx KL to the
@@ -66,14 +68,17 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
     Under several processes (`d`) every process holds the whole experience and draws the same minibatches;
     each computes every world_size-th row of a minibatch (and of its pretraining batch), weighted by its
     share of the minibatch's tokens, and the gradients are summed (`sum_gradients`): the update is the one a
-    single process makes on the whole minibatch.
+    single process makes on the whole minibatch. With the policy `sharded` (FSDP2, gradients summed by its
+    reduce-scatter) every forward pass of the policy is a collective, so a process without rows computes
+    one row weighted 0, and only the value model's gradients go through `sum_gradients`.
 
     Run the models without dropout (`GPT.set_dropout(0)`): with it, log π differs from log π_old before
     any update and the first epoch's ratios are not 1.
     """
     b = experience.batch
     rows = len(b.ids)
-    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    policy_params, value_params = ([p for p in m.parameters() if p.requires_grad] for m in (policy, value_model))
+    summed_by_hand = value_params if sharded else policy_params + value_params
     keys = ("loss", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ptx_loss")
     sums: dict[str, float] = {}
     updates = skipped = 0
@@ -83,6 +88,8 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
             minibatch = order[start : start + minibatch_size].to(b.ids.device)
             idx = minibatch[d.rank :: d.world_size]
             share = b.mask[idx].sum() / b.mask[minibatch].sum().clamp(min=1)  # of the minibatch's tokens
+            if sharded and not len(idx):
+                idx = minibatch[:1]  # weighted by share 0
             zero = torch.zeros((), device=b.ids.device)
             policy_loss = value_loss = entropy_value = clip_fraction = kl_to_old = zero  # a process with no rows
             if len(idx):
@@ -101,9 +108,13 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
             if with_ptx:
                 inputs, targets = next(ptx_batches)
                 windows = len(inputs)
-                inputs, targets = inputs[d.rank :: d.world_size], targets[d.rank :: d.world_size]
+                own = slice(d.rank, None, d.world_size)
+                weight = len(inputs[own]) / windows
+                if sharded and not weight:
+                    own = slice(0, 1)  # weighted 0
+                inputs, targets = inputs[own], targets[own]
                 if len(inputs):
-                    ptx = policy(inputs, targets=targets) * (len(inputs) / windows)
+                    ptx = policy(inputs, targets=targets) * weight
             loss = ppo_ptx_loss(share * policy_loss, share * value_loss, share * entropy_value, ptx, vf_coef,
                                 entropy_coef, ptx_coef if with_ptx else 0.0)
             stats = {"loss": loss, "policy_loss": share * policy_loss, "value_loss": share * value_loss,
@@ -112,8 +123,8 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
             if loss.requires_grad:
                 loss.backward()
             scalars = torch.stack([stats[k].detach().float() for k in keys])
-            totals = dict(zip(keys, sum_gradients(params, scalars, d).tolist()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            totals = dict(zip(keys, sum_gradients(summed_by_hand, scalars, d).tolist()))
+            grad_norm = clip_gradients([policy_params, value_params], grad_clip if grad_clip > 0 else float("inf"))
             applied = math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm))
             for optimizer in optimizers:
                 if applied:  # a non-finite loss or gradient never reaches the weights
@@ -129,6 +140,21 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                 sums[key] = sums.get(key, 0.0) + value
             updates += 1
     return {**{key: value / max(updates, 1) for key, value in sums.items()}, "skipped_updates": skipped}
+
+
+def clip_gradients(groups: Sequence[Sequence[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over several groups of parameters, one of which may be sharded (FSDP2's DTensors,
+    whose norm is reduced over processes), which `clip_grad_norm_` cannot mix with plain tensors; returns
+    the total norm before clipping."""
+    norms = []
+    for grads in ([p.grad for p in group if p.grad is not None] for group in groups):
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 # --- the stage: models, rollouts, diagnostics, checkpoints -----------------------------------------------
@@ -282,7 +308,8 @@ class PPOTask(Task):
 
     progress_keys = ("reward", "kl_per_answer")
 
-    # the minibatch updates sum every process's gradients themselves (`ppo_epochs`): no DDP wrapper
+    # the minibatch updates sum every process's gradients themselves (`ppo_epochs`): no DDP wrapper, and
+    # under --fsdp the policy's reduce-scatter sums rather than averages
     syncs_own_gradients = True
 
     def __init__(self, config: PPOConfig, policy: GPT, reference: GPT, value_model: GPT, reward: Reward,
@@ -290,6 +317,7 @@ class PPOTask(Task):
                  questions: dict[tuple[int, ...], str] | None = None, d: Dist = Dist()):
         self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
         self.tokenizer, self.train, self.val, self.device, self.d = tokenizer, train, val, device, d
+        self.sharded = config.fsdp and d.enabled  # the trainer shards the policy (the value model stays whole)
         # every process starts from rank 0's weights (as DDP would make them)
         broadcast_parameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad], d)
         # with --compile, the minibatch updates' forward passes (the trainer compiles the policy's); rollouts
@@ -343,19 +371,29 @@ class PPOTask(Task):
         with trainer.autocast():
             return self.iteration(trainer.model, trainer.optimizer, trainer.step, trainer.learning_rate())
 
+    def sampling_models(self, policy: GPT | None = None) -> tuple[GPT, torch.nn.Module]:
+        """The policy that samples and scores rollouts, and the reference: `policy` if given (a gathered copy),
+        else under --fsdp a copy gathered from the shards (a collective: every process calls it) and else
+        the policy itself. With LoRA the reference is that model with its adapters off."""
+        if policy is None:
+            policy = sharding.consolidated(self.policy, self.device).eval() if self.sharded else self.policy
+        return policy, WithoutAdapters(policy) if has_adapters(policy) else self.reference
+
     def iteration(self, model, optimizer, step: int, lr: float) -> dict:
         """Rollout, scoring, and `ppo_epochs` passes of minibatch updates of the policy and value model."""
         c = self.config
         t0 = time.perf_counter()
-        prompts, answers, finished = rollout(self.policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
+        policy, reference = self.sampling_models()
+        prompts, answers, finished = rollout(policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
                                              self.stop_id, seed=c.seed * 100_003 + step, rows=self.rollout_rows, d=self.d)
         t1 = time.perf_counter()
         experience = make_experience(
-            self.policy, self.reference, self.value_model, self.reward, prompts, answers, finished,
+            policy, reference, self.value_model, self.reward, prompts, answers, finished,
             self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
             unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
             reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.scoring_rows,
             d=self.d)
+        del policy, reference  # under --fsdp a gathered copy: gone before the updates
         t2 = time.perf_counter()
         # the whole rollout's, on every process (so that every process raises the same alarms)
         texts = answer_texts(self.tokenizer, experience.batch.answers())
@@ -376,7 +414,7 @@ class PPOTask(Task):
             minibatch_size=c.micro_batch_size, clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
             entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef if self.ptx else 0.0,
             ptx_batches=self.ptx_batches(step) if self.ptx else None, grad_clip=c.grad_clip,
-            generator=torch.Generator().manual_seed(c.seed * 100_003 + step), d=self.d)
+            generator=torch.Generator().manual_seed(c.seed * 100_003 + step), d=self.d, sharded=self.sharded)
         t3 = time.perf_counter()
         if stats["skipped_updates"]:
             alarms.append(f"{stats['skipped_updates']} minibatch update(s) with a non-finite loss or gradient skipped")
@@ -400,7 +438,8 @@ class PPOTask(Task):
         prompts = self.val[: self.config.eval_batches * self.config.batch_size]
         if not prompts or not self.d.is_main:
             return {}
-        report = compare_policies(self.policy, self.reference, self.reward, self.tokenizer, prompts,
+        policy, reference = self.sampling_models(model if self.sharded else self.policy)  # sharded: a gathered copy
+        report = compare_policies(policy, reference, self.reward, self.tokenizer, prompts,
                                   self.config.max_new_tokens, self.config.seed, self.config.generating_rows,
                                   self.config.scoring_rows, reference_too=False)
         self.last_eval = [f"{self.question(p)} -> {a['policy']}"
@@ -496,10 +535,6 @@ def build_ppo(config: PPOConfig, device: torch.device, resume_from: Path | None 
 def train_ppo(config: PPOConfig, resume_from: Path | None = None) -> Path:
     """RLHF: the SFT policy learns to please the reward model with PPO-ptx; returns the run folder, whose
     checkpoints are the policy (a normal language model: `chatforge chat RUN` talks to it)."""
-    if config.fsdp:
-        raise UserError("ppo does not support --fsdp: its rollouts generate with the whole model (under torchrun "
-                        "each process holds a copy)")
-
     def setup(device: torch.device, d: Dist):
         return build_ppo(config, device, resume_from, d)
 

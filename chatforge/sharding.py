@@ -31,14 +31,17 @@ from chatforge.lora import adapter_settings, add_adapters, has_adapters
 from chatforge.model import GPT, rotary_tables
 
 
-def shard(model: GPT, dtype: torch.dtype = torch.float32) -> None:
+def shard(model: GPT, dtype: torch.dtype = torch.float32, average: bool = True) -> None:
     """Shard `model` in place over the default process group: one FSDP unit per block, then the root. With a
     `dtype` below fp32 the gathers move weights in it (half the traffic, and the gathered unit in half the
-    memory) while the shards, the optimizer state and the gradients' reduction stay fp32."""
+    memory) while the shards, the optimizer state and the gradients' reduction stay fp32. The gradients
+    are averaged over processes, or summed (`average=False`) where each process weighs its own share."""
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for unit in [*model.layers, model]:
+        fully_shard(unit, mp_policy=policy)
+        if not average:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
 
 
 def consolidated(model: GPT, device: torch.device) -> GPT:

@@ -323,7 +323,7 @@ class Trainer:
         model.activation_checkpointing = config.activation_checkpointing
         self.sharded = config.fsdp and d.enabled
         if self.sharded:
-            sharding.shard(model, dtype)
+            sharding.shard(model, dtype, average=not task.syncs_own_gradients)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
         if d.enabled and not task.syncs_own_gradients and not self.sharded:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a

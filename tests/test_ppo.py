@@ -436,7 +436,6 @@ def test_ppo_errors(please, tmp_path):
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "b"), "--prompts", long, check=False),
                           f"{long}:2", "leaving less than max_new_tokens (16)")
     assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "c"), "--value-init", "nope", check=False), "value_init")
-    assert_one_line_error(run_cli(*ppo_args(please, tmp_path / "d"), "--fsdp", check=False), "ppo does not support --fsdp")
 
 
 def test_a_classifier_reward_reads_the_answer_text_as_the_classifier_was_trained(tokenizer_dir):
@@ -609,13 +608,18 @@ def assert_same_runs(expected: list[dict], got: list[dict]) -> None:
                 assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (e["step"], key, e[key], g[key])
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora-r", 4], ["--micro-batch-size", 1, "--ptx-batch-size", 1]],
-                         ids=["full", "lora", "one-row-minibatches"])
+ONE_ROW_MINIBATCHES = ["--micro-batch-size", 1, "--ptx-batch-size", 1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-r", 4], ONE_ROW_MINIBATCHES, ["--fsdp"],
+                                   ["--fsdp", "--lora-r", 4, *ONE_ROW_MINIBATCHES]],
+                         ids=["full", "lora", "one-row-minibatches", "fsdp", "fsdp-lora-one-row-minibatches"])
 def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, extra):
     """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
     same weights at the end (with LoRA: the same adapters). With one-row minibatches (and one pretraining
-    window) one process has nothing to compute in every update, and still takes part in it."""
+    window) one process has nothing to compute in every update, and still takes part in it. With --fsdp
+    the policy is sharded (rollouts sample from a gathered copy; FSDP sums the policy's gradients)."""
     from chatforge.checkpoint import load_model
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
@@ -631,16 +635,17 @@ def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, ext
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_two_process_ppo_run_killed_resumes_exactly_on_two_or_on_one_process(please, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_a_two_process_ppo_run_killed_resumes_exactly_on_two_or_on_one_process(please, tmp_path, extra):
     """SIGKILL to every process of a 2-process run mid-way; resumed on 2 processes, and (a copy) on 1: both
     continue as the uninterrupted run (the state is the same on every process, and answers are seeded by
-    chunk, not by process)."""
+    chunk, not by process). With --fsdp the policy's AdamW state is resharded from the checkpoint's files."""
     import shutil
 
     from chatforge.checkpoint import step_checkpoints
     from conftest import kill_when, metrics_without_timing, run_cli, run_torchrun
 
-    options = [*DISTRIBUTED, "--max-steps", 5, "--checkpoint-every", 2]
+    options = [*DISTRIBUTED, "--max-steps", 5, "--checkpoint-every", 2, *extra]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_torchrun(*ppo_args(please, reference, *options))
     kill_when(*ppo_args(please, killed, *options), processes=2, ready=lambda: step_checkpoints(killed))
