@@ -48,7 +48,7 @@ from chatforge.rollout import (
     Experience, Reward, answer_texts, classifier_reward, collapse_alarm, make_experience, model_reward, rollout,
     rollout_diagnostics,
 )
-from chatforge.runtime import Dist, broadcast_parameters, pick_device, sum_gradients
+from chatforge.runtime import Dist, broadcast_parameters, pick_device, pick_dtype, sum_gradients
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, merged_start, resolve_run_config, run_stage
@@ -59,7 +59,7 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
                optimizers: Sequence[torch.optim.Optimizer], *, epochs: int, minibatch_size: int, clip: float = 0.2,
                value_clip: float = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0,
                ptx_batches=None, grad_clip: float = 1.0, generator: torch.Generator | None = None,
-               d: Dist = Dist(), sharded: bool = False) -> dict[str, float]:
+               d: Dist = Dist()) -> dict[str, float]:
     """Several epochs of minibatch updates over one rollout, each minimising `ppo_ptx_loss`; `ptx_batches`
     yields (inputs, targets) of pretraining text, one per minibatch. Returns the means of the diagnostics
     over the applied updates (total, policy, value and ptx loss, entropy, clip fraction, approx KL to the
@@ -68,9 +68,9 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
     Under several processes (`d`) every process holds the whole experience and draws the same minibatches;
     each computes every world_size-th row of a minibatch (and of its pretraining batch), weighted by its
     share of the minibatch's tokens, and the gradients are summed (`sum_gradients`): the update is the one a
-    single process makes on the whole minibatch. With the policy `sharded` (FSDP2, gradients summed by its
-    reduce-scatter) every forward pass of the policy is a collective, so a process without rows computes
-    one row weighted 0, and only the value model's gradients go through `sum_gradients`.
+    single process makes on the whole minibatch. A model sharded with FSDP2 (`sharding.shard(average=False)`)
+    sums its gradients in its own reduce-scatter, and each of its forward passes is a collective, so then a
+    process without rows computes one row weighted 0.
 
     Run the models without dropout (`GPT.set_dropout(0)`): with it, log π differs from log π_old before
     any update and the first epoch's ratios are not 1.
@@ -78,7 +78,9 @@ def ppo_epochs(policy: torch.nn.Module, value_model: torch.nn.Module, experience
     b = experience.batch
     rows = len(b.ids)
     policy_params, value_params = ([p for p in m.parameters() if p.requires_grad] for m in (policy, value_model))
-    summed_by_hand = value_params if sharded else policy_params + value_params
+    summed_by_hand = [p for m, params in ((policy, policy_params), (value_model, value_params))
+                      if not sharding.is_sharded(m) for p in params]
+    sharded = sharding.is_sharded(policy) or sharding.is_sharded(value_model)
     keys = ("loss", "policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ptx_loss")
     sums: dict[str, float] = {}
     updates = skipped = 0
@@ -317,9 +319,13 @@ class PPOTask(Task):
                  questions: dict[tuple[int, ...], str] | None = None, d: Dist = Dist()):
         self.config, self.policy, self.reference, self.value_model, self.reward = config, policy, reference, value_model, reward
         self.tokenizer, self.train, self.val, self.device, self.d = tokenizer, train, val, device, d
-        self.sharded = config.fsdp and d.enabled  # the trainer shards the policy (the value model stays whole)
+        self.sharded = config.fsdp and d.enabled  # the trainer shards the policy
         # every process starts from rank 0's weights (as DDP would make them)
         broadcast_parameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad], d)
+        # and the value model here, unless its body is the frozen reward model's (--value-init reward-head)
+        self.value_sharded = self.sharded and config.value_init != "reward-head"
+        if self.value_sharded:
+            sharding.shard(value_model, pick_dtype(config.dtype, device), average=False)
         # with --compile, the minibatch updates' forward passes (the trainer compiles the policy's); rollouts
         # and scoring stay eager: their shapes change with every generated token and every rollout
         self.value_model_in_training = torch.compile(value_model) if config.compile else value_model
@@ -379,21 +385,26 @@ class PPOTask(Task):
             policy = sharding.consolidated(self.policy, self.device).eval() if self.sharded else self.policy
         return policy, WithoutAdapters(policy) if has_adapters(policy) else self.reference
 
+    def scoring_value_model(self) -> GPT:
+        """The value model, or under --fsdp a copy gathered from its shards (a collective)."""
+        return sharding.consolidated(self.value_model, self.device).eval() if self.value_sharded else self.value_model
+
     def iteration(self, model, optimizer, step: int, lr: float) -> dict:
         """Rollout, scoring, and `ppo_epochs` passes of minibatch updates of the policy and value model."""
         c = self.config
         t0 = time.perf_counter()
         policy, reference = self.sampling_models()
+        value_model = self.scoring_value_model()
         prompts, answers, finished = rollout(policy, self.prompts(step), c.samples_per_prompt, c.max_new_tokens,
                                              self.stop_id, seed=c.seed * 100_003 + step, rows=self.rollout_rows, d=self.d)
         t1 = time.perf_counter()
         experience = make_experience(
-            policy, reference, self.value_model, self.reward, prompts, answers, finished,
+            policy, reference, value_model, self.reward, prompts, answers, finished,
             self.tokenizer.pad_id, beta=self.kl_controller.beta, gamma=c.gamma, lam=c.lam,
             unfinished_penalty=c.unfinished_penalty, reward_stats=self.reward_stats if c.normalize_reward else None,
             reward_clip=c.reward_clip, whiten_advantages=c.whiten_advantages, micro_batch_size=c.scoring_rows,
             d=self.d)
-        del policy, reference  # under --fsdp a gathered copy: gone before the updates
+        del policy, reference, value_model  # under --fsdp gathered copies: gone before the updates
         t2 = time.perf_counter()
         # the whole rollout's, on every process (so that every process raises the same alarms)
         texts = answer_texts(self.tokenizer, experience.batch.answers())
@@ -414,7 +425,7 @@ class PPOTask(Task):
             minibatch_size=c.micro_batch_size, clip=c.clip, value_clip=c.value_clip, vf_coef=c.vf_coef,
             entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef if self.ptx else 0.0,
             ptx_batches=self.ptx_batches(step) if self.ptx else None, grad_clip=c.grad_clip,
-            generator=torch.Generator().manual_seed(c.seed * 100_003 + step), d=self.d, sharded=self.sharded)
+            generator=torch.Generator().manual_seed(c.seed * 100_003 + step), d=self.d)
         t3 = time.perf_counter()
         if stats["skipped_updates"]:
             alarms.append(f"{stats['skipped_updates']} minibatch update(s) with a non-finite loss or gradient skipped")
@@ -462,18 +473,29 @@ class PPOTask(Task):
 
     def state_dict(self) -> dict:
         # the value model's trained weights only: with --value-init reward-head its body is the frozen reward model's
-        trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
-        value_state = {name: t for name, t in self.value_model.state_dict().items() if name in trained}
-        return {"value_model": value_state, "value_optimizer": self.value_optimizer.state_dict(),
-                "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
-                "rollout_rows": self.rollout_rows}
+        weights = sharding.full_state_dict(self.value_model) if self.value_sharded else self.value_model.state_dict()
+        state = {"value_model": {name: t for name, t in weights.items() if name in self.value_trained()},
+                 "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
+                 "rollout_rows": self.rollout_rows}
+        if not self.config.fsdp:  # with --fsdp, checkpointed sharded with the policy's (`optimizers`)
+            state["value_optimizer"] = self.value_optimizer.state_dict()
+        return state
+
+    def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        return {"value_optimizer": (self.value_model, self.value_optimizer)} if self.config.fsdp else {}
+
+    def value_trained(self) -> set[str]:
+        return {name for name, p in self.value_model.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, state: dict) -> None:
-        trained = {name for name, p in self.value_model.named_parameters() if p.requires_grad}
-        if set(state["value_model"]) != trained:
+        if set(state["value_model"]) != self.value_trained():
             raise UserError("the checkpoint's value model does not match this run's --value-init")
-        self.value_model.load_state_dict(state["value_model"], strict=False)
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        if self.value_sharded:
+            sharding.load_full_state_dict(self.value_model, state["value_model"])
+        else:
+            self.value_model.load_state_dict(state["value_model"], strict=False)
+        if "value_optimizer" in state:  # else loaded by the trainer with its own (`optimizers`)
+            self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.reward_stats.load_state_dict(state["reward_stats"])
         saved_rows = state.get("rollout_rows", self.rollout_rows)

@@ -9,8 +9,9 @@ only while that block computes. What the trainer needs besides:
 - `consolidated`: the whole model as one ordinary `GPT` (with its LoRA adapters, if any), for evaluation,
   samples and the checkpoint that `chat`, `serve` and `export` read (an evaluation runs on every process at its own pace, which a sharded
   model, whose every forward pass is a collective, cannot);
-- `save_optimizer` / `load_optimizer`: AdamW's state through torch.distributed.checkpoint, one file per
-  process, keyed by parameter name, so a run resumes on any number of processes (or one, unsharded).
+- `save_optimizers` / `load_optimizers`: AdamW's state (the trainer's, and a task's own: PPO's value model)
+  through torch.distributed.checkpoint, one file per process, keyed by parameter name, so a run resumes on
+  any number of processes (or one, unsharded).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from chatforge.lora import adapter_settings, add_adapters, has_adapters
 from chatforge.model import GPT, rotary_tables
@@ -44,10 +45,15 @@ def shard(model: GPT, dtype: torch.dtype = torch.float32, average: bool = True) 
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the model a `torch.compile` wrapper holds) is sharded by `shard`."""
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
 def consolidated(model: GPT, device: torch.device) -> GPT:
     """The sharded `model`'s weights gathered into an unsharded copy on `device`, on every process (a
     collective: every process calls it)."""
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    weights = full_state_dict(model)
     with torch.device("meta"):  # no memory and no initialisation: the gathered tensors become its weights
         copy = GPT(model.config)
         if has_adapters(model):  # the same adapters, so that the gathered names fit
@@ -61,19 +67,32 @@ def consolidated(model: GPT, device: torch.device) -> GPT:
     return copy.to(device).train(model.training)
 
 
-def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """AdamW's state, one file per process (a collective; on one process, one file)."""
+def save_optimizers(optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path) -> None:
+    """The state of each named (model, optimizer), one file per process (a collective; on one process, one
+    file)."""
+    state = {name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()}
     with _single_process_is_meant():
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder,
-                 no_dist=not dist.is_initialized())
+        dcp.save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """The state `save_optimizer` wrote, resharded onto this run's processes (a collective)."""
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
+def load_optimizers(optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path) -> None:
+    """The states `save_optimizers` wrote, resharded onto this run's processes (a collective)."""
+    state = {name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()}
     with _single_process_is_meant():
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    for name, (model, optimizer) in optimizers.items():
+        set_optimizer_state_dict(model, optimizer, state[name])
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered on every process (a collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole tensors (`full_state_dict`'s, for some of the parameters) into a sharded model: each process
+    keeps its shard."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @contextlib.contextmanager

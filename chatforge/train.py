@@ -178,6 +178,11 @@ class Task:
         """What a resume needs beyond the step: nothing when batches are a pure function of (seed, step)."""
         return {}
 
+    def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """The optimizers the task steps itself, by name, with their models (PPO's value model's): under
+        --fsdp checkpointed sharded with the trainer's, else part of the task's `state_dict`."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
         pass
 
@@ -357,7 +362,7 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         self.step = state["step"]
         if (checkpoint / OPTIMIZER_DIR).is_dir():
-            sharding.load_optimizer(self.raw_model, self.optimizer, checkpoint / OPTIMIZER_DIR)
+            sharding.load_optimizers(self.all_optimizers(), checkpoint / OPTIMIZER_DIR)
         elif self.sharded:
             raise UserError(f"{checkpoint}: written without --fsdp; resume it without --fsdp (--no-fsdp)")
         else:
@@ -381,13 +386,16 @@ class Trainer:
             if self.d.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
             self.barrier()
-            sharding.save_optimizer(self.raw_model, self.optimizer, staging)
+            sharding.save_optimizers(self.all_optimizers(), staging)
             folders[OPTIMIZER_DIR] = staging
         if self.d.is_main:
             save_checkpoint(folder, whole, self.tokenizer, trainer_state=state, folders=folders,
                             extra={"stage": self.stage, "step": self.step, "run_config": self.run_config})
             prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         self.barrier()
+
+    def all_optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        return {"optimizer": (self.raw_model, self.optimizer), **self.task.optimizers()}
 
     def barrier(self) -> None:
         if self.d.enabled:

@@ -308,7 +308,7 @@ def test_decode_step_equals_full_forward_with_and_without_padding(name, layout):
             model(padded[:, :6], cache)
             step = DecodeStep(model, rows=2 if layout == "packed" else 1)
             assert step.weights is not None  # the step's own reading of the weights, not forward
-            assert isinstance(step.weights.head, PackedMatrix if layout == "packed" else TransposedMatrix)
+            assert isinstance(step.weights.layers[0].qkv, PackedMatrix if layout == "packed" else TransposedMatrix)
             steps = torch.stack([step(padded[:, t], cache) for t in range(6, 20)], dim=1)
         assert cache.length == 20
         torch.testing.assert_close(steps[:1], full[0][:, 6:], rtol=0, atol=1e-5)

@@ -619,7 +619,8 @@ def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, ext
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
     same weights at the end (with LoRA: the same adapters). With one-row minibatches (and one pretraining
     window) one process has nothing to compute in every update, and still takes part in it. With --fsdp
-    the policy is sharded (rollouts sample from a gathered copy; FSDP sums the policy's gradients)."""
+    the policy and the value model are sharded (rollouts sample and score with gathered copies; FSDP sums
+    the gradients)."""
     from chatforge.checkpoint import load_model
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
@@ -651,6 +652,11 @@ def test_a_two_process_ppo_run_killed_resumes_exactly_on_two_or_on_one_process(p
     kill_when(*ppo_args(please, killed, *options), processes=2, ready=lambda: step_checkpoints(killed))
     done = [step for step, _ in step_checkpoints(killed)]
     assert done and done[-1] < 5, f"killed after {done}: the run should have been cut mid-way"
+    if "--fsdp" in extra:  # the sharded value model's AdamW state is in the sharded checkpoint, not in the task's
+        from torch.distributed.checkpoint import FileSystemReader
+
+        saved = FileSystemReader(step_checkpoints(killed)[-1][1] / "optimizer").read_metadata().state_dict_metadata
+        assert any(key.startswith("value_optimizer.") for key in saved) and any(key.startswith("optimizer.") for key in saved)
     shutil.copytree(killed, tmp_path / "killed-one")
     result = run_torchrun("ppo", "--resume", killed, "--no-progress")
     assert f"resuming at step {done[-1]}" in result.stdout
