@@ -48,7 +48,7 @@ from chatforge.rollout import (
     Experience, Reward, answer_texts, classifier_reward, collapse_alarm, make_experience, model_reward, rollout,
     rollout_diagnostics,
 )
-from chatforge.runtime import Dist, broadcast_parameters, pick_device, pick_dtype, sum_gradients
+from chatforge.runtime import Dist, broadcast_parameters, pick_device, sum_gradients
 from chatforge.sample import read_prompts
 from chatforge.tokenizer import Tokenizer
 from chatforge.train import Task, TrainConfig, Trainer, make_optimizer, merged_start, resolve_run_config, run_stage
@@ -153,6 +153,8 @@ def clip_gradients(groups: Sequence[Sequence[torch.Tensor]], max_norm: float) ->
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack(norms))
     for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
@@ -313,6 +315,9 @@ class PPOTask(Task):
     # the minibatch updates sum every process's gradients themselves (`ppo_epochs`): no DDP wrapper, and
     # under --fsdp the policy's reduce-scatter sums rather than averages
     syncs_own_gradients = True
+    # the updates' log-probs and values are compared with those of the gathered fp32 copies that scored the
+    # rollout (ratios π/π_old): gathered in bf16 the sharded models would compute otherwise under autocast
+    fsdp_gathers_fp32 = True
 
     def __init__(self, config: PPOConfig, policy: GPT, reference: GPT, value_model: GPT, reward: Reward,
                  tokenizer: Tokenizer, train: list[list[int]], val: list[list[int]], device: torch.device,
@@ -325,7 +330,7 @@ class PPOTask(Task):
         # and the value model here, unless its body is the frozen reward model's (--value-init reward-head)
         self.value_sharded = self.sharded and config.value_init != "reward-head"
         if self.value_sharded:
-            sharding.shard(value_model, pick_dtype(config.dtype, device), average=False)
+            sharding.shard(value_model, average=False)  # fp32 gathers: see fsdp_gathers_fp32
         # with --compile, the minibatch updates' forward passes (the trainer compiles the policy's); rollouts
         # and scoring stay eager: their shapes change with every generated token and every rollout
         self.value_model_in_training = torch.compile(value_model) if config.compile else value_model
@@ -473,7 +478,7 @@ class PPOTask(Task):
 
     def state_dict(self) -> dict:
         # the value model's trained weights only: with --value-init reward-head its body is the frozen reward model's
-        weights = sharding.full_state_dict(self.value_model) if self.value_sharded else self.value_model.state_dict()
+        weights = sharding.full_state_dict(self.value_model, on_main_only=True) if self.value_sharded else self.value_model.state_dict()
         state = {"value_model": {name: t for name, t in weights.items() if name in self.value_trained()},
                  "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
                  "rollout_rows": self.rollout_rows}
@@ -482,7 +487,7 @@ class PPOTask(Task):
         return state
 
     def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        return {"value_optimizer": (self.value_model, self.value_optimizer)} if self.config.fsdp else {}
+        return {"value_optimizer": (self.value_model, self.value_optimizer)}
 
     def value_trained(self) -> set[str]:
         return {name for name, p in self.value_model.named_parameters() if p.requires_grad}

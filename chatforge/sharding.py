@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from chatforge.errors import UserError
 from chatforge.lora import adapter_settings, add_adapters, has_adapters
 from chatforge.model import GPT, rotary_tables
 
@@ -41,6 +42,9 @@ def shard(model: GPT, dtype: torch.dtype = torch.float32, average: bool = True) 
     for unit in [*model.layers, model]:
         fully_shard(unit, mp_policy=policy)
         if not average:
+            if not hasattr(unit, "set_force_sum_reduction_for_comms"):
+                raise UserError(f"summed gradients under --fsdp need a newer torch than {torch.__version__} "
+                                f"(FSDP2's set_force_sum_reduction_for_comms)")
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
 
@@ -84,9 +88,10 @@ def load_optimizers(optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Opt
         set_optimizer_state_dict(model, optimizer, state[name])
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A sharded model's whole state dict, gathered on every process (a collective)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+def full_state_dict(model: torch.nn.Module, on_main_only: bool = False) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict, gathered on every process (a collective), or only on the main
+    process and in CPU memory (`on_main_only`: the others get an empty dict)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_main_only))
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

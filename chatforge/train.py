@@ -141,8 +141,12 @@ class Task:
     seq_len: int  # the typical sequence length, for the attention FLOPs
     progress_keys: tuple[str, ...] = ("loss",)  # the metrics shown on the progress bar
     # True for a stage whose own train_step sums the processes' gradients (PPO): the model is then not
-    # wrapped in DDP, and batch_size need not split into micro-batches per process
+    # wrapped in DDP (under --fsdp its gradients are summed, not averaged), and batch_size need not split
+    # into micro-batches per process
     syncs_own_gradients: bool = False
+    # True where the sharded model must compute as an fp32 copy of it does under autocast: --fsdp then
+    # gathers fp32 weights, not the run's dtype
+    fsdp_gathers_fp32: bool = False
 
     def micro_batches(self, step: int, accumulation: int) -> Iterable[Any]:
         """This process's `accumulation` micro-batches for optimizer step `step`."""
@@ -180,7 +184,8 @@ class Task:
 
     def optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
         """The optimizers the task steps itself, by name, with their models (PPO's value model's): under
-        --fsdp checkpointed sharded with the trainer's, else part of the task's `state_dict`."""
+        --fsdp checkpointed sharded with the trainer's (and loaded from such a checkpoint, whether the
+        resumed run shards or not), else part of the task's `state_dict`."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,7 +333,7 @@ class Trainer:
         model.activation_checkpointing = config.activation_checkpointing
         self.sharded = config.fsdp and d.enabled
         if self.sharded:
-            sharding.shard(model, dtype, average=not task.syncs_own_gradients)
+            sharding.shard(model, torch.float32 if task.fsdp_gathers_fp32 else dtype, average=not task.syncs_own_gradients)
         self.model: torch.nn.Module = torch.compile(model) if config.compile else model
         if d.enabled and not task.syncs_own_gradients and not self.sharded:
             # broadcast_buffers=False: the only buffers (rotary tables) are identical on every process, and a

@@ -612,16 +612,18 @@ ONE_ROW_MINIBATCHES = ["--micro-batch-size", 1, "--ptx-batch-size", 1]
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora-r", 4], ONE_ROW_MINIBATCHES, ["--fsdp"],
-                                   ["--fsdp", "--lora-r", 4, *ONE_ROW_MINIBATCHES]],
-                         ids=["full", "lora", "one-row-minibatches", "fsdp", "fsdp-lora-one-row-minibatches"])
+                                   ["--fsdp", "--lora-r", 4, *ONE_ROW_MINIBATCHES],
+                                   ["--fsdp", "--value-init", "reward-head"]],
+                         ids=["full", "lora", "one-row-minibatches", "fsdp", "fsdp-lora-one-row-minibatches",
+                              "fsdp-value-head-only"])
 def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, extra):
     """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
     same weights at the end (with LoRA: the same adapters). With one-row minibatches (and one pretraining
     window) one process has nothing to compute in every update, and still takes part in it. With --fsdp
     the policy and the value model are sharded (rollouts sample and score with gathered copies; FSDP sums
-    the gradients)."""
-    from chatforge.checkpoint import load_model
+    the gradients), or the policy alone (a value model that is a head on the reward model's body)."""
+    from chatforge.checkpoint import load_model, load_trainer_state, step_checkpoints
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
     options = [*DISTRIBUTED, "--ptx-data", data_dir, "--max-steps", 3, *extra]
@@ -634,6 +636,11 @@ def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, ext
     one, two = load_model(tmp_path / "one")[0], load_model(tmp_path / "two")[0]
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    values_one, values_two = (load_trainer_state(step_checkpoints(run)[-1][1])["task"]["value_model"]
+                              for run in (tmp_path / "one", tmp_path / "two"))
+    assert values_one.keys() == values_two.keys()
+    for name, a in values_one.items():
+        torch.testing.assert_close(values_two[name], a, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])

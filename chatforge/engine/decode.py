@@ -97,9 +97,8 @@ class TransposedMatrix:
 
 
 class InPlaceMatrix:
-    """A matrix W (out, in) read where it is, through `F.linear`: for the output head, whose (in, out) copy
-    would cost more to make (67 ms for SmolLM2's 49,152 x 576) than it saves in a generation of a few
-    hundred tokens at one row (4%, 0.1 ms a token)."""
+    """A matrix W (out, in) read where it is, through `F.linear`: for the output head at one row, whose
+    (in, out) copy costs more to make than it saves in a generation of a few hundred tokens."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -110,17 +109,20 @@ class InPlaceMatrix:
 
 class PackedMatrix:
     """A matrix W (out, in) packed once for MKL's GEMM, so that `x @ W^T` for a few rows skips the packing
-    that plain `matmul` redoes on every call: 1.3-1.45x faster for 2 to 32 rows on CPU, 10% slower for one
-    row. PyTorch offers it as the private `mkl._mkl_linear` (its compiler packs linear layers of fixed batch
-    size this way); no public API does. MKL's packed operand serves any number of rows; torch takes the
-    packed path when the rows equal its `prepack_batch_size` argument, so each call passes its own rows
-    (tested against plain matmul for 1 to 40 rows). The rows MKL is told to pack for change its layout:
-    packed for 1 or 8 the step slows down at 16 rows; packed for 64 it runs fast from 2 to 64."""
+    that plain `matmul` redoes on every call: faster from 2 rows on, slower for one. PyTorch offers it as
+    the private `mkl._mkl_linear` (its compiler packs linear layers of fixed batch size this way); no public
+    API does. MKL's packed operand serves any number of rows; torch takes the packed path when the rows
+    equal its `prepack_batch_size` argument, so each call passes its own rows (tested against plain matmul
+    for 1 to 130 rows; torch's other path would read `shape`, all zeros). The rows MKL is told to pack for
+    change its layout: packed for 1 or 8, the step slows down at 16 rows; packed for 64 it is fast from 2 to
+    64 rows."""
 
     PACKED_FOR_ROWS = 64
 
     def __init__(self, weight: torch.Tensor):
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), self.PACKED_FOR_ROWS)
+        if not self.packed.is_mkldnn:  # else `_mkl_linear` would multiply by `shape`
+            raise RuntimeError("MKL did not pack the matrix: decode without packed weights")
         self.shape = torch.zeros((), dtype=weight.dtype).expand(weight.shape)  # read for its shape only
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +132,10 @@ class PackedMatrix:
 class DecodeWeights:
     """The weights of `decode_step`, laid out for it: per layer q/k/v and gate/up concatenated (one matmul
     each); LoRA adapters folded in; each matrix a `PackedMatrix` for a generation of several rows (`packed`),
-    else a `TransposedMatrix` (the head an `InPlaceMatrix`). A copy: it does not follow later changes of the
-    parameters, which is why each generation makes its own. The one exception is the head read in place
-    (without adapters folded into it), which a change made during a generation would reach; nothing in
-    chatforge changes weights while a generation runs."""
+    else a `TransposedMatrix` (the head an `InPlaceMatrix`). The matrices are copies: they do not follow
+    later changes of the parameters, which is why each generation makes its own. The embedding, the norms'
+    weights and an in-place head are the parameters themselves, which a change made during a generation
+    would reach; nothing in chatforge changes weights while a generation runs."""
 
     @torch.no_grad()
     def __init__(self, model: GPT, packed: bool = False):
