@@ -1,4 +1,5 @@
-"""PPO under torchrun: samples/s of `chatforge ppo` on 2 processes against 1, side by side in one run.
+"""PPO under torchrun: samples/s of `chatforge ppo` on 2 processes (with and without --fsdp) against 1,
+side by side in one run.
 
     python bench/ppo_processes.py                       # cpu preset's model size, 2 rounds
     python bench/ppo_processes.py --preset tiny --iterations 6 --rounds 3
@@ -7,8 +8,10 @@ Both runs get the same random checkpoints (a policy and a reward model of the pr
 `ppo_throughput.py`), the same prompts, the same global batch, answer length, minibatch size and epochs,
 and the same cores: 1 process with all `--threads`, or 2 processes with half each (gloo on CPU). Each
 process of the 2-process run samples and scores half of every rollout and computes half of every
-minibatch; their gradients are summed once per update. The figures are the medians of the runs' own
-`samples_per_s` (the first iteration of each run untimed), rounds alternating 1 then 2 processes.
+minibatch; their gradients are summed once per update. With --fsdp the policy and the value model are
+sharded: each iteration gathers whole copies to sample and score, and every forward pass of the updates
+gathers each block. The figures are the medians of the runs' own `samples_per_s` (the first iteration of
+each run untimed), each round running 1 process, 2, then 2 with --fsdp.
 
 On a 2-core machine this measures overhead, not scaling: 2 processes share the cores 1 process already
 uses, so the ideal ratio is 1.0 and what falls short of it is the price of the collectives and of the
@@ -34,7 +37,7 @@ from timing import write_report  # bench/timing.py
 
 
 def run_ppo(processes: int, threads: int, sft: Path, rm: Path, prompts: Path, setting: dict, args,
-            out: Path) -> list[float]:
+            out: Path, extra: tuple[str, ...] = ()) -> list[float]:
     """`chatforge ppo` on `processes` processes sharing `threads` threads; each timed iteration's samples/s."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                 if processes > 1 else [sys.executable])
@@ -43,7 +46,7 @@ def run_ppo(processes: int, threads: int, sft: Path, rm: Path, prompts: Path, se
                "--micro-batch-size", setting["minibatch"], "--max-new-tokens", setting["length"],
                "--rollout-batch-size", setting["batch"] // 2, "--ppo-epochs", args.epochs,
                "--max-steps", args.iterations, "--eval-every", 10_000, "--checkpoint-every", 10_000,
-               "--lr", 1e-5, "--device", "cpu", "--no-progress"]
+               "--lr", 1e-5, "--device", "cpu", "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}
     subprocess.run(list(map(str, command)), check=True, env=env, stdout=subprocess.DEVNULL)
     steps = [m for m in read_metrics(out) if "samples_per_s" in m]
@@ -68,19 +71,22 @@ def main(argv=None) -> None:
         tokenizer = train_bpe(nonempty_documents([corpus]), args.vocab_size)
         sft, rm = make_models(args.preset, tokenizer, root)
         prompts, _ = make_prompts(tokenizer, corpus, setting["batch"] * args.iterations, root)
-        rates: dict[int, list[float]] = {1: [], 2: []}
+        runs = {"1 process": (1, ()), "2 processes": (2, ()), "2 processes, --fsdp": (2, ("--fsdp",))}
+        rates: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(args.rounds):
-            for processes in rates:
-                rates[processes] += run_ppo(processes, args.threads, sft, rm, prompts, setting, args,
-                                            root / f"ppo-{processes}-{round_}")
-    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+            for k, (name, (processes, extra)) in enumerate(runs.items()):
+                rates[name] += run_ppo(processes, args.threads, sft, rm, prompts, setting, args,
+                                       root / f"ppo-{k}-{round_}", extra)
+    one, two, sharded = (statistics.median(rates[name]) for name in runs)
     row = {"preset": args.preset, **setting, "epochs": args.epochs, "one_process_samples_per_s": one,
-           "two_processes_samples_per_s": two, "ratio": two / one, "scaling_efficiency": two / one / 2}
+           "two_processes_samples_per_s": two, "ratio": two / one, "scaling_efficiency": two / one / 2,
+           "two_processes_fsdp_samples_per_s": sharded, "fsdp_ratio": sharded / one}
     print(f"{args.preset}: {setting['batch']} answers x {setting['length']} tokens, {args.epochs} epochs, "
           f"{args.threads} threads in all\n"
-          f"  1 process:   {one:.2f} samples/s\n"
-          f"  2 processes: {two:.2f} samples/s ({two / one:.2f}x; on {args.threads} shared cores the ideal is 1x, "
-          f"on 2 devices 2x)")
+          f"  1 process:           {one:.2f} samples/s\n"
+          f"  2 processes:         {two:.2f} samples/s ({two / one:.2f}x; on {args.threads} shared cores the ideal "
+          f"is 1x, on 2 devices 2x)\n"
+          f"  2 processes, --fsdp: {sharded:.2f} samples/s ({sharded / one:.2f}x)")
     write_report(args.out, [row], threads_in_all=args.threads, iterations=args.iterations, rounds=args.rounds)
 
 
