@@ -479,7 +479,8 @@ class PPOTask(Task):
     def state_dict(self) -> dict:
         # the value model's trained weights only: with --value-init reward-head its body is the frozen reward model's
         weights = sharding.full_state_dict(self.value_model, on_main_only=True) if self.value_sharded else self.value_model.state_dict()
-        state = {"value_model": {name: t for name, t in weights.items() if name in self.value_trained()},
+        trained = self.value_trained()
+        state = {"value_model": {name: t for name, t in weights.items() if name in trained},
                  "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
                  "rollout_rows": self.rollout_rows}
         if not self.config.fsdp:  # with --fsdp, checkpointed sharded with the policy's (`optimizers`)
