@@ -355,7 +355,7 @@ def test_each_generation_decodes_with_the_weights_of_its_start():
     model = make_model(CONFIGS["gqa"])
     idx = torch.randint(0, 97, (2, 6))
 
-    def decode_and_forward(atol=1e-6):
+    def decode_and_forward(atol=1e-5):
         with torch.no_grad():
             expected = model(idx)[:, 5]
         for rows in (1, 2):  # both layouts
@@ -406,7 +406,8 @@ def greedy_equals_forward(model, prompts, batch=None):
         with torch.no_grad():
             full = model(torch.tensor([prompt + completion.tokens]))[0, len(prompt) - 1 : -1].log_softmax(-1)
         assert completion.tokens == full.argmax(-1).tolist()
-        assert completion.logprobs == pytest.approx(full.max(-1).values.tolist(), abs=1e-5)
+        # fp32 rounding grows with the logits (a test scales the weights by 3): 1e-5 failed on an AMD EPYC's MKL
+        assert completion.logprobs == pytest.approx(full.max(-1).values.tolist(), abs=1e-4)
     return [c.tokens for c in completions]
 
 

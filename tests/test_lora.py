@@ -146,7 +146,8 @@ def test_the_decoding_step_folds_the_adapters_into_its_weights_and_follows_them(
         return full
 
     stock = make_model(CONFIGS["gqa"]).eval()
-    model = add_adapters(make_model(CONFIGS["gqa"]), 4, 8.0, 0.0, list(PROJECTIONS), base=".").eval()
+    targets = [*PROJECTIONS, "lm_head"]  # the head too (chatforge's runs don't adapt it, peft users may)
+    model = add_adapters(make_model(CONFIGS["gqa"]), 4, 8.0, 0.0, targets, base=".").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -39,38 +39,60 @@ def _lora_linear_class() -> type | None:
     return getattr(layer, "Linear", None)
 
 
-def projection_weight(linear: nn.Module) -> torch.Tensor | None:
-    """The (out, in) matrix W for which `linear(x)` computes `x @ W^T` in eval mode, or None where it computes
-    something else. For peft's LoRA layer that is the base weight plus each active adapter's (α/r)·B A
-    (peft's own `get_delta_weight`): vanilla adapters only, no DoRA or other variant, no bias on B."""
+Adapter = tuple[torch.Tensor, torch.Tensor, float]  # LoRA's (B, A, scale): adds scale·B A to a weight
+
+
+def projection_parts(linear: nn.Module) -> tuple[torch.Tensor, list[Adapter]] | None:
+    """(W, adapters) for which `linear(x)` computes `x @ (W + Σ scale·B A)^T` in eval mode, or None where it
+    computes something else: a plain `nn.Linear` (no adapters), or peft's LoRA layer with each active
+    adapter's B, A and α/r (what peft's `get_delta_weight` multiplies): vanilla adapters only, no DoRA or
+    other variant, no bias on B. Cheap: nothing is computed until `folded` writes the sum."""
     if is_plain_linear(linear):
-        return linear.weight
+        return linear.weight, []
     if type(linear) is not _lora_linear_class() or linear.training or any(_hooked(m) for m in linear.modules()):
         return None
     base = linear.get_base_layer()
     if not is_plain_linear(base) or linear.fan_in_fan_out:
         return None
     if linear.merged:  # the adapters already in the base weight; disabled, forward would unmerge them first
-        return None if linear.disable_adapters else base.weight
-    weight = base.weight
+        return None if linear.disable_adapters else (base.weight, [])
+    adapters = []
     for name in [] if linear.disable_adapters else linear.active_adapters:
         if name not in linear.lora_A:
             continue
         if name in linear.lora_variant or linear.lora_B[name].bias is not None:
             return None
-        weight = weight + linear.get_delta_weight(name)
+        adapters.append((linear.lora_B[name].weight, linear.lora_A[name].weight, linear.scaling[name]))
+    return base.weight, adapters
+
+
+def folded(parts: list[tuple[torch.Tensor, list[Adapter]]], transposed: bool) -> torch.Tensor:
+    """The projections' matrices W + Σ scale·B A stacked into one (out, in) matrix, or its transpose (in, out):
+    one copy of the weights, then each adapter added in place by one `addmm_` (not peft's `get_delta_weight`,
+    which makes each delta a matrix of its own and the sum another: twice the memory traffic of the copy)."""
+    weight = torch.cat([w.t() for w, _ in parts], dim=1) if transposed else torch.cat([w for w, _ in parts])
+    start = 0
+    for w, adapters in parts:
+        rows = slice(start, start + w.shape[0])
+        start = rows.stop
+        for b, a, scale in adapters:
+            b, a = b.to(weight.dtype), a.to(weight.dtype)
+            if transposed:
+                weight[:, rows].addmm_(a.t(), b.t(), alpha=scale)
+            else:
+                weight[rows].addmm_(b, a, alpha=scale)
     return weight
 
 
 def reads_as_stock(model: GPT) -> bool:
     """Whether `decode_step` computes what `model.forward` does: every module of the exact class a `GPT`
-    builds, with no forward hook, every projection one whose `projection_weight` can be read."""
+    builds, with no forward hook, every projection one whose `projection_parts` can be read."""
     read = set()  # the modules inside a readable projection (a LoRA layer's A, B and dropout)
     for module in model.modules():
         if id(module) in read:
             continue
         if isinstance(module, nn.Linear) or hasattr(module, "get_base_layer"):
-            if projection_weight(module) is None:
+            if projection_parts(module) is None:
                 return False
             read.update(id(m) for m in module.modules())
         elif type(module) not in _STOCK_MODULES or _hooked(module):
@@ -140,9 +162,12 @@ class DecodeWeights:
     @torch.no_grad()
     def __init__(self, model: GPT, packed: bool = False):
         def matrix(*linears: nn.Module) -> TransposedMatrix | PackedMatrix:
-            if packed:
-                return PackedMatrix(torch.cat([projection_weight(linear) for linear in linears]))
-            return TransposedMatrix(torch.cat([projection_weight(linear).t() for linear in linears], dim=1))
+            parts = [projection_parts(linear) for linear in linears]
+            return PackedMatrix(folded(parts, transposed=False)) if packed else TransposedMatrix(folded(parts, transposed=True))
+
+        def in_place(linear: nn.Module) -> InPlaceMatrix:
+            weight, adapters = projection_parts(linear)  # a copy only to fold adapters in
+            return InPlaceMatrix(folded([(weight, adapters)], transposed=False) if adapters else weight.detach())
 
         self.layers = [SimpleNamespace(
             attention_norm=block.input_layernorm.weight.detach(), mlp_norm=block.post_attention_layernorm.weight.detach(),
@@ -150,7 +175,7 @@ class DecodeWeights:
             out=matrix(block.self_attn.o_proj), gate_up=matrix(block.mlp.gate_proj, block.mlp.up_proj),
             down=matrix(block.mlp.down_proj)) for block in model.layers]
         self.embedding, self.norm = model.embed_tokens.weight.detach(), model.norm.weight.detach()
-        self.head = matrix(model.lm_head) if packed else InPlaceMatrix(projection_weight(model.lm_head).detach())
+        self.head = matrix(model.lm_head) if packed else in_place(model.lm_head)
 
 
 def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache, weights: DecodeWeights) -> torch.Tensor:
