@@ -186,7 +186,14 @@ def split_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config:
     """(B, q + 2 kv heads, T, head_dim) projections -> rotated queries, rotated keys, values."""
     queries_keys = config.n_head + config.n_kv_head
     qk = apply_rotary(qkv.narrow(1, 0, queries_keys), cos, sin)  # queries and keys rotated together
-    return qk.narrow(1, 0, config.n_head), qk.narrow(1, config.n_head, config.n_kv_head), qkv.narrow(1, queries_keys, config.n_kv_head)
+    q, k, v = qk.narrow(1, 0, config.n_head), qk.narrow(1, config.n_head, config.n_kv_head), qkv.narrow(1, queries_keys, config.n_kv_head)
+    if torch.compiler.is_compiling():
+        # Compiled, q and k get buffers of their own, laid out unlike these views; attention saves them for
+        # the backward pass, which torch then compiles for their strides at the first length it sees
+        # (concrete, not symbolic: "expected size 8==8, stride 1600==1728" at the next length). Contiguous
+        # here, the layout the compiler gives them anyway, their strides stay symbolic.
+        q, k = q.contiguous(), k.contiguous()
+    return q, k, v
 
 
 class MLP(nn.Module):
