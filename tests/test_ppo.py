@@ -613,16 +613,17 @@ ONE_ROW_MINIBATCHES = ["--micro-batch-size", 1, "--ptx-batch-size", 1]
 
 @pytest.mark.parametrize("extra", [[], ["--lora-r", 4], ONE_ROW_MINIBATCHES, ["--fsdp"],
                                    ["--fsdp", "--lora-r", 4, *ONE_ROW_MINIBATCHES],
-                                   ["--fsdp", "--value-init", "reward-head"]],
+                                   ["--fsdp", "--value-init", "reward-head"], ["--fsdp", "--compile"]],
                          ids=["full", "lora", "one-row-minibatches", "fsdp", "fsdp-lora-one-row-minibatches",
-                              "fsdp-value-head-only"])
+                              "fsdp-value-head-only", "fsdp-compiled"])
 def test_ppo_on_two_processes_equals_one_process(please, data_dir, tmp_path, extra):
     """torchrun with 2 processes, each sampling and scoring half of every rollout and computing half of each
     minibatch, against 1 process at the same global batch: the same metrics over 3 iterations, and the
     same weights at the end (with LoRA: the same adapters). With one-row minibatches (and one pretraining
     window) one process has nothing to compute in every update, and still takes part in it. With --fsdp
     the policy and the value model are sharded (rollouts sample and score with gathered copies; FSDP sums
-    the gradients), or the policy alone (a value model that is a head on the reward model's body)."""
+    the gradients), or the policy alone (a value model that is a head on the reward model's body); compiled,
+    the sharded models' updates equal one compiled process's."""
     from chatforge.checkpoint import load_model, load_trainer_state, step_checkpoints
     from conftest import metrics_without_timing, run_cli, run_torchrun
 
