@@ -87,7 +87,9 @@ def main(argv=None) -> None:
         import transformers
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(config))).to(device).eval()
         hf.load_state_dict(hf_state_dict(model), strict=False)
-        hf.generation_config.pad_token_id = 0
+        # no end-of-text token, as on chatforge's side: exactly --new-tokens greedy tokens, none suppressed
+        # (LlamaConfig's default eos id 2 with min_new_tokens masked that token, which chatforge may pick)
+        hf.generation_config.pad_token_id, hf.generation_config.eos_token_id = 0, None
     except ImportError:
         hf = None
         print("transformers is not installed: its column is left out")
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
             def hf_generate():
                 with torch.no_grad():
                     return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True)
+                                       max_new_tokens=args.new_tokens, use_cache=True)
             fns["hf"] = hf_generate
         medians = timed(fns, args.repeats)
         row = {"batch": batch, "new_tokens": args.new_tokens, "chatforge_tok_s": tokens / medians["chatforge"],
