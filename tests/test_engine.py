@@ -292,10 +292,10 @@ from test_model import CONFIGS, make_model  # noqa: E402
 @pytest.mark.parametrize("name", CONFIGS)
 def test_decode_step_equals_full_forward_with_and_without_padding(name, layout):
     """The engine's one-token step gives every row the logits one full pass over its own tokens gives;
-    row 1 is left-padded by 3 slots (a shorter prompt in the batch). In both layouts of the weights: for
-    one row, and packed for MKL for several (where torch has MKL)."""
+    row 1 is left-padded by 3 slots (a shorter prompt in the batch). In both layouts of the weights:
+    packed for oneDNN (where torch has it), and transposed (where nothing packs: GPUs, bf16)."""
     if layout == "packed" and not packs_matrices(torch.device("cpu"), torch.float32):
-        pytest.skip("this build of torch has no MKL")
+        pytest.skip("this build of torch has no oneDNN")
     model = make_model(CONFIGS[name])
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -306,7 +306,7 @@ def test_decode_step_equals_full_forward_with_and_without_padding(name, layout):
         with torch.inference_mode():
             cache = new_cache(model, batch_size=2, max_len=20, pad=pad)
             model(padded[:, :6], cache)
-            step = DecodeStep(model, rows=2 if layout == "packed" else 1)
+            step = DecodeStep(model, packed=layout == "packed")
             assert step.weights is not None  # the step's own reading of the weights, not forward
             assert isinstance(step.weights.layers[0].qkv, PackedMatrix if layout == "packed" else TransposedMatrix)
             steps = torch.stack([step(padded[:, t], cache) for t in range(6, 20)], dim=1)
@@ -316,7 +316,7 @@ def test_decode_step_equals_full_forward_with_and_without_padding(name, layout):
             torch.testing.assert_close(steps[1:], full[1][:, 3:], rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(not packs_matrices(torch.device("cpu"), torch.float32), reason="this build of torch has no MKL")
+@pytest.mark.skipif(not packs_matrices(torch.device("cpu"), torch.float32), reason="this build of torch has no oneDNN")
 def test_a_packed_matrix_multiplies_any_number_of_rows():
     """One packing serves every batch size a generation passes through as its rows finish."""
     weight = torch.randn(300, 96)
@@ -358,11 +358,12 @@ def test_each_generation_decodes_with_the_weights_of_its_start():
     def decode_and_forward(atol=1e-5):
         with torch.no_grad():
             expected = model(idx)[:, 5]
-        for rows in (1, 2):  # both layouts
+        # both layouts, where the weights' dtype packs (a float64 model does not)
+        for packed in (False, True) if packs_matrices(torch.device("cpu"), model.embed_tokens.weight.dtype) else (False,):
             with torch.inference_mode():
                 cache = new_cache(model, 2, 8)
                 model(idx[:, :5], cache)
-                step = DecodeStep(model, rows)(idx[:, 5], cache)
+                step = DecodeStep(model, packed)(idx[:, 5], cache)
             torch.testing.assert_close(step, expected, rtol=0, atol=atol)
 
     decode_and_forward()

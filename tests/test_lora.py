@@ -134,12 +134,12 @@ def test_the_decoding_step_folds_the_adapters_into_its_weights_and_follows_them(
     idx = torch.randint(0, 97, (2, 12))
 
     def decoded_equals_forward(model, expect_weights: bool):
-        for rows in (1, 2):  # the weights transposed, and packed for MKL (where torch has it)
+        for packed in (False, True):  # the weights transposed, and packed for oneDNN (where torch has it)
             with torch.inference_mode():
                 full = model(idx)
                 cache = new_cache(model, 2, 12)
                 model(idx[:, :4], cache)
-                step = DecodeStep(model, rows)
+                step = DecodeStep(model, packed)
                 assert (step.weights is not None) == expect_weights
                 steps = torch.stack([step(idx[:, t], cache) for t in range(4, 12)], 1)
             torch.testing.assert_close(steps, full[:, 4:], rtol=0, atol=1e-5)

@@ -166,7 +166,7 @@ class DecodeBatch:
             for r, (p, _) in enumerate(group.rows):
                 group.seen[r, torch.tensor(group.prompts[p], device=self.device)] = True
         if self.cache is None:
-            self.cache, self.last_logits, self.decode_step = cache, logits, DecodeStep(self.model, len(group.rows))
+            self.cache, self.last_logits, self.decode_step = cache, logits, DecodeStep(self.model)
         else:
             self.cache, self.last_logits = self.cache.join(cache, room), torch.cat([self.last_logits, logits])
         self.groups.append(group)

@@ -28,7 +28,7 @@ class BeamSearch:
                  tokenizer=None):
         if num_beams < 1 or max_new_tokens < 1 or not prompt:
             raise ValueError("beam search needs num_beams >= 1, max_new_tokens >= 1 and a non-empty prompt")
-        self.decode_step = DecodeStep(model, num_beams)
+        self.decode_step = DecodeStep(model)
         self.num_beams, self.length_penalty = num_beams, length_penalty
         self.stop, self.stop_strings = set(stop_ids), StopStrings(stop_strings, tokenizer)
         self.device = model.embed_tokens.weight.device

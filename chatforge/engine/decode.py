@@ -101,15 +101,15 @@ def reads_as_stock(model: GPT) -> bool:
 
 
 def packs_matrices(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `DecodeWeights` may hold its matrices packed for MKL: fp32 on a CPU build of torch with MKL,
-    outside autocast (which would hand the packed GEMM bf16 rows)."""
+    """Whether `DecodeWeights` may hold its matrices packed for oneDNN: fp32 on a CPU build of torch with
+    oneDNN (mkldnn), outside autocast (which would hand the packed GEMM bf16 rows)."""
     return (device.type == "cpu" and dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class TransposedMatrix:
-    """A matrix W (out, in) held as W^T, contiguous: for one row `x @ W^T` runs faster this way on CPU than
-    `F.linear` on W or a `PackedMatrix`. Called on x, it gives `x @ W^T`."""
+    """A matrix W (out, in) held as W^T, contiguous: where nothing packs (a GPU, bf16, autocast), one row's
+    `x @ W^T` runs faster this way on CPU than `F.linear` on W. Called on x, it gives `x @ W^T`."""
 
     def __init__(self, weight_t: torch.Tensor):
         self.weight_t = weight_t
@@ -119,8 +119,8 @@ class TransposedMatrix:
 
 
 class InPlaceMatrix:
-    """A matrix W (out, in) read where it is, through `F.linear`: for the output head at one row, whose
-    (in, out) copy costs more to make than it saves in a generation of a few hundred tokens."""
+    """A matrix W (out, in) read where it is, through `F.linear`: for the output head at one row where
+    nothing packs, whose (in, out) copy costs more to make than it saves in a few hundred tokens."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -130,31 +130,26 @@ class InPlaceMatrix:
 
 
 class PackedMatrix:
-    """A matrix W (out, in) packed once for MKL's GEMM, so that `x @ W^T` for a few rows skips the packing
-    that plain `matmul` redoes on every call: faster from 2 rows on, slower for one. PyTorch offers it as
-    the private `mkl._mkl_linear` (its compiler packs linear layers of fixed batch size this way); no public
-    API does. MKL's packed operand serves any number of rows; torch takes the packed path when the rows
-    equal its `prepack_batch_size` argument, so each call passes its own rows (tested against plain matmul
-    for 1 to 130 rows; torch's other path would read `shape`, all zeros). The rows MKL is told to pack for
-    change its layout: packed for 1 or 8, the step slows down at 16 rows; packed for 64 it is fast from 2 to
-    64 rows."""
+    """A matrix W (out, in) packed once in oneDNN's blocked layout, so that `x @ W^T` for a few rows skips
+    the repacking that plain `matmul` (MKL) does on every call. PyTorch offers it as the private
+    `mkldnn._reorder_linear_weight` / `mkldnn._linear_pointwise` pair, which its compiler uses for CPU
+    linear layers of changing batch size; no public API packs. One packing serves any number of rows (tested
+    for 1 to 130). Measured on SmolLM2's 121 matrices (2 cores, AMD EPYC, medians): 16-18 ms a step for 1 to
+    8 rows, against 25 (1 row, transposed) and 42-46 (8 rows, `F.linear`)."""
 
-    PACKED_FOR_ROWS = 64
+    PACKED_FOR_ROWS = 64  # oneDNN's hint of the rows to expect: 1, 2 and 8 rows ran fastest packed for 64
 
     def __init__(self, weight: torch.Tensor):
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), self.PACKED_FOR_ROWS)
-        if not self.packed.is_mkldnn:  # else `_mkl_linear` would multiply by `shape`
-            raise RuntimeError("MKL did not pack the matrix: decode without packed weights")
-        self.shape = torch.zeros((), dtype=weight.dtype).expand(weight.shape)  # read for its shape only
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.PACKED_FOR_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape, None, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 class DecodeWeights:
     """The weights of `decode_step`, laid out for it: per layer q/k/v and gate/up concatenated (one matmul
-    each); LoRA adapters folded in; each matrix a `PackedMatrix` for a generation of several rows (`packed`),
-    else a `TransposedMatrix` (the head an `InPlaceMatrix`). The matrices are copies: they do not follow
+    each); LoRA adapters folded in; each matrix a `PackedMatrix` where the CPU packs (`packed`), else a
+    `TransposedMatrix` (the head an `InPlaceMatrix`). The matrices are copies: they do not follow
     later changes of the parameters, which is why each generation makes its own. The embedding, the norms'
     weights and an in-place head are the parameters themselves, which a change made during a generation
     would reach; nothing in chatforge changes weights while a generation runs."""
@@ -205,17 +200,18 @@ def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache, weights: Decod
 class DecodeStep:
     """One generation's decoding step: `step(tokens, cache)` -> next-token logits (B, vocab) after one new
     token per row. Made when a generation starts, with the model's weights of that moment laid out for
-    `decode_step` when the model `reads_as_stock` (packed when the generation starts with several `rows`),
-    else running `forward`; dropped when it ends."""
+    `decode_step` when the model `reads_as_stock` (packed where `packs_matrices`; `packed` overrides that,
+    for tests of both layouts), else running `forward`; dropped when it ends."""
 
-    def __init__(self, model: GPT, rows: int = 1):
+    def __init__(self, model: GPT, packed: bool | None = None):
         if model.training:
             raise ValueError("decode with the model in eval mode (model.eval())")
         if model.config.head != "lm":
             raise ValueError(f"only a language model decodes; this one has the {model.config.head!r} head")
         self.model = model
         weight = model.embed_tokens.weight
-        packed = rows > 1 and packs_matrices(weight.device, weight.dtype)
+        if packed is None:
+            packed = packs_matrices(weight.device, weight.dtype)
         self.weights = DecodeWeights(model, packed) if reads_as_stock(model) else None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
