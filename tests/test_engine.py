@@ -347,6 +347,8 @@ def test_decode_step_needs_eval_mode_and_the_lm_head():
     scalar = make_model(GPTConfig(vocab_size=97, n_layer=1, d_model=32, n_head=2, head="scalar"))
     with pytest.raises(ValueError, match="only a language model decodes"):
         DecodeStep(scalar)
+    with pytest.raises(ValueError, match="do not pack for oneDNN"):
+        DecodeStep(make_model(CONFIGS["gqa"]).double(), packed=True)
 
 
 def test_each_generation_decodes_with_the_weights_of_its_start():

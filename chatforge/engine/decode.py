@@ -102,14 +102,16 @@ def reads_as_stock(model: GPT) -> bool:
 
 def packs_matrices(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `DecodeWeights` may hold its matrices packed for oneDNN: fp32 on a CPU build of torch with
-    oneDNN (mkldnn), outside autocast (which would hand the packed GEMM bf16 rows)."""
+    oneDNN (mkldnn) not switched off (`torch.backends.mkldnn.enabled`), outside autocast (which would hand
+    the packed GEMM bf16 rows)."""
     return (device.type == "cpu" and dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class TransposedMatrix:
-    """A matrix W (out, in) held as W^T, contiguous: where nothing packs (a GPU, bf16, autocast), one row's
-    `x @ W^T` runs faster this way on CPU than `F.linear` on W. Called on x, it gives `x @ W^T`."""
+    """A matrix W (out, in) held as W^T, contiguous, used where nothing packs (a GPU, bf16, autocast): on a
+    CPU one row's `x @ W^T` runs faster this way than `F.linear` on W. Called on x, it gives `x @ W^T`."""
 
     def __init__(self, weight_t: torch.Tensor):
         self.weight_t = weight_t
@@ -158,7 +160,10 @@ class DecodeWeights:
     def __init__(self, model: GPT, packed: bool = False):
         def matrix(*linears: nn.Module) -> TransposedMatrix | PackedMatrix:
             parts = [projection_parts(linear) for linear in linears]
-            return PackedMatrix(folded(parts, transposed=False)) if packed else TransposedMatrix(folded(parts, transposed=True))
+            if not packed:
+                return TransposedMatrix(folded(parts, transposed=True))
+            as_it_is = len(parts) == 1 and not parts[0][1]  # packing copies it: no copy before (the head: 113 MB)
+            return PackedMatrix(parts[0][0].detach() if as_it_is else folded(parts, transposed=False))
 
         def in_place(linear: nn.Module) -> InPlaceMatrix:
             weight, adapters = projection_parts(linear)  # a copy only to fold adapters in
@@ -212,6 +217,8 @@ class DecodeStep:
         weight = model.embed_tokens.weight
         if packed is None:
             packed = packs_matrices(weight.device, weight.dtype)
+        elif packed and not packs_matrices(weight.device, weight.dtype):
+            raise ValueError(f"weights of {weight.dtype} on {weight.device} do not pack for oneDNN here")
         self.weights = DecodeWeights(model, packed) if reads_as_stock(model) else None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
