@@ -116,6 +116,25 @@ def test_the_annotator_prefers_the_true_definition_then_penalises_wrong_facts_re
     assert with_part_of_speech("a domestic animal.", "verb") is None  # no head to restate
 
 
+def test_definition_pairs_are_the_ranked_pairs_only_the_definition_decides():
+    from chatforge.demo.pipeline import definition_pair_accuracy
+
+    answers = [
+        "dog (noun): a domesticated member of the genus Canis.",  # F1 1
+        "dog (noun): a member of the genus Canis.",               # F1 0.67, no penalty: a definition pair with 0
+        "dog (noun): a loud engine.",                             # F1 0, no penalty: a definition pair with 0 and 1
+        "dog (verb): a domesticated member of the genus Canis.",  # F1 1, wrong part of speech: no pair
+        "cat (noun): a loud engine.",                             # another word defined: no pair
+    ]
+    ranking, tied = rank_answers(answers, DOG)
+    assert ranking == [0, 1, 3, 2, 4] and not tied
+    record = {"completions": answers, "ranking": ranking}
+    right = definition_pair_accuracy([(record, DOG)], [3.0, 2.0, 1.0, 9.0, -9.0])  # the penalties' pairs ignored
+    assert right == {"pairs": 3, "accuracy": 1.0}
+    assert definition_pair_accuracy([(record, DOG)], [3.0, 1.0, 2.0, 0.0, 0.0])["accuracy"] == pytest.approx(2 / 3)
+    assert definition_pair_accuracy([(record, DOG), (record, DOG)], [1.0, 2.0, 3.0, 0, 0] * 2) == {"pairs": 6, "accuracy": 0.0}
+
+
 def entry(word, pos, definition, tagged=1, examples=(), words=None):
     return Entry(word, pos, [Synset(0, pos, words or [word], definition, list(examples))], tagged)
 

@@ -170,8 +170,11 @@ def test_a_run_on_an_imported_base_is_killed_mid_stage_then_finishes_with_a_meas
         assert done["seconds"] > 0 and done["peak_resident_bytes"] > 2**20
         assert f"| {stage} | {done['seconds']:.0f} s |" in report
     assert "| base | SFT | PPO-ptx |" in report and "fine-tuned from the pretrained model `smollm2`" in report
-    probe = json.loads((out / "reward" / "done.json").read_text())["part_of_speech_probe"]
+    reward = json.loads((out / "reward" / "done.json").read_text())
+    probe, pairs = reward["part_of_speech_probe"], reward["definition_pairs"]
     assert probe["answers"] == 0 or (0 <= probe["right_first"] <= 1 and len(probe["mean_score"]) == 4), probe
+    assert 0 <= reward["train_accuracy"] <= 1 and f"on as many of its training prompts {reward['train_accuracy']:.1%}" in report
+    assert pairs["pairs"] == 0 or (0 <= pairs["accuracy"] <= 1 and f"the {pairs['pairs']} held-out pairs" in report), pairs
     assert set(evaluation["seconds_by_part"]) == {"answers", "reward", "bits_per_byte", "multiple_choice", "cloze",
                                                    "sampled_kl"}
     assert sum(evaluation["seconds_by_part"].values()) <= json.loads((out / "evaluate" / "done.json").read_text())["seconds"]

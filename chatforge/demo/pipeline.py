@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import random
 import shutil
 import time
@@ -268,12 +270,55 @@ def stage_reward(ctx: Context, out: Path) -> dict:
     model, tokenizer = ctx.load(out)
     groups, _ = load_groups([str(held_out)], tokenizer, model.config.max_seq_len, skip_invalid=True)
     report = evaluate_rankings(model, groups, tokenizer.pad_id)
+    # as many of its training prompts as held-out ones: as accurate there as on held-out words means the
+    # reward model underfits (more steps help), much more accurate means it overfits (more data helps)
+    seen, _ = load_groups([str(train)], tokenizer, model.config.max_seq_len, skip_invalid=True)
+    train_accuracy = evaluate_rankings(model, seen[: len(groups)], tokenizer.pad_id)["accuracy"]
     from chatforge.plots import plot_calibration
 
     plot_calibration(report["calibration"], out / "calibration.png", "reward model calibration (held-out words)")
     rankings = [record for _, record in read_records(held_out)]
     probe = part_of_speech_probe(model, tokenizer, rankings, ctx.held_out_words)
-    return {**result, **{k: v for k, v in report.items() if k != "calibration"}, "part_of_speech_probe": probe}
+    return {**result, **{k: v for k, v in report.items() if k != "calibration"}, "train_accuracy": train_accuracy,
+            "definition_pairs": definition_pairs(model, tokenizer, rankings, ctx.held_out_words),
+            "part_of_speech_probe": probe}
+
+
+def definition_pairs(model, tokenizer, rankings: list[dict], words: list) -> dict:
+    """The reward model's accuracy on the held-out pairs that the annotator's rule ranks by the definition
+    alone (`definition_pair_accuracy`), scored as PPO scores answers."""
+    from chatforge.demo.dictionary import DEFINE
+    from chatforge.evaluate import question_ids
+    from chatforge.rollout import model_reward
+
+    by_question = {w.question(DEFINE): w for w in words}
+    records = [(r, by_question[r["prompt"]]) for r in rankings if r["prompt"] in by_question]
+    if not records:
+        return {"pairs": 0}
+    prompts, answers, finished = zip(*((question_ids(r["prompt"], tokenizer), ids, reason == "stop")
+                                       for r, _ in records for ids, reason in zip(r["completion_ids"], r["finish_reasons"])))
+    scores = model_reward(model, tokenizer.end_id, tokenizer.pad_id)(prompts, answers, finished).tolist()
+    return definition_pair_accuracy(records, scores)
+
+
+def definition_pair_accuracy(records: list[tuple[dict, object]], scores: list[float]) -> dict:
+    """Of the pairs of ranked answers that the annotator's rule ranks by the definition alone (both with the
+    same penalties, different definition F1), the share the reward model (`scores`, every completion of
+    every (ranking, word) record in turn) orders the same way: whether it learned what the words mean,
+    what PPO should gain on, or only the penalties (another word defined, a wrong part of speech,
+    repetition), which most pairs also differ by and which are easy to tell from the text."""
+    from chatforge.demo.dictionary import annotator_score, definition_f1
+
+    scores, right, pairs = iter(scores), 0, 0
+    for record, word in records:
+        reward = [next(scores) for _ in record["completions"]]
+        f1 = [definition_f1(a, word) for a in record["completions"]]
+        penalty = [annotator_score(a, word) - f for a, f in zip(record["completions"], f1)]
+        for i, j in itertools.combinations(record["ranking"], 2):  # i ranked above j
+            if math.isclose(penalty[i], penalty[j], abs_tol=1e-9) and f1[i] != f1[j]:
+                right += reward[i] > reward[j]
+                pairs += 1
+    return {"pairs": pairs, "accuracy": right / pairs if pairs else float("nan")}
 
 
 def part_of_speech_probe(model, tokenizer, rankings: list[dict], words: list) -> dict:

@@ -91,7 +91,11 @@ def _stage_summary(name: str, result: dict) -> str:
         probe = result.get("part_of_speech_probe", {})
         pos = (f", the word's part of speech scored first for {probe['right_first']:.0%} of {probe['answers']} answers "
                "(chance 25%)") if probe.get("answers") else ""
-        return (f"held-out pairwise accuracy {result['accuracy']:.1%}, calibration error "
+        seen = f" (on as many of its training prompts {result['train_accuracy']:.1%})" if "train_accuracy" in result else ""
+        pairs = result.get("definition_pairs", {})
+        meaning = (f", on the {pairs['pairs']} held-out pairs that only the definition decides {pairs['accuracy']:.1%}"
+                   if pairs.get("pairs") else "")
+        return (f"held-out pairwise accuracy {result['accuracy']:.1%}{seen}{meaning}, calibration error "
                 f"{result['calibration_error']:.3f}, reward-length correlation {result['length_correlation']:+.2f}{pos}")
     if name == "ppo":
         alarms = f", {len(result['alarms'])} alarm(s)" if result["alarms"] else ", no alarms"
