@@ -318,7 +318,7 @@ def definition_pair_accuracy(records: list[tuple[dict, object]], scores: list[fl
             if math.isclose(penalty[i], penalty[j], abs_tol=1e-9) and f1[i] != f1[j]:
                 right += reward[i] > reward[j]
                 pairs += 1
-    return {"pairs": pairs, "accuracy": right / pairs if pairs else float("nan")}
+    return {"pairs": pairs, "accuracy": right / pairs if pairs else None}
 
 
 def part_of_speech_probe(model, tokenizer, rankings: list[dict], words: list) -> dict:
