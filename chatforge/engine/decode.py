@@ -84,6 +84,14 @@ def folded(parts: list[tuple[torch.Tensor, list[Adapter]]], transposed: bool) ->
     return weight
 
 
+def stacked(parts: list[tuple[torch.Tensor, list[Adapter]]]) -> torch.Tensor:
+    """`folded(parts, transposed=False)`, except that a lone matrix without adapters is the parameter itself
+    (detached): a copy only to stack or fold (SmolLM2's head alone is 113 MB)."""
+    if len(parts) == 1 and not parts[0][1]:
+        return parts[0][0].detach()
+    return folded(parts, transposed=False)
+
+
 def reads_as_stock(model: GPT) -> bool:
     """Whether `decode_step` computes what `model.forward` does: every module of the exact class a `GPT`
     builds, with no forward hook, every projection one whose `projection_parts` can be read."""
@@ -160,14 +168,10 @@ class DecodeWeights:
     def __init__(self, model: GPT, packed: bool = False):
         def matrix(*linears: nn.Module) -> TransposedMatrix | PackedMatrix:
             parts = [projection_parts(linear) for linear in linears]
-            if not packed:
-                return TransposedMatrix(folded(parts, transposed=True))
-            as_it_is = len(parts) == 1 and not parts[0][1]  # packing copies it: no copy before (the head: 113 MB)
-            return PackedMatrix(parts[0][0].detach() if as_it_is else folded(parts, transposed=False))
+            return PackedMatrix(stacked(parts)) if packed else TransposedMatrix(folded(parts, transposed=True))
 
         def in_place(linear: nn.Module) -> InPlaceMatrix:
-            weight, adapters = projection_parts(linear)  # a copy only to fold adapters in
-            return InPlaceMatrix(folded([(weight, adapters)], transposed=False) if adapters else weight.detach())
+            return InPlaceMatrix(stacked([projection_parts(linear)]))
 
         self.layers = [SimpleNamespace(
             attention_norm=block.input_layernorm.weight.detach(), mlp_norm=block.post_attention_layernorm.weight.detach(),
