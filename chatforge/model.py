@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from chatforge.linear import Linear, linear
 from chatforge.objectives import linear_cross_entropy
 
 if TYPE_CHECKING:
@@ -143,9 +144,11 @@ def attention_mask(start: int, new_tokens: int, pad: torch.Tensor | None, device
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Whether `module` computes exactly `x @ weight.T`: a bias-free `nn.Linear` itself (not a subclass or a
-    wrapper such as a LoRA layer) with no forward hook, so that its weight may be read instead of calling it."""
-    return type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
+    """Whether `module` computes exactly `x @ weight.T`: a bias-free `Linear` or `nn.Linear` itself (not another
+    subclass or a wrapper such as a LoRA layer) with no forward hook, so that its weight may be read instead of
+    calling it."""
+    return (type(module) in (Linear, nn.Linear) and module.bias is None
+            and not (module._forward_hooks or module._forward_pre_hooks))
 
 
 def fused_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
@@ -153,9 +156,9 @@ def fused_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
     The parameters stay separate, so that their names map one to one onto Hugging Face Llama's; gradients
     flow back through the concatenation. Layers that compute something else (wrapped or hooked, as LoRA
     does) are called one by one, so that the model computes what its modules do."""
-    if all(is_plain_linear(linear) for linear in linears):
-        return F.linear(x, torch.cat([linear.weight for linear in linears]))
-    return torch.cat([linear(x) for linear in linears], dim=-1)
+    if all(is_plain_linear(module) for module in linears):
+        return linear(x, torch.cat([module.weight for module in linears]))
+    return torch.cat([module(x) for module in linears], dim=-1)
 
 
 class Attention(nn.Module):
@@ -163,10 +166,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         kv_dim = config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, config.d_model, bias=config.qkv_bias)
+        self.k_proj = Linear(config.d_model, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.d_model, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache, mask: torch.Tensor | None):
         B, T, _ = x.shape
@@ -201,9 +204,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.gate_proj = Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x):
         gate, up = fused_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
@@ -235,11 +238,11 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if config.head == "lm":
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
             if config.tie_embeddings:
                 self.lm_head.weight = self.embed_tokens.weight
         else:
-            self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
+            self.score = Linear(config.d_model, config.num_labels, bias=False)
         cos, sin = rotary_tables(config)  # computed once; looked up by position in every forward pass
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from chatforge.linear import linear
+
 # --- the next-token loss (pretraining, SFT, PPO's ptx term) ------------------------------------------------
 
 IGNORE_INDEX = -100  # targets with this value (prompt tokens in SFT, padding) carry no loss
@@ -51,7 +53,7 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_gra
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         h, y = hidden[chunk], targets[chunk]
-        logits = (h @ weight.t()).float()
+        logits = linear(h, weight).float()
         logsumexp = logits.logsumexp(dim=-1)
         total += (logsumexp - logits.gather(1, y[:, None]).squeeze(1)).sum()
         if with_grads:  # d loss / d logits = softmax - onehot, built in place over the logits
@@ -59,9 +61,9 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_gra
             grad[torch.arange(len(y), device=y.device), y] -= 1
             grad = grad.to(h.dtype)
             # under autocast the products come out in bf16, the gradients are kept in their tensors' dtypes
-            grad_hidden[chunk] = (grad @ weight).to(grad_hidden.dtype)
+            grad_hidden[chunk] = linear(grad, weight.t()).to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
+                grad_weight += linear(grad.t(), h.t()).float()
     return total, rows.new_tensor(len(rows)), grad_hidden, grad_weight
 
 

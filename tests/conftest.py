@@ -212,6 +212,21 @@ def run_torchrun(*args, processes: int = 2, timeout: float = 180) -> subprocess.
     return result
 
 
+@contextlib.contextmanager
+def reference_kernels():
+    """chatforge's products on `F.linear`'s kernels (MKL on a CPU) instead of oneDNN (`chatforge.linear`), the
+    kernels a reference library uses: a parity test compares the conversion, not two GEMM libraries' fp32
+    rounding, each about 1e-4 from the exact logits of a 30-layer model."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TF32 acceleration", UserWarning)  # mkldnn.flags() sets TF32 too
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A bad-input failure: non-zero exit, one line on stderr that names the problem, no traceback."""
     assert result.returncode != 0

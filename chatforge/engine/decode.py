@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.engine.kv_cache import KVCache
+from chatforge.linear import onednn_enabled
 from chatforge.model import GPT, MLP, Attention, Block, RMSNorm, attention_mask, is_plain_linear, rms_norm, split_heads
 
 _STOCK_MODULES = (GPT, Block, Attention, MLP, RMSNorm, nn.ModuleList, nn.Embedding, nn.Dropout)
@@ -112,8 +113,7 @@ def packs_matrices(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `DecodeWeights` may hold its matrices packed for oneDNN: fp32 on a CPU build of torch with
     oneDNN (mkldnn) not switched off (`torch.backends.mkldnn.enabled`), outside autocast (which would hand
     the packed GEMM bf16 rows)."""
-    return (device.type == "cpu" and dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return (device.type == "cpu" and dtype == torch.float32 and onednn_enabled()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
