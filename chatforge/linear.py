@@ -1,8 +1,8 @@
 """The model's matrix products on a CPU: `linear(x, W)` = x @ Wᵀ (+ b), run by oneDNN in fp32 where it can.
 
-PyTorch's CPU `F.linear` and `matmul` call MKL's sgemm, and MKL picks its kernels by CPU vendor: on an AMD
-EPYC with AVX-512 it takes a path that reaches less than half of what oneDNN (also inside PyTorch, as
-mkldnn) reaches on the same matrices. `linear` sends products of at least `ONEDNN_MIN_ROWS` rows to oneDNN,
+PyTorch's CPU `F.linear` and `matmul` call MKL's sgemm, whose kernels MKL chooses by processor: on an AMD
+EPYC with AVX-512 they reached less than half of what oneDNN (also inside PyTorch, as mkldnn) reaches on the
+same matrices. `linear` sends products of at least `ONEDNN_MIN_ROWS` rows to oneDNN,
 forward and backward (an autograd function: dX = dY·W and dW = dYᵀ·X are products of the same kind), and
 everything else to `F.linear`: a GPU, bf16, autocast, a model being compiled (whose compiler chooses its own
 kernels), oneDNN switched off (`torch.backends.mkldnn.enabled = False`), and products of a few rows, where

@@ -305,7 +305,9 @@ def test_ppo_raises_the_reward_and_the_rewarded_word_on_held_out_prompts_with_bo
     from conftest import run_cli
 
     out = tmp_path / "ppo"
-    run_cli(*ppo_args(please, out, "--kl-coef", 0.03))  # tiny's 0.02 ends within 0.1 nat of the bound of 10
+    # β 0.2: on seeds 0-3 the largest KL of a step is 6-8 nats, under the bound of 10; at 0.03-0.1 some seeds
+    # passed it, which way a seed goes turning on the kernels' fp32 rounding
+    run_cli(*ppo_args(please, out, "--kl-coef", 0.2))
     metrics = read_metrics(out)
     assert not [m for m in metrics if m.get("alarms")], "no alarm in a healthy run"
     steps = [m for m in metrics if "kl_per_answer" in m]
