@@ -2,12 +2,11 @@
 
 PyTorch's CPU `F.linear` and `matmul` call MKL's sgemm, whose kernels MKL chooses by processor: on an AMD
 EPYC with AVX-512 they reached less than half of what oneDNN (also inside PyTorch, as mkldnn) reaches on the
-same matrices. `linear` sends products of at least `ONEDNN_MIN_ROWS` rows to oneDNN,
-forward and backward (an autograd function: dX = dY·W and dW = dYᵀ·X are products of the same kind), and
-everything else to `F.linear`: a GPU, bf16, autocast, a model being compiled (whose compiler chooses its own
-kernels), oneDNN switched off (`torch.backends.mkldnn.enabled = False`), and products of a few rows, where
-oneDNN's fixed cost per call outweighs its faster kernel. The results equal `F.linear`'s up to the order of
-fp32 additions.
+same matrices. `linear` sends products of at least `ONEDNN_MIN_ROWS` rows to oneDNN, forward and backward
+(an autograd function: dX = dY·W and dW = dYᵀ·X are products of the same kind), and everything else to
+`F.linear`: a GPU, bf16, autocast, a model being compiled (whose compiler chooses its own kernels), oneDNN
+switched off (`torch.backends.mkldnn.enabled = False`), and products of a few rows, where oneDNN's fixed cost
+per call outweighs its faster kernel. The results equal `F.linear`'s up to the order of fp32 additions.
 
 No public PyTorch API runs an fp32 product on oneDNN; `torch.ops.mkldnn._linear_pointwise` is the op its own
 compiler emits for CPU linear layers, and takes plain (even transposed) tensors as well as packed weights.

@@ -144,11 +144,9 @@ def attention_mask(start: int, new_tokens: int, pad: torch.Tensor | None, device
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Whether `module` computes exactly `x @ weight.T`: a bias-free `Linear` or `nn.Linear` itself (not another
-    subclass or a wrapper such as a LoRA layer) with no forward hook, so that its weight may be read instead of
-    calling it."""
-    return (type(module) in (Linear, nn.Linear) and module.bias is None
-            and not (module._forward_hooks or module._forward_pre_hooks))
+    """Whether `module` computes exactly `x @ weight.T`: a bias-free `Linear` itself (not a subclass or a
+    wrapper such as a LoRA layer) with no forward hook, so that its weight may be read instead of calling it."""
+    return type(module) is Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def fused_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:

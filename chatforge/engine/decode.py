@@ -8,10 +8,10 @@ weights of the moment it starts, whatever changed them before (an optimizer step
 a replaced module).
 
 The copy is only a faithful reading of the model when each projection computes `x @ W^T` for a matrix W
-that can be read: a plain `nn.Linear`, or peft's LoRA layer, which computes `x @ (W + (α/r)·B A)^T` in eval
-mode, so its adapters are folded into the copy (one matmul per projection, as without adapters). Anything
-else (a hook, DoRA, another wrapper) makes `DecodeStep` run `forward` on the one new token instead, so that
-decoding never uses other weights than the model does.
+that can be read: a plain `Linear` (`chatforge.linear`), or peft's LoRA layer, which computes
+`x @ (W + (α/r)·B A)^T` in eval mode, so its adapters are folded into the copy (one matmul per projection, as
+without adapters). Anything else (a hook, DoRA, another wrapper) makes `DecodeStep` run `forward` on the one
+new token instead, so that decoding never uses other weights than the model does.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ Adapter = tuple[torch.Tensor, torch.Tensor, float]  # LoRA's (B, A, scale): adds
 
 def projection_parts(linear: nn.Module) -> tuple[torch.Tensor, list[Adapter]] | None:
     """(W, adapters) for which `linear(x)` computes `x @ (W + Σ scale·B A)^T` in eval mode, or None where it
-    computes something else: a plain `nn.Linear` (no adapters), or peft's LoRA layer with each active
+    computes something else: a plain `Linear` (no adapters), or peft's LoRA layer with each active
     adapter's B, A and α/r (what peft's `get_delta_weight` multiplies): vanilla adapters only, no DoRA or
     other variant, no bias on B. Cheap: nothing is computed until `folded` writes the sum."""
     if is_plain_linear(linear):
