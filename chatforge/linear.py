@@ -9,7 +9,8 @@ switched off (`torch.backends.mkldnn.enabled = False`), and products of a few ro
 per call outweighs its faster kernel. The results equal `F.linear`'s up to the order of fp32 additions.
 
 No public PyTorch API runs an fp32 product on oneDNN; `torch.ops.mkldnn._linear_pointwise` is the op its own
-compiler emits for CPU linear layers, and takes plain (even transposed) tensors as well as packed weights.
+compiler emits for CPU linear layers. It takes plain weights (transposed views too) as well as packed ones;
+an input that is not contiguous it copies first.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def onednn_enabled() -> bool:
             and not torch.is_autocast_enabled("cpu") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ (+ bias) by oneDNN; `weight` (out, in) may be a transposed view."""
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ (+ bias) by oneDNN; `weight` (out, in) may be a transposed view, or packed
+    (`mkldnn._reorder_linear_weight`)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -38,20 +40,28 @@ def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and not torch.compiler.is_compiling() and onednn_enabled())
 
 
+def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = dYᵀ · X (out, in) from grad (N, out) and x (N, in) by oneDNN, which copies the transposed operand
+    it reads as input: the smaller of the two, so that a wide layer (a head of 49,152 outputs) costs no copy
+    of its output gradient."""
+    if grad.shape[1] > x.shape[1]:
+        return onednn_product(x.t(), grad.t()).t()  # (Xᵀ · dY)ᵀ
+    return onednn_product(grad.t(), x.t())
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _onednn_product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = _onednn_product(grad, weight.t()) if ctx.needs_input_grad[0] else None  # dY · W
-        grad_weight = (_onednn_product(rows.t(), x.reshape(-1, x.shape[-1]).t())  # dYᵀ · X
-                       if ctx.needs_input_grad[1] else None)
+        grad_x = onednn_product(grad, weight.t()) if ctx.needs_input_grad[0] else None  # dY · W
+        grad_weight = weight_gradient(rows, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_bias = rows.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
@@ -62,7 +72,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn_product(x, weight, bias)
+    return onednn_product(x, weight, bias)
 
 
 class Linear(nn.Linear):

@@ -63,7 +63,7 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_gra
             # under autocast the products come out in bf16, the gradients are kept in their tensors' dtypes
             grad_hidden[chunk] = linear(grad, weight.t()).to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight += linear(grad.t(), h.t()).float()
+                grad_weight += linear(h.t(), grad.t()).t().float()  # (hᵀ·grad)ᵀ: a transposed h is copied, not grad
     return total, rows.new_tensor(len(rows)), grad_hidden, grad_weight
 
 

@@ -23,23 +23,25 @@ def onednn_calls(fn) -> int:
 
 
 @pytest.mark.parametrize("rows", [3, 2 * ONEDNN_MIN_ROWS])
-@pytest.mark.parametrize("frozen", [False, True])
-def test_linear_gives_f_linears_values_and_gradients(rows, frozen):
+@pytest.mark.parametrize("trained", ["input", "weight", "both"])
+@pytest.mark.parametrize("outputs", [48, 160])  # fewer and more outputs than inputs: dW transposes either side
+def test_linear_gives_f_linears_values_and_gradients(rows, trained, outputs):
     torch.manual_seed(0)
-    x = torch.randn(2, rows, 96, requires_grad=True)
-    weight, bias = torch.randn(48, 96, requires_grad=not frozen), torch.randn(48, requires_grad=not frozen)
+    x = torch.randn(2, rows, 96, requires_grad=trained != "weight")
+    weight, bias = (torch.randn(outputs, 96, requires_grad=trained != "input"),
+                    torch.randn(outputs, requires_grad=trained != "input"))
     out = linear(x, weight, bias)
-    grad = torch.randn_like(out)
+    grad = torch.randn(2, outputs, rows).transpose(1, 2)  # an upstream gradient that is not contiguous
     out.backward(grad)
     exact = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, bias)]
     expected = F.linear(*exact)
     expected.backward(grad.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
     for ours, reference in zip((x, weight, bias), exact):
-        if frozen and ours is not x:
-            assert ours.grad is None
-        else:
+        if ours.requires_grad:
             torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-4)
+        else:
+            assert ours.grad is None
 
 
 @needs_onednn

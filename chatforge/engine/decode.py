@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.engine.kv_cache import KVCache
-from chatforge.linear import onednn_enabled
+from chatforge.linear import onednn_enabled, onednn_product
 from chatforge.model import GPT, MLP, Attention, Block, RMSNorm, attention_mask, is_plain_linear, rms_norm, split_heads
 
 _STOCK_MODULES = (GPT, Block, Attention, MLP, RMSNorm, nn.ModuleList, nn.Embedding, nn.Dropout)
@@ -153,7 +153,7 @@ class PackedMatrix:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.PACKED_FOR_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return onednn_product(x, self.packed)
 
 
 class DecodeWeights:
