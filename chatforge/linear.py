@@ -41,9 +41,11 @@ def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dW = dYᵀ · X (out, in) from grad (N, out) and x (N, in) by oneDNN, which copies the transposed operand
-    it reads as input: the smaller of the two, so that a wide layer (a head of 49,152 outputs) costs no copy
-    of its output gradient."""
+    """dW = dYᵀ · X (out, in) from grad (N, out) and x (N, in); on oneDNN (as `linear` decides), which copies
+    the transposed operand it reads as input, that operand is the smaller of the two, so that a wide layer (a
+    head of 49,152 outputs) costs no copy of its output gradient."""
+    if not _on_onednn(grad, x):
+        return grad.t() @ x
     if grad.shape[1] > x.shape[1]:
         return onednn_product(x.t(), grad.t()).t()  # (Xᵀ · dY)ᵀ
     return onednn_product(grad.t(), x.t())

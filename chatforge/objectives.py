@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from chatforge.linear import linear
+from chatforge.linear import linear, weight_gradient
 
 # --- the next-token loss (pretraining, SFT, PPO's ptx term) ------------------------------------------------
 
@@ -63,7 +63,7 @@ def _chunked_cross_entropy(hidden, weight, targets, with_grads: bool, weight_gra
             # under autocast the products come out in bf16, the gradients are kept in their tensors' dtypes
             grad_hidden[chunk] = linear(grad, weight.t()).to(grad_hidden.dtype)
             if grad_weight is not None:
-                grad_weight += linear(h.t(), grad.t()).t().float()  # (hᵀ·grad)ᵀ: a transposed h is copied, not grad
+                grad_weight += weight_gradient(grad, h).float()
     return total, rows.new_tensor(len(rows)), grad_hidden, grad_weight
 
 
